@@ -1,0 +1,155 @@
+"""Losses: forward gives a scalar, backward the gradient w.r.t. the network output (dL = 1).
+
+==========================  ==============================================  =====================
+type                        L (reduction "mean"; "sum" drops the 1/M)        ∂L/∂z
+==========================  ==============================================  =====================
+mse                         (1/M) Σ (z − y)²,  M = number of elements         2(z − y)/M
+softmax_cross_entropy       (1/N) Σ_n −log softmax(z_n)[y_n],                (softmax(z) − onehot(y))/N
+                            labels y_n ∈ {0..C−1}; log-sum-exp with the row
+                            max subtracted, so logits of ±1e4 are exact
+bce_with_logits             (1/M) Σ max(z, 0) − z·y + log1p(exp(−|z|))      (σ(z) − y)/M
+                            (torch's overflow-free form); y ∈ [0, 1]
+==========================  ==============================================  =====================
+
+Targets are validated here: shapes, integer labels in range, finite values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .activations import stable_sigmoid
+
+REDUCTIONS = ("mean", "sum")
+
+
+class Loss:
+    type = ""
+
+    def __init__(self, config: dict, out_shape, where: str = "loss"):
+        self.where = f"{where} ({self.type})"
+        unknown = sorted(set(config) - {"type", "reduction"})
+        if unknown:
+            raise ValueError(f"{self.where}: unknown key(s) {unknown}; expected 'reduction'")
+        self.reduction = config.get("reduction", "mean")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"{self.where}: reduction must be one of {list(REDUCTIONS)}, "
+                             f"got {self.reduction!r}")
+        self.out_shape = tuple(out_shape)
+
+    def _reduce(self, total, count):
+        # Divide by the count (not multiply by a rounded 1/count): exact in every backend's sense.
+        return total / count if self.reduction == "mean" else total
+
+    def _divisor(self, count):
+        return count if self.reduction == "mean" else 1
+
+    def check_target(self, y, batch: int) -> np.ndarray:
+        """Validate targets for a batch of ``batch`` outputs; returns them as a numpy array."""
+        y = np.asarray(y)
+        expected = (batch,) + self.out_shape
+        if y.shape != expected:
+            raise ValueError(f"{self.where}: targets y must have shape {expected}, got {y.shape}")
+        if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+            raise TypeError(f"{self.where}: targets y must be real numbers, got dtype {y.dtype}")
+        y = y.astype(np.float64)
+        if not np.all(np.isfinite(y)):
+            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(y))[0])
+            raise ValueError(f"{self.where}: targets y must be finite, got {y[bad]} at {bad}")
+        return y
+
+    def default_targets(self, rng, batch: int) -> np.ndarray:
+        return rng.standard_normal((batch,) + self.out_shape)
+
+
+class MSE(Loss):
+    type = "mse"
+
+    def forward(self, bk, z, y):
+        d = z - bk.asarray(y)
+        count = int(np.prod(z.shape))
+        return self._reduce(bk.sum(d * d), count), (d, self._divisor(count))
+
+    def backward(self, bk, cache):
+        d, divisor = cache
+        return (2 * d) / divisor
+
+
+class SoftmaxCrossEntropy(Loss):
+    type = "softmax_cross_entropy"
+
+    def __init__(self, config, out_shape, where="loss"):
+        super().__init__(config, out_shape, where)
+        if len(self.out_shape) != 1:
+            raise ValueError(f"{self.where}: needs logits of shape (N, classes), got a sample "
+                             f"shape of {self.out_shape}")
+
+    def check_target(self, y, batch):
+        y = np.asarray(y)
+        if y.shape != (batch,):
+            raise ValueError(f"{self.where}: labels y must have shape ({batch},), got {y.shape}")
+        if y.dtype.kind == "f":
+            if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+                raise TypeError(f"{self.where}: labels y must be integers, got floats such as "
+                                f"{y[~np.isfinite(y) | (y != np.round(y))][:3]}")
+        elif y.dtype.kind not in "iu":
+            raise TypeError(f"{self.where}: labels y must be integers, got dtype {y.dtype}")
+        classes = self.out_shape[0]
+        bad = (y < 0) | (y >= classes)
+        if np.any(bad):
+            raise ValueError(f"{self.where}: labels must lie in [0, {classes - 1}], got "
+                             f"{y[bad][:5].tolist()} at index {np.flatnonzero(bad)[:5].tolist()}")
+        return y.astype(np.int64)
+
+    def default_targets(self, rng, batch):
+        return rng.integers(0, self.out_shape[0], size=batch)
+
+    def forward(self, bk, z, y):
+        n = z.shape[0]
+        shifted = z - bk.max(z, axis=1, keepdims=True)
+        lse = bk.log(bk.sum(bk.exp(shifted), axis=1, keepdims=True))
+        logp = shifted - lse
+        loss = self._reduce(-bk.sum(logp[np.arange(n), y]), n)
+        return loss, (logp, y, self._divisor(n))
+
+    def backward(self, bk, cache):
+        logp, y, divisor = cache
+        onehot = np.zeros(logp.shape)
+        onehot[np.arange(logp.shape[0]), y] = 1.0
+        return (bk.exp(logp) - bk.asarray(onehot)) / divisor
+
+
+class BCEWithLogits(Loss):
+    type = "bce_with_logits"
+
+    def check_target(self, y, batch):
+        y = super().check_target(y, batch)
+        if np.any((y < 0) | (y > 1)):
+            raise ValueError(f"{self.where}: targets must lie in [0, 1], got "
+                             f"{y[(y < 0) | (y > 1)][:5].tolist()}")
+        return y
+
+    def default_targets(self, rng, batch):
+        return rng.integers(0, 2, size=(batch,) + self.out_shape).astype(np.float64)
+
+    def forward(self, bk, z, y):
+        y = bk.asarray(y)
+        count = int(np.prod(z.shape))
+        terms = bk.maximum(z, 0) - z * y + bk.log1p(bk.exp(-bk.abs(z)))
+        return self._reduce(bk.sum(terms), count), (z, y, self._divisor(count))
+
+    def backward(self, bk, cache):
+        z, y, divisor = cache
+        s, _ = stable_sigmoid(bk, z)
+        return (s - y) / divisor
+
+
+LOSSES = {cls.type: cls for cls in (MSE, SoftmaxCrossEntropy, BCEWithLogits)}
+
+
+def make_loss(config, out_shape) -> Loss:
+    if not isinstance(config, dict) or "type" not in config:
+        raise ValueError(f"loss: expected an object with 'type', got {config!r}")
+    if config["type"] not in LOSSES:
+        raise ValueError(f"loss: unknown type {config['type']!r}; expected one of {sorted(LOSSES)}")
+    return LOSSES[config["type"]](config, out_shape)

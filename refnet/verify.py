@@ -1,0 +1,301 @@
+"""The verification triangle: every gradient of a model checked three ways.
+
+1. **float64 vs high precision, in ulps.** The analytic backward runs in float64 and, as the same
+   code, in mpmath at ``dps`` digits (default 50). The float64 error of every element is measured
+   in ulps of the exact value and held to the error analysis of the same float64 computation
+   (:mod:`refnet.errorbound`): the smaller of the rigorous running bound ``e`` and the
+   probabilistic bound ``LAMBDA·σ`` (rounding errors as independent bounded terms; Hoeffding gives
+   P(|err| > λσ) ≤ 2·exp(−λ²/2) = 2.5e-14 per element for λ = 8). Both grow where the
+   computation is ill-conditioned; the rigorous one grows like the product of |W| over depth,
+   which is ~3^depth too pessimistic for random-sign weights, so deep nets are held to λσ, which
+   measured errors stay within 0.2–1.0 σ of. Passing means: error ≤ bound for every element.
+2. **High-precision analytic vs high-precision finite differences** (no backward code involved):
+   central differences (L(θ + h v) − L(θ − h v)) / 2h of the forward pass in mpmath, along unit
+   vectors (every element, for small models) or random directions (for large ones), compared with
+   ⟨g, v⟩. Agreement is counted in significant digits relative to Σ|g_i v_i|, and must reach
+   ``digits`` (default 20). The working precision of each check is chosen from the gradient's
+   magnitude, so that the loss *change* g·h is resolved to 40 digits: a vanishing gradient of 1e-43
+   gets ~100 digits, not 50 (the report says which were used).
+3. **float64 central finite differences**, the classic gradcheck, reported with their expected
+   noise level u·|L|/(h·|g|): the weak witness, shown so users see why it is weak. It never decides
+   pass/fail (it cannot resolve a vanishing gradient at all).
+
+Kinks. Layers report a *kink signature* (ReLU: z > 0). A finite difference whose ±h points have a
+different signature from the base point straddles a kink: it is reported as a kink, not compared.
+Where float64 and the exact run take different branches (a pre-activation within rounding of 0),
+the ulp comparison is reported as a kink too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .backend import FLOAT64, MPBackend
+from .errorbound import BOUND
+from .model import Model
+
+U64 = 2.0**-53
+FD_STEP = 1e-15          # high-precision FD step (for |L| ~ |g|; smaller for steep directions)
+FD_TARGET_DIGITS = 30    # the FD itself is set up to be good to ~30 digits (truncation ~h²)
+FD_GUARD_DIGITS = 10
+MAX_FD_DPS = 2000
+LAMBDA = 8.0             # probabilistic bound: P(|err| > λσ) ≤ 2 exp(−λ²/2) ≈ 2.5e-14
+
+
+@dataclass
+class TensorReport:
+    """The three checks of one gradient tensor (a parameter, or ``x`` for the input)."""
+    name: str
+    shape: List[int]
+    numel: int
+    grad_norm: float            # ‖g‖₂ of the exact gradient
+    grad_max_abs: float         # max |g|
+    max_abs_err: float          # float64 vs exact
+    max_rel_err: float
+    max_ulp: float              # worst element's error in ulps of the exact value
+    ulp_bound: float            # the bound that element was held to, in ulps
+    rigorous_ulp_bound: float   # the rigorous running bound at that element, in ulps
+    bound_use: float            # max over elements of error / bound (≤ 1 passes)
+    worst_index: List[int]
+    ulp_passed: Optional[bool]  # None: not compared (kink)
+    fd_mode: str                # "element" or "direction"
+    fd_checks: int
+    fd_kinks: int
+    fd_digits: float            # min digits of agreement, mp analytic vs mp FD (non-kink checks)
+    fd_dps: int                 # the most digits any of its FD checks needed
+    fd64_rel_err: float         # max relative error of float64 FD (informational)
+    fd64_noise: float           # the float64 FD noise level expected for this tensor
+    passed: bool
+    kinks: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    passed: bool
+    loss: float
+    dps: int
+    required_digits: float
+    fd_mode: str
+    tensors: List[TensorReport]
+    kinks: List[str]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for t in d["tensors"]:
+            for key, value in t.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    t[key] = None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return d
+
+
+def _signature_difference(a: List[tuple], b: List[tuple]) -> Optional[str]:
+    """Where two lists of per-layer kink signatures first differ, or None."""
+    for i, (sa, sb) in enumerate(zip(a, b)):
+        for ka, kb in zip(sa, sb):
+            diff = np.argwhere(np.asarray(ka) != np.asarray(kb))
+            if diff.size:
+                return f"layers[{i}] element {tuple(int(j) for j in diff[0])}"
+    return None
+
+
+def _digits(ctx, err, scale) -> float:
+    """Significant digits of agreement: -log10(err / scale), computed in mpmath (no underflow)."""
+    if err == 0:
+        return math.inf
+    if scale == 0:
+        return -math.inf
+    return -float(ctx.log10(err / scale))
+
+
+def _scalar(a):
+    return a[()] if isinstance(a, np.ndarray) else a
+
+
+class _Problem:
+    """The function being differentiated: loss(params, x) with y fixed; one tensor at a time."""
+
+    def __init__(self, model: Model, params: Dict[str, np.ndarray], x: np.ndarray, y):
+        self.model, self.params, self.x, self.y = model, params, x, y
+        self._converted = {}
+
+    def _in(self, bk):
+        """params and x converted to ``bk`` once, not at every evaluation."""
+        key = bk.name
+        if key not in self._converted:
+            self._converted = {key: ({k: bk.asarray(v) for k, v in self.params.items()},
+                                     bk.asarray(self.x))}
+        return self._converted[key]
+
+    def loss(self, bk, name, value):
+        base_params, base_x = self._in(bk)
+        params = base_params if name == "x" else {**base_params, name: value}
+        x = value if name == "x" else base_x
+        fwd = self.model.forward(bk, params, x, self.y)
+        return fwd.loss, fwd.kink_signatures
+
+    def base(self, name):
+        return self.x if name == "x" else self.params[name]
+
+
+def _fd_vectors(mode, shape, count, rng):
+    numel = int(np.prod(shape))
+    if mode == "element":
+        for i in range(numel):
+            v = np.zeros(numel)
+            v[i] = 1.0
+            yield v.reshape(shape)
+    else:
+        for _ in range(count):
+            v = rng.standard_normal(shape)
+            yield v / np.linalg.norm(v)
+
+
+def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: float = 20,
+           mode: str = "auto", directions: int = 2, seed: int = 0,
+           max_elementwise: int = 100) -> Report:
+    """Check every gradient of ``model`` at (params, x, y) three ways; see the module docstring.
+
+    mode: "element" (every element gets its own FD), "direction" (``directions`` random unit
+    directions per tensor), or "auto" (element when the model has at most ``max_elementwise``
+    parameters and inputs in all, direction otherwise).
+    """
+    if mode not in ("auto", "element", "direction"):
+        raise ValueError(f"verify: mode must be auto, element or direction, got {mode!r}")
+    params, x, y = model.prepare(params, x, y)
+    total = x.size + sum(p.size for p in params.values())
+    if mode == "auto":
+        mode = "element" if total <= max_elementwise else "direction"
+
+    g64 = model.loss_and_grads(FLOAT64, params, x, y)
+    gb = model.loss_and_grads(BOUND, params, x, y)
+    mp = MPBackend(dps)
+    gm = model.loss_and_grads(mp, params, x, y)
+    problem = _Problem(model, params, x, y)
+
+    loss_mp = gm.loss
+    global_kinks = []
+    branch = _signature_difference(g64.forward.kink_signatures, gm.forward.kink_signatures)
+    if branch:
+        global_kinks.append(f"float64 and exact take different branches at {branch}")
+
+    rng = np.random.default_rng(seed)
+    tensors = []
+    names = list(params) + ["x"]
+    for name in names:
+        f64 = np.asarray(g64.params[name] if name != "x" else g64.x, dtype=np.float64)
+        bound_arr = gb.params[name] if name != "x" else gb.x
+        if not np.array_equal(f64, bound_arr.v):
+            raise AssertionError(f"internal: the bound backend's value of {name} differs from float64")
+        exact = gm.params[name] if name != "x" else gm.x
+        bound = np.minimum(bound_arr.e, LAMBDA * bound_arr.sigma)
+        tensors.append(_check_tensor(name, f64, bound, bound_arr.e, exact, mp, problem, loss_mp,
+                                     float(g64.loss), mode, directions, rng, digits,
+                                     ulp_kink=bool(branch)))
+
+    passed = all(t.passed for t in tensors)
+    return Report(passed, float(g64.loss), dps, digits, mode, tensors, global_kinks)
+
+
+def _check_tensor(name, f64, bound, rigorous, exact, mp, problem, loss_mp, loss64, mode, directions, rng,
+                  required, ulp_kink):
+    ctx = mp.ctx
+    exact_f = mp.to_numpy(exact)
+    err = mp.to_numpy(mp.abs(mp.asarray(f64) - exact))
+    ulp = np.spacing(np.abs(exact_f))
+    ulps = err / ulp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(exact_f != 0, err / np.abs(exact_f), np.where(err == 0, 0.0, np.inf))
+        use = np.where(bound > 0, err / bound, np.where(err == 0, 0.0, np.inf))
+    worst = np.unravel_index(int(np.argmax(ulps)), ulps.shape) if ulps.size else ()
+    ulp_passed = None if ulp_kink else bool(np.all(err <= bound))
+
+    # High-precision and float64 finite differences -----------------------------------------
+    base = problem.base(name)
+    fd_digits, fd_dps, fd_kinks, checks = math.inf, 0, 0, 0
+    fd64_rel, fd64_noise = 0.0, 0.0
+    kink_notes = []
+    abs_exact = mp.abs(exact)
+    base_signatures = None
+    h64 = U64 ** (1 / 3) * max(1.0, float(np.max(np.abs(base))) if base.size else 1.0)
+    for v in _fd_vectors(mode, f64.shape, directions, rng):
+        checks += 1
+        v_mp = mp.asarray(v)
+        analytic = _scalar(mp.sum(exact * v_mp))
+        scale = _scalar(mp.sum(abs_exact * mp.abs(v_mp)))
+        ok, d, dps_used, kink = _fd_check(problem, name, base, v, analytic, scale, loss_mp)
+        fd_dps = max(fd_dps, dps_used)
+        if kink:
+            fd_kinks += 1
+            if len(kink_notes) < 3:
+                kink_notes.append(kink)
+        else:
+            fd_digits = min(fd_digits, d)
+        # float64 FD along the same vector
+        lp, _ = problem.loss(FLOAT64, name, base + h64 * v)
+        lm, _ = problem.loss(FLOAT64, name, base - h64 * v)
+        fd64 = (float(lp) - float(lm)) / (2 * h64)
+        an64 = float(np.sum(f64 * v))
+        s64 = float(np.sum(np.abs(f64 * v)))
+        if s64 > 0:
+            fd64_rel = max(fd64_rel, abs(fd64 - an64) / s64)
+            fd64_noise = max(fd64_noise, U64 * abs(loss64) / (h64 * s64))
+        elif fd64 != 0:
+            fd64_rel = math.inf
+    fd_passed = fd_digits >= required
+    ulp_ok = ulp_passed is not False
+    exact_abs = np.abs(exact_f)
+    return TensorReport(
+        name=name, shape=list(f64.shape), numel=int(f64.size),
+        grad_norm=float(np.linalg.norm(exact_f)),
+        grad_max_abs=float(exact_abs.max()) if exact_abs.size else 0.0,
+        max_abs_err=float(err.max()) if err.size else 0.0,
+        max_rel_err=float(rel.max()) if rel.size else 0.0,
+        max_ulp=float(ulps[worst]) if ulps.size else 0.0,
+        ulp_bound=float(bound[worst] / ulp[worst]) if ulps.size else 0.0,
+        rigorous_ulp_bound=float(rigorous[worst] / ulp[worst]) if ulps.size else 0.0,
+        bound_use=float(use.max()) if use.size else 0.0,
+        worst_index=[int(i) for i in worst],
+        ulp_passed=ulp_passed, fd_mode=mode, fd_checks=checks, fd_kinks=fd_kinks,
+        fd_digits=float(fd_digits), fd_dps=int(fd_dps), fd64_rel_err=float(fd64_rel),
+        fd64_noise=float(fd64_noise), passed=bool(ulp_ok and fd_passed), kinks=kink_notes)
+
+
+def _fd_check(problem, name, base, v, analytic, scale, loss_mp):
+    """One high-precision central difference along v. Returns (ok, digits, dps, kink note)."""
+    loss_abs = abs(float(_scalar(loss_mp))) or 1e-300
+    s = float(scale)
+    if s > 0:
+        h = FD_STEP * min(1.0, loss_abs / s)
+        # Digits to resolve L(θ ± hv) − L(θ) ≈ h·s to FD_TARGET_DIGITS, plus guard digits.
+        dps = FD_TARGET_DIGITS + FD_GUARD_DIGITS + max(0, math.ceil(math.log10(loss_abs / (h * s))))
+    else:
+        h = FD_STEP
+        dps = FD_TARGET_DIGITS + FD_GUARD_DIGITS + 2 * FD_TARGET_DIGITS
+    dps = min(dps, MAX_FD_DPS)
+    bk = MPBackend(dps)
+    ctx = bk.ctx
+    point = bk.asarray(base)
+    step = bk.asarray(v) * ctx.mpf(h)
+    lp, sig_p = problem.loss(bk, name, point + step)
+    lm, sig_m = problem.loss(bk, name, point - step)
+    _, sig_0 = problem.loss(bk, name, point) if _has_kinks(sig_p) else (None, sig_p)
+    crossing = _signature_difference(sig_0, sig_p) or _signature_difference(sig_0, sig_m)
+    if crossing:
+        return False, math.nan, dps, f"FD step crosses a kink at {crossing}"
+    fd = (_scalar(lp) - _scalar(lm)) / (2 * ctx.mpf(h))
+    a = ctx.mpf(analytic)
+    if s > 0:
+        ref = ctx.mpf(scale)
+    else:
+        # No gradient along v: FD must vanish to the rounding level of the loss at this dps.
+        ref = ctx.mpf(loss_abs) * ctx.mpf(10) ** (-(dps - FD_TARGET_DIGITS)) / ctx.mpf(h)
+    d = _digits(ctx, abs(fd - a), ref)
+    return True, min(d, float(dps)), dps, None
+
+
+def _has_kinks(signatures) -> bool:
+    return any(len(s) for s in signatures)
