@@ -3,8 +3,9 @@
 Every activation is a layer of its own (``{"type": "leaky_relu", "slope": 0.02}``), so parameter
 names match a torch ``nn.Sequential`` of the same layers (PReLU's slope is ``"<i>.weight"``).
 
-Formulas are written to be accurate and overflow-free for every finite float64 input (no warning,
-no inf, no NaN), using e = exp(-|z|) ≤ 1 where torch would form exp(z):
+Formulas are written to be accurate and overflow-free for every finite float64 input whose exact
+result is finite in float64 (no warning, no inf, no NaN; selu(1e308) = λ·1e308 is not), using
+e = exp(-|z|) ≤ 1 where torch would form exp(z):
 
 ==============  ====================================  =========================================
 name            f(z)                                  f'(z)
@@ -91,8 +92,9 @@ class Tanh(Activation):
         return bk.tanh(z), None
 
     def df(self, bk, z, saved):
-        e = bk.exp(-2 * bk.abs(z))
-        return 4 * e / ((1 + e) * (1 + e))
+        e = bk.exp(-bk.abs(z))
+        e2 = e * e                   # exp(−2|z|), without forming 2|z| (which can overflow)
+        return 4 * e2 / ((1 + e2) * (1 + e2))
 
 
 class ReLU(Activation):
@@ -230,31 +232,42 @@ class GELU(Activation):
 
 
 class Softplus(Activation):
-    """torch.nn.Softplus: log1p(exp(βz))/β, and z itself where βz > threshold (a kink)."""
+    """torch.nn.Softplus: log1p(exp(βz))/β, and z itself where βz > threshold (a kink).
+
+    β must be positive. The linear branch is taken where z > threshold/β (the same set as
+    βz > threshold in exact arithmetic; in float64 the two can differ by an ulp at the kink).
+    Inputs below −1e300/β enter the smooth branch as −1e300/β, so that βz cannot overflow:
+    softplus there is below exp(−1e300) in every backend (only mp could tell the two apart).
+    """
 
     type = "softplus"
     defaults = {"beta": 1.0, "threshold": 20.0}
 
     def __init__(self, config, in_shape, where):
         super().__init__(config, in_shape, where)
-        beta = require_number(where, "beta", self.config["beta"])
-        if beta == 0:
-            raise ValueError(f"{where}: beta must be nonzero, got 0")
+        require_number(where, "beta", self.config["beta"])
+        if not self.config["beta"] > 0:
+            raise ValueError(f"{where}: beta must be positive, got {self.config['beta']}")
         require_number(where, "threshold", self.config["threshold"])
+
+    def _scaled(self, bk, z):
+        """βz on the smooth branch: z clamped to [−1e300/β, threshold/β] first (no overflow)."""
+        beta, threshold = self.config["beta"], self.config["threshold"]
+        return beta * bk.maximum(bk.minimum(z, threshold / beta), -1e300 / beta)
 
     def f(self, bk, z):
         beta, threshold = self.config["beta"], self.config["threshold"]
-        bz = beta * z
-        linear = bz > threshold
-        smooth = bk.log1p(bk.exp(bk.minimum(bz, threshold))) / beta
-        return bk.where(linear, z, smooth), bz
+        smooth = bk.log1p(bk.exp(self._scaled(bk, z))) / beta
+        return bk.where(z > threshold / beta, z, smooth), None
 
-    def df(self, bk, z, bz):
-        s, _ = stable_sigmoid(bk, bz)
-        return bk.where(bz > self.config["threshold"], 1, s)
+    def df(self, bk, z, saved):
+        beta, threshold = self.config["beta"], self.config["threshold"]
+        s, _ = stable_sigmoid(bk, self._scaled(bk, z))
+        return bk.where(z > threshold / beta, 1, s)
 
     def kink_signature(self, cache):
-        return (np.asarray(cache[1] > self.config["threshold"], dtype=bool),)
+        beta, threshold = self.config["beta"], self.config["threshold"]
+        return (np.asarray(cache[0] > threshold / beta, dtype=bool),)
 
 
 class ScaledSigmoid(Activation):

@@ -23,7 +23,7 @@ error of the result, half an ulp for correctly rounded operations)::
     sum of n     Σ e + γ_(n-1) Σ|a|                    + n η
 
 Each is a true bound on the propagated error (derivative bounded on the whole interval, not
-first order only), plus the error of the operation itself. ``u = 2**-53``; ``η = 2**-1075`` covers
+first order only), plus the error of the operation itself. ``u = 2**-53``; ``η = 2**-1074`` covers
 underflow. ``k_f`` is the accuracy of numpy's / the C library's implementation of ``f``, in ulps:
 measured maxima here (x86-64, numpy 2.4, glibc) were exp 0.50, expm1 0.73, log 0.51, log1p 0.75,
 tanh 1.03, erf 0.65, erfc 2.42; the table below allows 2 (4 for tanh, whose SIMD versions in numpy
@@ -34,6 +34,7 @@ The bound ignores the rounding of the bound computation itself (relative 1e-16 o
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -41,7 +42,8 @@ import numpy as np
 from .backend import Constant, _mp_context, constant_value
 
 U = 2.0**-53          # unit roundoff of float64
-ETA = 2.0**-1075      # half the smallest subnormal: the most an underflow can lose
+ETA = 2.0**-1074      # the smallest subnormal: more than an underflow can lose (half of it)
+UNDERFLOW_FLOOR = 4 * ETA
 
 # Accuracy of the elementwise functions, in ulps of the result (see the module docstring).
 FUNCTION_ULPS = {"exp": 2.0, "expm1": 2.0, "log": 2.0, "log1p": 2.0, "tanh": 4.0,
@@ -52,15 +54,28 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 _erfc = np.vectorize(math.erfc, otypes=[np.float64])
 
 
+def _quiet(method):
+    """Bound arithmetic may underflow (tiny bounds) or overflow (a bound of inf means "none"):
+    neither is an error, so numpy stays silent inside the bound backend."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with np.errstate(under="ignore", over="ignore", invalid="ignore", divide="ignore"):
+            return method(*args, **kwargs)
+    return wrapper
+
+
 def _half_ulp(v):
-    """Rounding error of a correctly rounded result v (half a unit in the last place)."""
-    with np.errstate(invalid="ignore"):
-        return 0.5 * np.spacing(np.abs(v))
+    """Rounding error of a correctly rounded result v: half an ulp, but never less than
+    ``UNDERFLOW_FLOOR``. Below the normal range the bound's own products underflow too (a term
+    |a|·eb under 2**-1074 rounds to 0), so every operation adds this floor for up to four lost
+    terms; it matters only for results within a few subnormal steps of zero."""
+    with np.errstate(invalid="ignore", under="ignore"):
+        return np.maximum(0.5 * np.spacing(np.abs(v)), UNDERFLOW_FLOOR)
 
 
 def _ulps(v, k):
-    with np.errstate(invalid="ignore"):
-        return k * np.spacing(np.abs(v))
+    with np.errstate(invalid="ignore", under="ignore"):
+        return np.maximum(k * np.spacing(np.abs(v)), UNDERFLOW_FLOOR)
 
 
 def _gamma(n):
@@ -108,6 +123,7 @@ class BoundArray:
         return self._view(lambda a: a.transpose(*axes))
 
     # arithmetic ------------------------------------------------------------------------------
+    @_quiet
     def __add__(self, other):
         a, b = self, _wrap(other)
         v = a.v + b.v
@@ -116,6 +132,7 @@ class BoundArray:
 
     __radd__ = __add__
 
+    @_quiet
     def __sub__(self, other):
         a, b = self, _wrap(other)
         v = a.v - b.v
@@ -125,6 +142,7 @@ class BoundArray:
     def __rsub__(self, other):
         return _wrap(other) - self
 
+    @_quiet
     def __mul__(self, other):
         a, b = self, _wrap(other)
         v = a.v * b.v
@@ -134,6 +152,7 @@ class BoundArray:
 
     __rmul__ = __mul__
 
+    @_quiet
     def __truediv__(self, other):
         a, b = self, _wrap(other)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -202,6 +221,7 @@ class BoundBackend:
     def to_numpy(self, a):
         return _wrap(a).v
 
+    @_quiet
     def const(self, value: Constant):
         """The float64 constant, with its exact representation error as its bound."""
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -217,6 +237,7 @@ class BoundBackend:
 
     # elementwise ------------------------------------------------------------------------------
     @staticmethod
+    @_quiet
     def _function(x, v, bound, slope, name):
         """Result of an elementwise f: propagated bound + own error; s2 through f'(x)²."""
         r = _ulps(v, FUNCTION_ULPS[name])
@@ -224,12 +245,14 @@ class BoundBackend:
             s2 = slope * slope * x.s2
         return BoundArray(v, bound + r, s2 + r * r)
 
+    @_quiet
     def exp(self, x):
         x = _wrap(x)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             v = np.exp(x.v)
             return self._function(x, v, v * np.expm1(x.e), v, "exp")
 
+    @_quiet
     def expm1(self, x):
         x = _wrap(x)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
@@ -237,24 +260,28 @@ class BoundBackend:
             slope = np.exp(x.v)
             return self._function(x, v, slope * np.expm1(x.e), slope, "expm1")
 
+    @_quiet
     def _log_like(self, x, v, arg, name):
         with np.errstate(divide="ignore", invalid="ignore"):
             ok = arg > x.e
             bound = np.where(ok, -np.log1p(-np.where(ok, x.e / np.where(ok, arg, 1), 0)), np.inf)
             return self._function(x, v, bound, 1.0 / arg, name)
 
+    @_quiet
     def log(self, x):
         x = _wrap(x)
         with np.errstate(divide="ignore", invalid="ignore"):
             v = np.log(x.v)
         return self._log_like(x, v, x.v, "log")
 
+    @_quiet
     def log1p(self, x):
         x = _wrap(x)
         with np.errstate(divide="ignore", invalid="ignore"):
             v = np.log1p(x.v)
         return self._log_like(x, v, 1.0 + x.v, "log1p")
 
+    @_quiet
     def tanh(self, x):
         x = _wrap(x)
         v = np.tanh(x.v)
@@ -262,20 +289,24 @@ class BoundBackend:
         sech2 = 1.0 / np.cosh(np.minimum(m, 355.0)) ** 2      # ≥ the max of sech² on the interval
         return self._function(x, v, sech2 * x.e, 1.0 - v * v, "tanh")
 
+    @_quiet
     def _erf_like(self, x, v, name):
         with np.errstate(under="ignore", over="ignore"):
             top = _TWO_OVER_SQRT_PI * np.exp(-np.minimum(_interval_abs_min(x), 40.0) ** 2)
             slope = _TWO_OVER_SQRT_PI * np.exp(-np.minimum(np.abs(x.v), 40.0) ** 2)
         return self._function(x, v, top * x.e, slope, name)
 
+    @_quiet
     def erf(self, x):
         x = _wrap(x)
         return self._erf_like(x, _erf(x.v), "erf")
 
+    @_quiet
     def erfc(self, x):
         x = _wrap(x)
         return self._erf_like(x, _erfc(x.v), "erfc")
 
+    @_quiet
     def sqrt(self, x):
         x = _wrap(x)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -310,6 +341,7 @@ class BoundBackend:
         return self._select(_value(cond), _wrap(a), _wrap(b))
 
     # reductions and products ------------------------------------------------------------------
+    @_quiet
     def matmul(self, a, b):
         a, b = _wrap(a), _wrap(b)
         v = np.matmul(a.v, b.v)
@@ -322,6 +354,7 @@ class BoundBackend:
         s2 = (a.v * a.v) @ b.s2 + a.s2 @ (b.v * b.v) + a.s2 @ b.s2 + n * (U * magnitude) ** 2
         return BoundArray(v, e, s2 + r * r)
 
+    @_quiet
     def sum(self, a, axis=None, keepdims=False):
         a = _wrap(a)
         v = np.sum(a.v, axis=axis, keepdims=keepdims, dtype=np.float64)

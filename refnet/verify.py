@@ -187,9 +187,9 @@ def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: 
     names = list(params) + ["x"]
     for name in names:
         f64 = np.asarray(g64.params[name] if name != "x" else g64.x, dtype=np.float64)
+        # The bound is computed by the BoundBackend, whose values are those of float64 bit for
+        # bit (a test checks); the result held to it is the float64 backend's own.
         bound_arr = gb.params[name] if name != "x" else gb.x
-        if not np.array_equal(f64, bound_arr.v):
-            raise AssertionError(f"internal: the bound backend's value of {name} differs from float64")
         exact = gm.params[name] if name != "x" else gm.x
         bound = np.minimum(bound_arr.e, LAMBDA * bound_arr.sigma)
         tensors.append(_check_tensor(name, f64, bound, bound_arr.e, exact, mp, problem, loss_mp,

@@ -1,0 +1,51 @@
+"""Shared test set-up: hypothesis profiles, and the no-global-state guard around every test."""
+
+import os
+
+import mpmath
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+# dev: quick local runs. ci: more examples, derandomized so that CI is reproducible.
+settings.register_profile("dev", max_examples=8, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE",
+                                     "ci" if os.environ.get("CI") == "true" else "dev"))
+
+try:
+    import torch  # noqa: F401
+    HAVE_TORCH = True
+except ImportError:
+    HAVE_TORCH = False
+
+
+@pytest.fixture(autouse=True)
+def global_mpmath_precision_untouched():
+    """Every test, and every refnet call in it, leaves mpmath.mp's precision as it found it."""
+    before = (mpmath.mp.dps, mpmath.mp.prec)
+    yield
+    assert (mpmath.mp.dps, mpmath.mp.prec) == before, (
+        f"mpmath.mp changed from dps/prec {before} to {(mpmath.mp.dps, mpmath.mp.prec)}")
+
+
+@pytest.fixture(autouse=True)
+def numpy_errors_are_loud():
+    """Inside tests overflow, invalid and divide-by-zero are errors: no silent inf/NaN (underflow is legitimate)."""
+    with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
+        yield
+
+
+def small_spec(activation="tanh", loss="mse", widths=(4,), in_dim=3, out_dim=2, seed=0,
+               batch=3, init="xavier_normal", **act_options):
+    """An MLP spec: dense layers of the given widths, each followed by ``activation``."""
+    layers = []
+    for w in widths:
+        layers.append({"type": "dense", "out": w, "init": init, "bias_init":
+                       {"name": "normal", "std": 0.5}})
+        layers.append({"type": activation, **act_options})
+    layers.append({"type": "dense", "out": out_dim, "init": init})
+    return {"input_shape": [in_dim], "seed": seed, "batch": batch, "layers": layers,
+            "loss": {"type": loss}}

@@ -1,0 +1,96 @@
+"""Losses: exact where it matters (huge logits), torch's reductions, clear errors on bad targets."""
+
+import numpy as np
+import pytest
+
+from conftest import HAVE_TORCH
+from refnet import BOUND, FLOAT64, MPBackend
+from refnet.losses import make_loss
+
+
+def run(loss_type, z, y, bk=FLOAT64, reduction="mean"):
+    loss = make_loss({"type": loss_type, "reduction": reduction}, z.shape[1:])
+    y = loss.check_target(y, z.shape[0])
+    value, cache = loss.forward(bk, bk.asarray(z), y)
+    return value, loss.backward(bk, cache)
+
+
+def test_cross_entropy_of_logits_plus_minus_1e4_is_exact():
+    """Log-sum-exp with the max subtracted: logits of ±1e4 give the exact loss, no inf/NaN."""
+    z = np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 1e4]])
+    y = np.array([1, 2])
+    value, grad = run("softmax_cross_entropy", z, y)
+    mp = MPBackend(60)
+    exact, exact_grad = run("softmax_cross_entropy", z, y, mp)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    # Loss = (2e4 + log 2)/2 exactly (to float64 rounding); sample 2 ties two classes.
+    assert abs(float(value) - mp.to_numpy(exact)) <= np.spacing(float(value))
+    assert np.allclose(grad, mp.to_numpy(exact_grad), rtol=0, atol=2 * np.spacing(1.0))
+
+
+@pytest.mark.parametrize("loss_type", ["mse", "softmax_cross_entropy", "bce_with_logits"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_float64_loss_and_gradient_are_within_their_error_bound_of_the_exact_values(loss_type,
+                                                                                  reduction):
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((5, 4)) * 3
+    y = {"mse": rng.standard_normal((5, 4)), "softmax_cross_entropy": rng.integers(0, 4, 5),
+         "bce_with_logits": rng.random((5, 4))}[loss_type]
+    mp = MPBackend(60)
+    vb, gb = run(loss_type, z, y, BOUND, reduction)
+    vm, gm = run(loss_type, z, y, mp, reduction)
+    assert abs(vb.v - mp.to_numpy(vm)) <= vb.e
+    assert np.all(np.abs(gb.v - mp.to_numpy(gm)) <= gb.e)
+
+
+def test_sum_reduction_is_mean_times_count():
+    rng = np.random.default_rng(1)
+    z, y = rng.standard_normal((3, 2)), rng.standard_normal((3, 2))
+    mean, _ = run("mse", z, y)
+    total, _ = run("mse", z, y, reduction="sum")
+    assert total == pytest.approx(6 * mean, rel=1e-15)
+
+
+@pytest.mark.parametrize("loss_type, y, match", [
+    ("softmax_cross_entropy", np.array([0, 3]), r"labels must lie in \[0, 2\]"),
+    ("softmax_cross_entropy", np.array([0, -1]), r"labels must lie in \[0, 2\]"),
+    ("softmax_cross_entropy", np.array([0.5, 1.0]), "must be integers"),
+    ("softmax_cross_entropy", np.array([0, 1, 2]), r"shape \(2,\)"),
+    ("mse", np.zeros((2, 2)), r"shape \(2, 3\)"),
+    ("mse", np.array([[0, 1, np.nan], [0, 0, 0]]), "finite"),
+    ("bce_with_logits", np.full((2, 3), 1.5), r"\[0, 1\]"),
+])
+def test_bad_targets_raise_errors_naming_the_loss_expected_and_actual(loss_type, y, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        run(loss_type, np.zeros((2, 3)), y)
+
+
+def test_unknown_loss_and_reduction_are_rejected():
+    with pytest.raises(ValueError, match="unknown type 'hinge'"):
+        make_loss({"type": "hinge"}, (3,))
+    with pytest.raises(ValueError, match="reduction"):
+        make_loss({"type": "mse", "reduction": "none"}, (3,))
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+@pytest.mark.parametrize("loss_type", ["mse", "softmax_cross_entropy", "bce_with_logits"])
+def test_losses_and_gradients_equal_torch_float64(loss_type):
+    """Same value and gradient as torch's mse_loss / cross_entropy / BCE-with-logits, to the
+    float64 error bound of refnet's computation plus a few ulps of torch's own."""
+    import torch
+    import torch.nn.functional as F
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((6, 5)) * 4
+    y = {"mse": rng.standard_normal((6, 5)), "softmax_cross_entropy": rng.integers(0, 5, 6),
+         "bce_with_logits": rng.random((6, 5))}[loss_type]
+    t = torch.tensor(z, requires_grad=True)
+    ty = torch.tensor(y)
+    f = {"mse": F.mse_loss, "softmax_cross_entropy": F.cross_entropy,
+         "bce_with_logits": F.binary_cross_entropy_with_logits}[loss_type]
+    out = f(t, ty)
+    out.backward()
+    vb, gb = run(loss_type, z, y, BOUND)
+    ref_v, ref_g = out.item(), t.grad.numpy()
+    assert abs(vb.v - ref_v) <= 2 * vb.e + 4 * np.spacing(abs(ref_v))
+    assert np.all(np.abs(gb.v - ref_g) <= 2 * gb.e + 4 * np.spacing(np.abs(ref_g)))
