@@ -236,8 +236,9 @@ class Softplus(Activation):
 
     β must be positive. The linear branch is taken where z > threshold/β (the same set as
     βz > threshold in exact arithmetic; in float64 the two can differ by an ulp at the kink).
-    Inputs below −1e300/β enter the smooth branch as −1e300/β, so that βz cannot overflow:
-    softplus there is below exp(−1e300) in every backend (only mp could tell the two apart).
+    Inputs below −1e30/max(β, 1) enter the smooth branch clamped there, so that βz cannot
+    overflow (float32 included): softplus there is below exp(−1e30) in every backend (only mp
+    could tell the two apart).
     """
 
     type = "softplus"
@@ -251,9 +252,9 @@ class Softplus(Activation):
         require_number(where, "threshold", self.config["threshold"])
 
     def _scaled(self, bk, z):
-        """βz on the smooth branch: z clamped to [−1e300/β, threshold/β] first (no overflow)."""
+        """βz on the smooth branch: z clamped to [−1e30/max(β, 1), threshold/β] (no overflow)."""
         beta, threshold = self.config["beta"], self.config["threshold"]
-        return beta * bk.maximum(bk.minimum(z, threshold / beta), -1e300 / beta)
+        return beta * bk.maximum(bk.minimum(z, threshold / beta), -1e30 / max(beta, 1.0))
 
     def f(self, bk, z):
         beta, threshold = self.config["beta"], self.config["threshold"]

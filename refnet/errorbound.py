@@ -45,6 +45,18 @@ U = 2.0**-53          # unit roundoff of float64
 ETA = 2.0**-1074      # the smallest subnormal: more than an underflow can lose (half of it)
 UNDERFLOW_FLOOR = 4 * ETA
 
+# σ² is a sum of squares of errors down to 1e-323 and up to 1e308: it lives in numpy's longdouble,
+# whose x86-64 80-bit format spans 1e±4932. Where longdouble is only a double (some platforms),
+# squares under 1e-300 or over 1e300 would underflow or overflow; σ is then trusted only in
+# between, and the rigorous bound is used outside (see ``BoundArray.probabilistic_bound``).
+S2_DTYPE = np.longdouble
+S2_EXTENDED = np.finfo(S2_DTYPE).minexp < -10000
+
+
+def _sq(x, scale=1.0):
+    """x², computed in the extended type (no underflow of squares of tiny errors)."""
+    return np.square(np.asarray(x, dtype=S2_DTYPE) * scale)
+
 # Accuracy of the elementwise functions, in ulps of the result (see the module docstring).
 FUNCTION_ULPS = {"exp": 2.0, "expm1": 2.0, "log": 2.0, "log1p": 2.0, "tanh": 4.0,
                  "erf": 2.0, "erfc": 6.0}
@@ -91,12 +103,20 @@ class BoundArray:
     def __init__(self, v, e=None, s2=None):
         self.v = np.asarray(v, dtype=np.float64)
         self.e = np.zeros_like(self.v) if e is None else np.asarray(e, dtype=np.float64)
-        self.s2 = np.zeros_like(self.v) if s2 is None else np.asarray(s2, dtype=np.float64)
+        self.s2 = (np.zeros(self.v.shape, dtype=S2_DTYPE) if s2 is None
+                   else np.asarray(s2, dtype=S2_DTYPE))
 
     @property
     def sigma(self):
-        """The probabilistic error scale √s2 (see the module docstring)."""
-        return np.sqrt(self.s2)
+        """The probabilistic error scale √s2 (see the module docstring), as float64."""
+        return np.sqrt(self.s2).astype(np.float64)
+
+    def probabilistic_bound(self, lam):
+        """λσ where σ can be trusted, inf elsewhere (only without an extended longdouble)."""
+        sigma = self.sigma
+        if S2_EXTENDED:
+            return lam * sigma
+        return np.where((sigma > 1e-140) & (sigma < 1e140), lam * sigma, np.inf)
 
     def _view(self, f):
         return BoundArray(f(self.v), f(self.e), f(self.s2))
@@ -128,7 +148,7 @@ class BoundArray:
         a, b = self, _wrap(other)
         v = a.v + b.v
         r = _half_ulp(v)
-        return BoundArray(v, a.e + b.e + r, a.s2 + b.s2 + r * r)
+        return BoundArray(v, a.e + b.e + r, a.s2 + b.s2 + _sq(r))
 
     __radd__ = __add__
 
@@ -137,7 +157,7 @@ class BoundArray:
         a, b = self, _wrap(other)
         v = a.v - b.v
         r = _half_ulp(v)
-        return BoundArray(v, a.e + b.e + r, a.s2 + b.s2 + r * r)
+        return BoundArray(v, a.e + b.e + r, a.s2 + b.s2 + _sq(r))
 
     def __rsub__(self, other):
         return _wrap(other) - self
@@ -148,7 +168,7 @@ class BoundArray:
         v = a.v * b.v
         r = _half_ulp(v)
         return BoundArray(v, np.abs(a.v) * b.e + np.abs(b.v) * a.e + a.e * b.e + r,
-                          b.v * b.v * a.s2 + a.v * a.v * b.s2 + r * r)
+                          _sq(b.v) * a.s2 + _sq(a.v) * b.s2 + _sq(r))
 
     __rmul__ = __mul__
 
@@ -160,9 +180,9 @@ class BoundArray:
             margin = np.abs(b.v) - b.e
             prop = np.where(margin > 0, (a.e + np.abs(v) * b.e) / np.where(margin > 0, margin, 1),
                             np.inf)
-            s2 = (a.s2 + v * v * b.s2) / (b.v * b.v)
+            s2 = (a.s2 + _sq(v) * b.s2) / _sq(b.v)
         r = _half_ulp(v)
-        return BoundArray(v, prop + r, s2 + r * r)
+        return BoundArray(v, prop + r, s2 + _sq(r))
 
     def __rtruediv__(self, other):
         return _wrap(other) / self
@@ -188,6 +208,14 @@ class BoundArray:
 
     def __le__(self, other):
         return self.v <= _value(other)
+
+    def __eq__(self, other):
+        return self.v == _value(other)
+
+    def __ne__(self, other):
+        return self.v != _value(other)
+
+    __hash__ = None
 
 
 def _wrap(x) -> BoundArray:
@@ -230,7 +258,7 @@ class BoundBackend:
         exact = constant_value(value, ctx)
         v = float(exact)
         r = float(abs(ctx.mpf(v) - exact)) * (1 + 4 * U)
-        return BoundArray(v, r, r * r)
+        return BoundArray(v, r, _sq(r))
 
     def zeros(self, shape):
         return BoundArray(np.zeros(shape))
@@ -242,8 +270,8 @@ class BoundBackend:
         """Result of an elementwise f: propagated bound + own error; s2 through f'(x)²."""
         r = _ulps(v, FUNCTION_ULPS[name])
         with np.errstate(over="ignore", invalid="ignore"):
-            s2 = slope * slope * x.s2
-        return BoundArray(v, bound + r, s2 + r * r)
+            s2 = _sq(slope) * x.s2
+        return BoundArray(v, bound + r, s2 + _sq(r))
 
     @_quiet
     def exp(self, x):
@@ -312,9 +340,9 @@ class BoundBackend:
         with np.errstate(divide="ignore", invalid="ignore"):
             v = np.sqrt(x.v)
             bound = np.minimum(np.where(v > 0, x.e / np.where(v > 0, v, 1), np.inf), np.sqrt(x.e))
-            s2 = x.s2 / (4 * x.v)
+            s2 = x.s2 / (4 * np.asarray(x.v, dtype=S2_DTYPE))
         r = _half_ulp(v)
-        return BoundArray(v, bound + r, s2 + r * r)
+        return BoundArray(v, bound + r, s2 + _sq(r))
 
     def abs(self, x):
         return abs(_wrap(x))
@@ -351,8 +379,8 @@ class BoundBackend:
         r = _half_ulp(v)
         e = abs_a @ b.e + a.e @ abs_b + a.e @ b.e + _gamma(n) * magnitude + n * ETA + r
         # n roundings of partial sums, each at most u·(|A||B|) in size.
-        s2 = (a.v * a.v) @ b.s2 + a.s2 @ (b.v * b.v) + a.s2 @ b.s2 + n * (U * magnitude) ** 2
-        return BoundArray(v, e, s2 + r * r)
+        s2 = _sq(a.v) @ b.s2 + a.s2 @ _sq(b.v) + a.s2 @ b.s2 + n * _sq(magnitude, U)
+        return BoundArray(v, e, s2 + _sq(r))
 
     @_quiet
     def sum(self, a, axis=None, keepdims=False):
@@ -361,7 +389,7 @@ class BoundBackend:
         n = a.v.size if axis is None else int(np.prod([a.v.shape[i] for i in np.atleast_1d(axis)]))
         magnitude = np.sum(np.abs(a.v), axis=axis, keepdims=keepdims)
         e = np.sum(a.e, axis=axis, keepdims=keepdims) + _gamma(max(n - 1, 0)) * magnitude + n * ETA
-        s2 = np.sum(a.s2, axis=axis, keepdims=keepdims) + max(n - 1, 0) * (U * magnitude) ** 2
+        s2 = np.sum(a.s2, axis=axis, keepdims=keepdims) + max(n - 1, 0) * _sq(magnitude, U)
         return BoundArray(v, e, s2)
 
     def max(self, a, axis=None, keepdims=False):

@@ -5,8 +5,10 @@ type                        L (reduction "mean"; "sum" drops the 1/M)        ∂
 ==========================  ==============================================  =====================
 mse                         (1/M) Σ (z − y)²,  M = number of elements         2(z − y)/M
 softmax_cross_entropy       (1/N) Σ_n −log softmax(z_n)[y_n],                (softmax(z) − onehot(y))/N
-                            labels y_n ∈ {0..C−1}; log-sum-exp with the row
-                            max subtracted, so logits of ±1e4 are exact
+                            labels y_n ∈ {0..C−1}; log-sum-exp with the row  (expm1 on the label)
+                            max subtracted and log1p of the non-max terms,
+                            so logits of ±1e4 are exact and a loss of 1e-107
+                            is 1e-107, not 0
 bce_with_logits             (1/M) Σ max(z, 0) − z·y + log1p(exp(−|z|))      (σ(z) − y)/M
                             (torch's overflow-free form); y ∈ [0, 1]
 ==========================  ==============================================  =====================
@@ -105,18 +107,31 @@ class SoftmaxCrossEntropy(Loss):
         return rng.integers(0, self.out_shape[0], size=batch)
 
     def forward(self, bk, z, y):
+        # log softmax = (z − m) − log Σ exp(z − m), m the row max. The max's own term is exactly
+        # 1, so the log is taken as log1p of the *other* terms: a confident prediction's loss of
+        # 1e-107 comes out as 1e-107, not log(1 + 1e-107) = 0 (in every precision).
         n = z.shape[0]
         shifted = z - bk.max(z, axis=1, keepdims=True)
-        lse = bk.log(bk.sum(bk.exp(shifted), axis=1, keepdims=True))
-        logp = shifted - lse
+        is_max = _first_argmax_mask(shifted)
+        others = bk.sum(bk.where(is_max, 0, bk.exp(shifted)), axis=1, keepdims=True)
+        logp = shifted - bk.log1p(others)
         loss = self._reduce(-bk.sum(logp[np.arange(n), y]), n)
         return loss, (logp, y, self._divisor(n))
 
     def backward(self, bk, cache):
+        # softmax − onehot, with p_y − 1 = expm1(log p_y) on the label (no cancellation).
         logp, y, divisor = cache
-        onehot = np.zeros(logp.shape)
-        onehot[np.arange(logp.shape[0]), y] = 1.0
-        return (bk.exp(logp) - bk.asarray(onehot)) / divisor
+        onehot = np.zeros(logp.shape, dtype=bool)
+        onehot[np.arange(logp.shape[0]), y] = True
+        return bk.where(onehot, bk.expm1(logp), bk.exp(logp)) / divisor
+
+
+def _first_argmax_mask(shifted) -> np.ndarray:
+    """True at the first position of each row's maximum (where shifted == 0)."""
+    is_zero = np.asarray(shifted == 0, dtype=bool)
+    first = np.zeros_like(is_zero)
+    first[np.arange(is_zero.shape[0]), np.argmax(is_zero, axis=1)] = True
+    return first
 
 
 class BCEWithLogits(Loss):

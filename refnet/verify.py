@@ -191,7 +191,7 @@ def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: 
         # bit (a test checks); the result held to it is the float64 backend's own.
         bound_arr = gb.params[name] if name != "x" else gb.x
         exact = gm.params[name] if name != "x" else gm.x
-        bound = np.minimum(bound_arr.e, LAMBDA * bound_arr.sigma)
+        bound = np.minimum(bound_arr.e, bound_arr.probabilistic_bound(LAMBDA))
         tensors.append(_check_tensor(name, f64, bound, bound_arr.e, exact, mp, problem, loss_mp,
                                      float(g64.loss), mode, directions, rng, digits,
                                      ulp_kink=bool(branch)))

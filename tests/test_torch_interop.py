@@ -71,11 +71,11 @@ def test_state_dict_npz_gives_the_same_gradients_as_torch_float64_autograd(tmp_p
     for name in torch_grads:
         pick = (lambda g: g.x) if name == "x" else (lambda g: g.params[name])
         b = pick(bounds)
-        bound = np.minimum(b.e, LAMBDA * b.sigma)
+        bound = np.minimum(b.e, b.probabilistic_bound(LAMBDA))
         ref = mp.to_numpy(pick(exact))
         assert np.all(np.abs(torch_grads[name] - ref) <= bound), name
         assert np.all(np.abs(pick(ours) - ref) <= bound), name
-    loss_bound = min(float(bounds.loss.e), LAMBDA * float(bounds.loss.sigma))
+    loss_bound = min(float(bounds.loss.e), float(bounds.loss.probabilistic_bound(LAMBDA)))
     exact_loss = float(mp.to_numpy(exact.loss))
     assert abs(torch_loss.item() - exact_loss) <= loss_bound
     assert abs(float(ours.loss) - exact_loss) <= loss_bound

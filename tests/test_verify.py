@@ -40,8 +40,8 @@ def test_float64_gradients_are_within_their_error_bound_and_mp_matches_fd_to_20_
     report = verify(Model(spec), directions=1)
     assert not report.kinks, f"float64 and exact runs took different branches: {report.kinks}"
     for t in report.tensors:
-        assert t.ulp_passed, (f"{t.name}: float64 error {t.max_ulp:.3g} ulps exceeds its bound "
-                              f"{t.ulp_bound:.3g} ulps at {t.worst_index}")
+        assert t.ulp_passed, (f"{t.name}: a float64 element exceeds its error bound "
+                              f"(max error/bound {t.bound_use:.3g})")
         if t.fd_checks > t.fd_kinks:
             assert t.fd_digits >= REQUIRED_DIGITS, (
                 f"{t.name}: mp analytic and mp FD agree to only {t.fd_digits:.1f} digits")
