@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .activations import stable_sigmoid
+from .validate import finite_float64
 
 REDUCTIONS = ("mean", "sum")
 
@@ -52,13 +53,7 @@ class Loss:
         expected = (batch,) + self.out_shape
         if y.shape != expected:
             raise ValueError(f"{self.where}: targets y must have shape {expected}, got {y.shape}")
-        if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
-            raise TypeError(f"{self.where}: targets y must be real numbers, got dtype {y.dtype}")
-        y = y.astype(np.float64)
-        if not np.all(np.isfinite(y)):
-            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(y))[0])
-            raise ValueError(f"{self.where}: targets y must be finite, got {y[bad]} at {bad}")
-        return y
+        return finite_float64(y, f"{self.where}: targets y")
 
     def default_targets(self, rng, batch: int) -> np.ndarray:
         return rng.standard_normal((batch,) + self.out_shape)

@@ -24,6 +24,7 @@ import numpy as np
 from .activations import ACTIVATIONS
 from .layers.dense import Dense
 from .losses import Loss, make_loss
+from .validate import finite_float64
 
 LAYERS = {Dense.type: Dense, **ACTIVATIONS}
 SPEC_KEYS = {"input_shape", "layers", "loss", "seed", "batch", "name", "description"}
@@ -131,13 +132,7 @@ class Model:
             if value.shape != shape:
                 raise ValueError(f"params: {name} ({self._owner(name)}) must have shape {shape}, "
                                  f"got {value.shape}")
-            if not np.issubdtype(value.dtype, np.floating) and not np.issubdtype(value.dtype, np.integer):
-                raise TypeError(f"params: {name} must be real numbers, got dtype {value.dtype}")
-            value = value.astype(np.float64)
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"params: {name} must be finite, found "
-                                 f"{int(np.sum(~np.isfinite(value)))} non-finite values")
-            checked[name] = value
+            checked[name] = finite_float64(value, f"params: {name}")
         return checked
 
     def _owner(self, name):
@@ -151,13 +146,7 @@ class Model:
                              f", got {x.shape}")
         if x.shape[0] == 0:
             raise ValueError("input x: the batch is empty (N = 0)")
-        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise TypeError(f"input x: must be real numbers, got dtype {x.dtype}")
-        x = x.astype(np.float64)
-        if not np.all(np.isfinite(x)):
-            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
-            raise ValueError(f"input x: must be finite, got {x[bad]} at index {bad}")
-        return x
+        return finite_float64(x, "input x:")
 
     def default_data(self, batch: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
         """A seeded batch: x ~ N(0, 1), targets drawn to fit the loss."""

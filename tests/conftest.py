@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 # dev: quick local runs. ci: more examples, derandomized so that CI is reproducible.
 settings.register_profile("dev", max_examples=8, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE",
                                      "ci" if os.environ.get("CI") == "true" else "dev"))

@@ -18,6 +18,8 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
+from ..validate import require_number  # noqa: F401  (re-exported for the layers)
+
 
 class Layer:
     type: str = ""
@@ -54,17 +56,3 @@ class Layer:
 
     def __repr__(self):
         return f"<{self.where} {self.in_shape} -> {self.out_shape}>"
-
-
-def require_number(where: str, key: str, value, *, low=None, high=None, integer=False):
-    """Validate one numeric config value; the message names the layer, key, expected, actual."""
-    kind = "an integer" if integer else "a number"
-    ok_type = (isinstance(value, (int, np.integer)) if integer
-               else isinstance(value, (int, float, np.integer, np.floating)))
-    if isinstance(value, bool) or not ok_type or not np.isfinite(value):
-        raise ValueError(f"{where}: {key} must be {kind}, got {value!r}")
-    if low is not None and value < low:
-        raise ValueError(f"{where}: {key} must be >= {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{where}: {key} must be <= {high}, got {value!r}")
-    return value
