@@ -56,7 +56,7 @@ def stable_sigmoid(bk, z):
 class Activation(Layer):
     """An elementwise f; subclasses give ``f(bk, z) -> (h, saved)`` and ``df(bk, saved)``."""
 
-    def forward(self, bk, params, z):
+    def forward(self, bk, params, z, state=None):
         h, saved = self.f(bk, z)
         return h, (z, saved)
 
@@ -158,7 +158,7 @@ class PReLU(Activation):
             return a.reshape((1,) * ndim)
         return a.reshape((1, -1) + (1,) * (ndim - 2))
 
-    def forward(self, bk, params, z):
+    def forward(self, bk, params, z, state=None):
         a = self._broadcast(params["weight"], len(z.shape))
         return bk.where(z > 0, z, a * z), (z, None)
 

@@ -21,23 +21,25 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .activations import ACTIVATIONS
-from .layers.dense import Dense
+from .layers.base import ForwardState
+from .layers.sequential import Sequential
 from .losses import Loss, make_loss
 from .validate import finite_float64
 
-LAYERS = {Dense.type: Dense, **ACTIVATIONS}
-SPEC_KEYS = {"input_shape", "layers", "loss", "seed", "batch", "name", "description"}
+SPEC_KEYS = {"input_shape", "layers", "loss", "seed", "batch", "mode", "name", "description"}
+MODES = ("train", "eval")
 
 
 @dataclass
 class ForwardResult:
-    """One forward pass: the output, the loss, and each layer's cache (for backward)."""
+    """One forward pass: the output, the loss, each layer's cache (for backward), each layer's
+    kink signature, and the state (mode, dropout masks, running-statistics updates)."""
     output: object
     loss: object
     caches: List[object]
     loss_cache: object
     kink_signatures: List[tuple] = field(default_factory=list)
+    state: Optional[ForwardState] = None
 
 
 @dataclass
@@ -76,23 +78,15 @@ class Model:
         self.batch = spec.get("batch", 4)
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise ValueError(f"spec: batch must be a positive integer, got {self.batch!r}")
+        self.mode = spec.get("mode", "train")
+        if self.mode not in MODES:
+            raise ValueError(f"spec: mode must be 'train' or 'eval', got {self.mode!r}")
         if not isinstance(spec["layers"], list) or not spec["layers"]:
             raise ValueError(f"spec: layers must be a non-empty list, got {spec['layers']!r}")
-
-        self.layers = []
-        shape = self.input_shape
-        for i, config in enumerate(spec["layers"]):
-            if not isinstance(config, dict) or "type" not in config:
-                raise ValueError(f"layers[{i}]: expected an object with 'type', got {config!r}")
-            kind = config["type"]
-            if kind not in LAYERS:
-                raise ValueError(f"layers[{i}]: unknown layer type {kind!r}; expected one of "
-                                 f"{sorted(LAYERS)}")
-            layer = LAYERS[kind](config, shape, f"layers[{i}] ({kind})")
-            self.layers.append(layer)
-            shape = layer.out_shape
-        self.output_shape = shape
-        self.loss: Loss = make_loss(spec["loss"], shape)
+        self.net = Sequential(spec["layers"], self.input_shape, "")
+        self.layers = self.net.layers
+        self.output_shape = self.net.out_shape
+        self.loss: Loss = make_loss(spec["loss"], self.output_shape)
 
     @classmethod
     def load(cls, path) -> "Model":
@@ -105,28 +99,44 @@ class Model:
 
     # parameters -----------------------------------------------------------------------------
     def param_shapes(self) -> Dict[str, Tuple[int, ...]]:
-        return {f"{i}.{name}": shape for i, layer in enumerate(self.layers)
-                for name, shape in layer.param_shapes().items()}
+        """Learnable parameters by torch name (these get gradients)."""
+        return self.net.param_shapes()
+
+    def buffer_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Buffers by torch name (running statistics; no gradient)."""
+        return self.net.buffer_shapes()
 
     def _rngs(self):
-        params_seq, data_seq = np.random.SeedSequence(self.seed).spawn(2)
-        return np.random.default_rng(params_seq), np.random.default_rng(data_seq)
+        params_seq, data_seq, dropout_seq = np.random.SeedSequence(self.seed).spawn(3)
+        return (np.random.default_rng(params_seq), np.random.default_rng(data_seq),
+                np.random.default_rng(dropout_seq))
 
     def init_params(self, rng: Optional[np.random.Generator] = None) -> Dict[str, np.ndarray]:
-        """Draw every parameter (float64, torch layout) from the spec's inits."""
+        """Draw every parameter (float64, torch layout) from the spec's inits, and add the
+        buffers' initial values (running mean 0, running variance 1)."""
         rng = self._rngs()[0] if rng is None else rng
-        return {f"{i}.{name}": value for i, layer in enumerate(self.layers)
-                for name, value in layer.init_params(rng).items()}
+        return {**self.net.init_params(rng), **self.net.init_buffers()}
+
+    def default_state(self, train: Optional[bool] = None) -> ForwardState:
+        """The spec's mode, with dropout masks drawn from the spec's third seeded stream."""
+        train = (self.mode == "train") if train is None else train
+        return ForwardState(train=train, rng=self._rngs()[2])
 
     def check_params(self, params: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        """Exactly the expected names, shapes and finite values; returns float64 copies."""
+        """Exactly the expected names, shapes and finite values; returns float64 copies.
+
+        Every parameter must be present; buffers (a torch state_dict has them) are optional and
+        default to their initial values."""
         expected = self.param_shapes()
+        buffers = self.buffer_shapes()
         missing = sorted(set(expected) - set(params))
-        extra = sorted(set(params) - set(expected))
+        extra = sorted(set(params) - set(expected) - set(buffers))
         if missing or extra:
             raise ValueError(f"params: names do not match the spec: missing {missing}, "
-                             f"unexpected {extra}; expected {sorted(expected)}")
-        checked = {}
+                             f"unexpected {extra}; expected {sorted(expected)}"
+                             + (f" (and optionally the buffers {sorted(buffers)})" if buffers else ""))
+        checked = dict(self.net.init_buffers())
+        expected = {**expected, **{k: v for k, v in buffers.items() if k in params}}
         for name, shape in expected.items():
             value = np.asarray(params[name])
             if value.shape != shape:
@@ -156,34 +166,29 @@ class Model:
         return x, self.loss.default_targets(rng, batch)
 
     # forward and backward ---------------------------------------------------------------------
-    def _layer_params(self, bk, params, i):
-        prefix = f"{i}."
-        return {name[len(prefix):]: bk.asarray(value) for name, value in params.items()
-                if name.startswith(prefix)}
+    def forward(self, bk, params, x, y, state: Optional[ForwardState] = None) -> ForwardResult:
+        """Run the layers and the loss in backend ``bk``. Inputs must already be checked.
 
-    def forward(self, bk, params, x, y) -> ForwardResult:
-        """Run the layers and the loss in backend ``bk``. Inputs must already be checked."""
-        h = bk.asarray(x)
-        caches, signatures = [], []
-        for i, layer in enumerate(self.layers):
-            h, cache = layer.forward(bk, self._layer_params(bk, params, i), h)
-            caches.append(cache)
-            signatures.append(layer.kink_signature(cache))
+        ``state`` defaults to the spec's mode with its seeded dropout stream; pass the same state
+        to several passes to reuse the dropout masks."""
+        tensors = {name: bk.asarray(value) for name, value in params.items()}
+        return self._forward(bk, tensors, x, y, state)
+
+    def _forward(self, bk, tensors, x, y, state):
+        state = self.default_state() if state is None else state
+        h, caches = self.net.forward(bk, tensors, bk.asarray(x), state)
         loss, loss_cache = self.loss.forward(bk, h, y)
-        return ForwardResult(h, loss, caches, loss_cache, signatures)
+        return ForwardResult(h, loss, caches, loss_cache, self.net.layer_signatures(caches),
+                             state)
 
-    def loss_and_grads(self, bk, params, x, y) -> Gradients:
+    def loss_and_grads(self, bk, params, x, y, state: Optional[ForwardState] = None) -> Gradients:
         """Loss and the gradient of every parameter and of the input, in backend ``bk``."""
-        fwd = self.forward(bk, params, x, y)
-        grads: Dict[str, object] = {}
+        tensors = {name: bk.asarray(value) for name, value in params.items()}
+        fwd = self._forward(bk, tensors, x, y, state)
         dh = self.loss.backward(bk, fwd.loss_cache)
-        for i in reversed(range(len(self.layers))):
-            layer = self.layers[i]
-            dh, layer_grads = layer.backward(bk, self._layer_params(bk, params, i), dh, fwd.caches[i])
-            for name, g in layer_grads.items():
-                grads[f"{i}.{name}"] = g
+        dx, grads = self.net.backward(bk, tensors, dh, fwd.caches)
         ordered = {name: grads[name] for name in self.param_shapes()}
-        return Gradients(fwd.loss, ordered, dh, fwd)
+        return Gradients(fwd.loss, ordered, dx, fwd)
 
     def prepare(self, params=None, x=None, y=None):
         """Fill in defaults from the spec and validate: -> (params, x, y) ready for any backend."""

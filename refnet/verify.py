@@ -36,6 +36,7 @@ import numpy as np
 
 from .backend import FLOAT64, MPBackend
 from .errorbound import BOUND
+from .layers.base import ForwardState
 from .model import Model
 
 U64 = 2.0**-53
@@ -118,9 +119,15 @@ def _scalar(a):
 class _Problem:
     """The function being differentiated: loss(params, x) with y fixed; one tensor at a time."""
 
-    def __init__(self, model: Model, params: Dict[str, np.ndarray], x: np.ndarray, y):
+    def __init__(self, model: Model, params: Dict[str, np.ndarray], x: np.ndarray, y,
+                 state: ForwardState):
         self.model, self.params, self.x, self.y = model, params, x, y
+        self.state = state
         self._converted = {}
+
+    def replay(self) -> ForwardState:
+        """The same mode and the same dropout masks as the first pass; fresh buffer updates."""
+        return ForwardState(train=self.state.train, rng=None, masks=self.state.masks)
 
     def _in(self, bk):
         """params and x converted to ``bk`` once, not at every evaluation."""
@@ -134,7 +141,7 @@ class _Problem:
         base_params, base_x = self._in(bk)
         params = base_params if name == "x" else {**base_params, name: value}
         x = value if name == "x" else base_x
-        fwd = self.model.forward(bk, params, x, self.y)
+        fwd = self.model.forward(bk, params, x, self.y, self.replay())
         return fwd.loss, fwd.kink_signatures
 
     def base(self, name):
@@ -156,25 +163,28 @@ def _fd_vectors(mode, shape, count, rng):
 
 def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: float = 20,
            mode: str = "auto", directions: int = 2, seed: int = 0,
-           max_elementwise: int = 100) -> Report:
+           max_elementwise: int = 100, train: Optional[bool] = None) -> Report:
     """Check every gradient of ``model`` at (params, x, y) three ways; see the module docstring.
 
     mode: "element" (every element gets its own FD), "direction" (``directions`` random unit
     directions per tensor), or "auto" (element when the model has at most ``max_elementwise``
-    parameters and inputs in all, direction otherwise).
+    parameters and inputs in all, direction otherwise). ``train``: the mode (default: the
+    spec's); in train mode dropout masks are drawn once and every pass uses the same ones.
     """
     if mode not in ("auto", "element", "direction"):
         raise ValueError(f"verify: mode must be auto, element or direction, got {mode!r}")
     params, x, y = model.prepare(params, x, y)
-    total = x.size + sum(p.size for p in params.values())
+    learnable = list(model.param_shapes())
+    total = x.size + sum(params[name].size for name in learnable)
     if mode == "auto":
         mode = "element" if total <= max_elementwise else "direction"
 
-    g64 = model.loss_and_grads(FLOAT64, params, x, y)
-    gb = model.loss_and_grads(BOUND, params, x, y)
+    first = model.default_state(train)
+    g64 = model.loss_and_grads(FLOAT64, params, x, y, first)     # draws the dropout masks
+    problem = _Problem(model, params, x, y, first)
+    gb = model.loss_and_grads(BOUND, params, x, y, problem.replay())
     mp = MPBackend(dps)
-    gm = model.loss_and_grads(mp, params, x, y)
-    problem = _Problem(model, params, x, y)
+    gm = model.loss_and_grads(mp, params, x, y, problem.replay())
 
     loss_mp = gm.loss
     global_kinks = []
@@ -184,7 +194,7 @@ def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: 
 
     rng = np.random.default_rng(seed)
     tensors = []
-    names = list(params) + ["x"]
+    names = learnable + ["x"]
     for name in names:
         f64 = np.asarray(g64.params[name] if name != "x" else g64.x, dtype=np.float64)
         # The bound is computed by the BoundBackend, whose values are those of float64 bit for

@@ -1,24 +1,48 @@
 """What every layer provides; the model composes layers through this interface alone.
 
 A layer is built from its JSON description (``config``) and the shape of one input sample. It
-owns no parameters: they live in the model's dict under PyTorch names, and the layer receives its
-own (``{"weight": W, "bias": b}``) already converted to the backend in use.
+owns no tensors: parameters and buffers live in the model's dict under PyTorch names, and the
+layer receives its own (``{"weight": W, "bias": b, "running_mean": ...}``), already converted to
+the backend in use.
 
-    forward(bk, params, x)       -> (y, cache)     x: (N, *in_shape), y: (N, *out_shape)
-    backward(bk, params, dy, cache) -> (dx, grads)  grads: {local name: dL/dparam}
-    kink_signature(cache)        -> tuple of bool arrays, one per place where the layer's
-                                    derivative jumps (ReLU: z > 0). Two points with the same
-                                    signature lie on the same smooth piece; the verifier compares
-                                    signatures to find finite differences that straddle a kink.
+    forward(bk, params, x, state)   -> (y, cache)     x: (N, *in_shape), y: (N, *out_shape)
+    backward(bk, params, dy, cache) -> (dx, grads)    grads: {local name: dL/dparam}
+    kink_signature(cache)           -> tuple of arrays, one per place where the layer's
+                                       derivative jumps (ReLU: z > 0; max-pool: the argmax). Two
+                                       points with equal signatures lie on the same smooth piece;
+                                       the verifier compares them to find finite differences that
+                                       straddle a kink.
+
+``state`` (:class:`ForwardState`) carries what is not a function of the inputs: train or eval
+mode, the generator dropout draws its masks from (and the masks once drawn, so that every pass
+of a verification uses the same ones), and the buffer updates (running statistics) a
+training-mode pass produces.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from ..validate import require_number  # noqa: F401  (re-exported for the layers)
+
+
+@dataclass
+class ForwardState:
+    train: bool = True
+    rng: Optional[np.random.Generator] = None
+    masks: Dict[str, np.ndarray] = field(default_factory=dict)    # layer name -> dropout mask
+    updates: Dict[str, np.ndarray] = field(default_factory=dict)  # buffer name -> new value
+
+    def mask(self, layer_name: str, draw):
+        """The layer's mask: drawn once with ``draw(rng)``, then the same on every pass."""
+        if layer_name not in self.masks:
+            if self.rng is None:
+                raise ValueError(f"{layer_name}: dropout in train mode needs a random generator")
+            self.masks[layer_name] = draw(self.rng)
+        return self.masks[layer_name]
 
 
 class Layer:
@@ -28,6 +52,7 @@ class Layer:
 
     def __init__(self, config: dict, in_shape: Tuple[int, ...], where: str):
         self.where = where                  # e.g. "layers[3] (dense)": used in every message
+        self.name = ""                      # torch prefix, e.g. "3" or "3.body.0"; set by owner
         unknown = sorted(set(config) - set(self.defaults) - {"type"})
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; expected a subset of "
@@ -40,12 +65,20 @@ class Layer:
         return in_shape
 
     def param_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Learnable tensors (they get gradients)."""
+        return {}
+
+    def buffer_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """State that is not learned (running statistics): no gradient, updated by train passes."""
         return {}
 
     def init_params(self, rng: np.random.Generator) -> Dict[str, np.ndarray]:
         return {}
 
-    def forward(self, bk, params, x):
+    def init_buffers(self) -> Dict[str, np.ndarray]:
+        return {}
+
+    def forward(self, bk, params, x, state: ForwardState):
         raise NotImplementedError
 
     def backward(self, bk, params, dy, cache):

@@ -55,7 +55,7 @@ class Dense(Layer):
                                         f"{self.where} bias_init", weight_shape=shapes["weight"])
         return params
 
-    def forward(self, bk, params, x):
+    def forward(self, bk, params, x, state=None):
         y = bk.matmul(x, params["weight"].T)
         if self.config["bias"]:
             y = y + params["bias"]

@@ -1,0 +1,77 @@
+"""Layers in order. Layer j's tensors are named ``"j.<name>"`` — nested containers give
+``"3.body.0.weight"`` — exactly as in a torch ``nn.Sequential`` of the same modules.
+
+    forward:   h_0 = x, h_{j+1} = layer_j(h_j)
+    backward:  dh_j = layer_j.backward(dh_{j+1}), collecting each layer's parameter gradients
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+from .base import Layer
+
+
+def split(tensors: Dict[str, object], index: int) -> Dict[str, object]:
+    """The entries of child ``index`` ("3.weight" -> "weight" for index 3)."""
+    prefix = f"{index}."
+    return {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
+
+
+class Sequential(Layer):
+    type = "sequential"
+
+    def __init__(self, configs: List[dict], in_shape, where: str, name: str = ""):
+        from .registry import build_layer        # the registry knows every type, this one too
+        if not isinstance(configs, list) or not configs:
+            raise ValueError(f"{where}: expected a non-empty list of layers, got {configs!r}")
+        self.where, self.name = where, name
+        self.config = {}
+        self.in_shape = tuple(in_shape)
+        self.layers: List[Layer] = []
+        shape = self.in_shape
+        for j, config in enumerate(configs):
+            child_name = f"{name}.{j}" if name else str(j)
+            layer = build_layer(config, shape, f"{where}[{j}]" if where else f"layers[{j}]",
+                                child_name)
+            self.layers.append(layer)
+            shape = layer.out_shape
+        self.out_shape = shape
+
+    def _collect(self, method, *args):
+        return {f"{j}.{k}": v for j, layer in enumerate(self.layers)
+                for k, v in getattr(layer, method)(*args).items()}
+
+    def param_shapes(self):
+        return self._collect("param_shapes")
+
+    def buffer_shapes(self):
+        return self._collect("buffer_shapes")
+
+    def init_params(self, rng):
+        return self._collect("init_params", rng)
+
+    def init_buffers(self):
+        return self._collect("init_buffers")
+
+    def forward(self, bk, params, x, state):
+        caches = []
+        for j, layer in enumerate(self.layers):
+            x, cache = layer.forward(bk, split(params, j), x, state)
+            caches.append(cache)
+        return x, caches
+
+    def backward(self, bk, params, dy, caches):
+        grads = {}
+        for j in reversed(range(len(self.layers))):
+            dy, layer_grads = self.layers[j].backward(bk, split(params, j), dy, caches[j])
+            grads.update({f"{j}.{k}": g for k, g in layer_grads.items()})
+        return dy, grads
+
+    def kink_signature(self, caches):
+        return tuple(sig for layer, cache in zip(self.layers, caches)
+                     for sig in layer.kink_signature(cache))
+
+    def layer_signatures(self, caches):
+        """One tuple per layer (the verifier names the layer where a kink is crossed)."""
+        return [layer.kink_signature(cache) for layer, cache in zip(self.layers, caches)]
