@@ -136,6 +136,10 @@ class NumpyBackend:
     def max(self, a, axis=None, keepdims=False):
         return np.max(a, axis=axis, keepdims=keepdims)
 
+    def argmax(self, a, axis):
+        """Index of the first maximum (NaN counts as the maximum), as numpy ints."""
+        return np.argmax(a, axis=axis)
+
 
 class MPBackend:
     """High precision: numpy object arrays of ``mpf`` from a private context of ``dps`` digits.
@@ -249,6 +253,9 @@ class MPBackend:
 
     def max(self, a, axis=None, keepdims=False):
         return np.asarray(np.max(a, axis=axis, keepdims=keepdims), dtype=object)
+
+    def argmax(self, a, axis):
+        return np.argmax(a, axis=axis)
 
 
 def _exact_parts(x):

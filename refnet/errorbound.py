@@ -392,6 +392,9 @@ class BoundBackend:
         s2 = np.sum(a.s2, axis=axis, keepdims=keepdims) + max(n - 1, 0) * _sq(magnitude, U)
         return BoundArray(v, e, s2)
 
+    def argmax(self, a, axis):
+        return np.argmax(_wrap(a).v, axis=axis)
+
     def max(self, a, axis=None, keepdims=False):
         a = _wrap(a)
         return BoundArray(np.max(a.v, axis=axis, keepdims=keepdims),

@@ -7,11 +7,14 @@ def layer_types():
     # Imported here, not at module level: containers (sequential, residual) build their children
     # through this registry, and the layer modules import the containers' base.
     from ..activations import ACTIVATIONS
+    from .conv import Conv2d
     from .dense import Dense
     from .dropout import Dropout, Dropout2d
+    from .pool import AvgPool2d, GlobalAvgPool, MaxPool2d
     from .residual import Residual
     from .shape import Flatten
-    return {cls.type: cls for cls in (Dense, Dropout, Dropout2d, Residual, Flatten,
+    return {cls.type: cls for cls in (Dense, Conv2d, MaxPool2d, AvgPool2d, GlobalAvgPool,
+                                      Flatten, Dropout, Dropout2d, Residual,
                                       *ACTIVATIONS.values())}
 
 
