@@ -10,11 +10,12 @@ def layer_types():
     from .conv import Conv2d
     from .dense import Dense
     from .dropout import Dropout, Dropout2d
+    from .norm import BatchNorm, LayerNorm
     from .pool import AvgPool2d, GlobalAvgPool, MaxPool2d
     from .residual import Residual
     from .shape import Flatten
     return {cls.type: cls for cls in (Dense, Conv2d, MaxPool2d, AvgPool2d, GlobalAvgPool,
-                                      Flatten, Dropout, Dropout2d, Residual,
+                                      Flatten, BatchNorm, LayerNorm, Dropout, Dropout2d, Residual,
                                       *ACTIVATIONS.values())}
 
 
