@@ -30,6 +30,11 @@ def _inputs(args):
     return model, params, x, y
 
 
+def _train(args):
+    """--eval forces eval mode; otherwise the spec's mode (train by default, as torch)."""
+    return False if args.eval else None
+
+
 def _fmt(value, spec=".1e"):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -42,7 +47,7 @@ def format_report(report, model: Model) -> str:
     lines = []
     n_checks = sum(t.fd_checks for t in report.tensors)
     lines.append(f"loss {report.loss!r} ({model.loss.type}, {model.loss.reduction}); "
-                 f"{len(report.tensors)} gradient tensors")
+                 f"{len(report.tensors)} gradient tensors; {'train' if report.train else 'eval'} mode")
     lines.append(f"1. float64 vs mp ({report.dps} digits): error in ulps of the exact value, held to "
                  f"min(rigorous running bound, {LAMBDA:g}σ)")
     lines.append(f"2. mp analytic vs mp central FD ({report.fd_mode} mode, {n_checks} checks): "
@@ -85,7 +90,7 @@ def format_report(report, model: Model) -> str:
 def cmd_verify(args) -> int:
     model, params, x, y = _inputs(args)
     report = verify(model, params, x, y, dps=args.dps, digits=args.digits, mode=args.mode,
-                    directions=args.directions, seed=args.seed)
+                    directions=args.directions, seed=args.seed, train=_train(args))
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:
@@ -97,7 +102,7 @@ def cmd_grads(args) -> int:
     model, params, x, y = _inputs(args)
     params, x, y = model.prepare(params, x, y)
     bk = get_backend(args.precision, args.dps)
-    grads = model.loss_and_grads(bk, params, x, y)
+    grads = model.loss_and_grads(bk, params, x, y, model.default_state(_train(args)))
     # mp results are written correctly rounded to float64 (npz holds no mpf without pickle).
     out_dtype = np.float32 if args.precision == "float32" else np.float64
     as_out = lambda a: bk.to_numpy(a).astype(out_dtype)
@@ -118,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", help=".npz of parameters by torch name (default: the spec's inits)")
         p.add_argument("--data", help=".npz with x and y (default: a seeded batch)")
         p.add_argument("--dps", type=int, default=50, help="mp significant digits (default 50)")
+        p.add_argument("--eval", action="store_true",
+                       help="eval mode: running statistics in batchnorm, no dropout "
+                            "(default: the spec's mode, train unless it says eval)")
 
     v = sub.add_parser("verify", help="prove every gradient three ways")
     common(v)

@@ -81,6 +81,7 @@ class Report:
     dps: int
     required_digits: float
     fd_mode: str
+    train: bool
     tensors: List[TensorReport]
     kinks: List[str]
 
@@ -209,7 +210,7 @@ def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: 
                                      base_signatures=gm.forward.kink_signatures))
 
     passed = all(t.passed for t in tensors)
-    return Report(passed, float(g64.loss), dps, digits, mode, tensors, global_kinks)
+    return Report(passed, float(g64.loss), dps, digits, mode, first.train, tensors, global_kinks)
 
 
 def _check_tensor(name, f64, bound, rigorous, sigma, exact, mp, problem, loss_mp, loss64, mode,

@@ -204,3 +204,12 @@ def test_float64_backend_result_is_the_one_checked():
     g = model.loss_and_grads(FLOAT64, params, x, y)
     report = verify(model)
     assert report.loss == float(g.loss)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.json")))
+def test_every_example_spec_passes_verification(example):
+    """The shipped examples (deep MLP, residual MLP, small CNN with BatchNorm, ResNet-style CNN
+    with a projection shortcut) each pass the whole triangle."""
+    report = verify(Model.load(EXAMPLES / example))
+    assert report.passed, [t.name for t in report.tensors if not t.passed]

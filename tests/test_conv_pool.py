@@ -1,0 +1,274 @@
+"""conv2d and pooling: im2col + GEMM checked against the naive loops that define them."""
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, strategies as st
+
+from conftest import HAVE_TORCH
+from refnet import BOUND, FLOAT64, Model, MPBackend, verify
+from refnet.layers.base import ForwardState
+from refnet.layers.conv import Conv2d
+from refnet.layers.pool import AvgPool2d, GlobalAvgPool, MaxPool2d
+
+
+# --- the readable specification: naive loops ---------------------------------------------------
+
+def naive_conv2d(x, w, b, stride, padding, dilation, groups):
+    """y[n,o,p,q] = b[o] + Σ_{c,i,j} w[o,c,i,j]·x[n, g·C/G + c, p·s + i·d − top, q·s + j·d − left].
+    Works on float or object (mpf) arrays: a plain sum, in the loop's order."""
+    n, c_in, h, wd = x.shape
+    c_out, c_per, kh, kw = w.shape
+    (sh, sw), (dh, dw), (top, bottom, left, right) = stride, dilation, padding
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + left + right - dw * (kw - 1) - 1) // sw + 1
+    y = np.empty((n, c_out, oh, ow), dtype=x.dtype)
+    out_per = c_out // groups
+    for s in range(n):
+        for o in range(c_out):
+            g = o // out_per
+            for p in range(oh):
+                for q in range(ow):
+                    acc = b[o] if b is not None else x.dtype.type(0) * 0
+                    for c in range(c_per):
+                        for i in range(kh):
+                            for j in range(kw):
+                                r, t = p * sh + i * dh - top, q * sw + j * dw - left
+                                if 0 <= r < h and 0 <= t < wd:
+                                    acc = acc + w[o, c, i, j] * x[s, g * c_per + c, r, t]
+                    y[s, o, p, q] = acc
+    return y
+
+
+def naive_maxpool2d(x, k, s, pad):
+    """y = max over the window (padding = −inf); the argmax is the first maximum in row-major
+    window order, as torch's CPU kernel."""
+    n, c, h, w = x.shape
+    oh, ow = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+    y = np.empty((n, c, oh, ow))
+    dx_route = {}
+    for a in range(n):
+        for ch in range(c):
+            for p in range(oh):
+                for q in range(ow):
+                    best, where = -np.inf, None
+                    for i in range(k):
+                        for j in range(k):
+                            r, t = p * s + i - pad, q * s + j - pad
+                            if 0 <= r < h and 0 <= t < w and x[a, ch, r, t] > best:
+                                best, where = x[a, ch, r, t], (r, t)
+                    y[a, ch, p, q] = best
+                    dx_route[(a, ch, p, q)] = where
+    return y, dx_route
+
+
+CONV_CASES = [
+    dict(kernel_size=3, stride=1, padding=0, dilation=1, groups=1),
+    dict(kernel_size=3, stride=2, padding=1, dilation=1, groups=1),
+    dict(kernel_size=[2, 3], stride=[2, 1], padding=[1, 0], dilation=[1, 2], groups=2),
+    dict(kernel_size=3, stride=1, padding="same", dilation=2, groups=1),
+    dict(kernel_size=2, stride=3, padding="valid", dilation=1, groups=2),   # floor-rounding
+]
+
+
+def _conv(case, in_shape=(4, 7, 6), out_channels=4, seed=0):
+    layer = Conv2d({"type": "conv2d", "out_channels": out_channels, **case}, in_shape, "conv")
+    params = layer.init_params(np.random.default_rng(seed))
+    return layer, params
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_forward_equals_the_naive_loop_exactly_in_mp_and_within_the_bound_in_float64(case):
+    """im2col + GEMM computes the naive loop's sum: identical at 50 digits (both are the exact
+    sum rounded to 50 digits, up to the loop's own 50-digit roundings), and float64 within its
+    error bound of it."""
+    from refnet.layers.conv import conv_padding
+    from refnet.layers.windows import pair
+    layer, params = _conv(case)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 4, 7, 6))
+    kernel = pair(case["kernel_size"], "", "", 1)
+    stride, dilation = pair(case["stride"], "", "", 1), pair(case["dilation"], "", "", 1)
+    padding = conv_padding(case["padding"], kernel, dilation, stride, "")
+    mp = MPBackend(50)
+    mp_x, mp_w, mp_b = mp.asarray(x), mp.asarray(params["weight"]), mp.asarray(params["bias"])
+    ref = naive_conv2d(mp_x, mp_w, mp_b, stride, padding, dilation, case["groups"])
+    y_mp, _ = layer.forward(mp, {"weight": mp_w, "bias": mp_b}, mp_x)
+    assert y_mp.shape == ref.shape
+    assert np.all(mp.to_numpy(mp.abs(y_mp - ref)) <= 1e-45 * (1 + np.abs(mp.to_numpy(ref))))
+    yb, _ = layer.forward(BOUND, params, x)
+    assert np.all(np.abs(yb.v - mp.to_numpy(ref)) <= yb.e)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_backward_is_the_adjoint_of_its_forward(case):
+    """⟨conv(x), dy⟩ = ⟨x, dx⟩ + ⟨W, dW⟩ − ... : for a linear map, ⟨y(x), dy⟩ with zero bias
+    equals ⟨x, dx(dy)⟩ and ⟨W, dW(dy)⟩ exactly (checked at 60 digits)."""
+    layer, params = _conv(case)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 4, 7, 6))
+    params["bias"] = np.zeros_like(params["bias"])
+    mp = MPBackend(60)
+    p = {k: mp.asarray(v) for k, v in params.items()}
+    y, cache = layer.forward(mp, p, mp.asarray(x))
+    dy = mp.asarray(rng.standard_normal(y.shape))
+    dx, grads = layer.backward(mp, p, dy, cache)
+    lhs = mp.sum(y * dy)[()]
+    for rhs in (mp.sum(mp.asarray(x) * dx)[()], mp.sum(p["weight"] * grads["weight"])[()]):
+        assert abs(lhs - rhs) <= 1e-50 * abs(lhs)
+
+
+def test_maxpool_equals_the_naive_loop_and_sends_a_tie_to_the_first_maximum():
+    """Forward = the naive max; backward routes each window's gradient to the first maximum in
+    row-major order (torch's CPU convention), also when two elements tie."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 6, 5))
+    x[0, 1, 2, 2] = x[0, 1, 2, 3] = 9.0                  # a tie inside one window
+    layer = MaxPool2d({"type": "maxpool2d", "kernel_size": 3, "stride": 2, "padding": 1},
+                      (3, 6, 5), "pool")
+    y, argmax = layer.forward(FLOAT64, {}, x)
+    ref, route = naive_maxpool2d(x, 3, 2, 1)
+    assert np.array_equal(y, ref)
+    dy = rng.standard_normal(y.shape)
+    dx, _ = layer.backward(FLOAT64, {}, dy, argmax)
+    expected = np.zeros_like(x)
+    for (a, c, p, q), (r, t) in route.items():
+        expected[a, c, r, t] += dy[a, c, p, q]
+    assert np.allclose(dx, expected, rtol=0, atol=4 * np.spacing(np.abs(expected).max()))
+    # The window rows 1-3, cols 1-3 holds the tie: its gradient went to (2, 2), the first.
+    assert argmax[0, 1, 1 * y.shape[3] + 1] == 1 * 3 + 1
+
+
+def test_a_maxpool_tie_is_reported_by_the_verifier_as_a_kink():
+    spec = {"input_shape": [1, 2, 2], "seed": 0, "batch": 1,
+            "layers": [{"type": "maxpool2d", "kernel_size": 2}, {"type": "flatten"}],
+            "loss": {"type": "mse"}}
+    x = np.array([[[[1.0, 1.0], [0.0, -1.0]]]])
+    report = verify(Model(spec), x=x, y=np.array([[0.5]]), mode="element")
+    t = {t.name: t for t in report.tensors}["x"]
+    assert t.fd_kinks >= 1 and any("layers[0]" in k for k in t.kinks)
+    assert report.passed
+
+
+def test_avgpool_and_global_avgpool_are_window_means():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 4, 6))
+    pool = AvgPool2d({"type": "avgpool2d", "kernel_size": 2}, (3, 4, 6), "avg")
+    y, _ = pool.forward(FLOAT64, {}, x)
+    ref = x.reshape(2, 3, 2, 2, 3, 2).mean(axis=(3, 5))
+    assert np.allclose(y, ref, rtol=4e-16, atol=0)
+    gap = GlobalAvgPool({"type": "global_avgpool"}, (3, 4, 6), "gap")
+    g, _ = gap.forward(FLOAT64, {}, x)
+    assert g.shape == (2, 3, 1, 1)
+    assert np.allclose(g[:, :, 0, 0], x.mean(axis=(2, 3)), rtol=4e-16, atol=0)
+
+
+# --- the triangle over shapes, strides, paddings, dilations, groups -----------------------------
+
+@pytest.mark.slow
+@given(h=st.integers(3, 8), w=st.integers(3, 8), groups=st.sampled_from([1, 2]),
+       kernel=st.integers(1, 3), stride=st.integers(1, 3), dilation=st.integers(1, 2),
+       padding=st.sampled_from([0, 1, "same", "valid", [1, 0]]),
+       pool=st.sampled_from(["maxpool2d", "avgpool2d", "none"]), seed=st.integers(0, 2**16))
+def test_conv_and_pool_gradients_pass_the_verification_triangle(h, w, groups, kernel, stride,
+                                                                dilation, padding, pool, seed):
+    """conv2d (+ relu + pool) in every configuration torch accepts, including output sizes that
+    floor-round: every gradient within its float64 bound and matched by mp FD to 20 digits."""
+    if padding == "same":
+        stride = 1
+    layers = [{"type": "conv2d", "out_channels": 2 * groups, "kernel_size": kernel,
+               "stride": stride, "padding": padding, "dilation": dilation, "groups": groups},
+              {"type": "tanh"}]
+    spec = {"input_shape": [2, h, w], "seed": seed, "batch": 2, "layers": layers,
+            "loss": {"type": "mse"}}
+    try:
+        model = Model(spec)
+    except ValueError as e:                  # a kernel larger than the padded input
+        assert "larger than the padded input" in str(e)
+        assume(False)
+    oh, ow = model.layers[0].out_shape[1:]
+    if pool != "none" and oh >= 2 and ow >= 2:
+        spec["layers"].append({"type": pool, "kernel_size": 2, "stride": 1})
+    spec["layers"].append({"type": "flatten"})
+    report = verify(Model(spec), directions=1)
+    assert report.passed, [(t.name, t.fd_digits, t.ulp_passed) for t in report.tensors]
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config, in_shape, match", [
+    ({"out_channels": 4, "kernel_size": 5}, (2, 3, 3), r"kernel \(5x5.*larger than the padded input \(3x3\)"),
+    ({"out_channels": 4, "kernel_size": 3, "groups": 2}, (3, 5, 5), r"groups = 2 must divide both in_channels \(3\)"),
+    ({"out_channels": 3, "kernel_size": 3, "groups": 2}, (4, 5, 5), r"out_channels \(3\)"),
+    ({"out_channels": 4, "kernel_size": 3, "padding": "same", "stride": 2}, (2, 5, 5), "'same' needs stride 1"),
+    ({"out_channels": 4}, (2, 5, 5), "needs 'kernel_size'"),
+    ({"out_channels": 4, "kernel_size": 3}, (5, 5), r"expects input \(N, C, H, W\)"),
+])
+def test_bad_conv_configs_raise_value_errors_naming_the_layer_and_shapes(config, in_shape, match):
+    with pytest.raises(ValueError, match=match):
+        Conv2d({"type": "conv2d", **config}, in_shape, "layers[0] (conv2d)")
+
+
+def test_pool_padding_above_half_the_kernel_is_rejected():
+    with pytest.raises(ValueError, match="at most half the kernel"):
+        MaxPool2d({"type": "maxpool2d", "kernel_size": 2, "padding": 2}, (1, 5, 5), "pool")
+
+
+# --- torch --------------------------------------------------------------------------------------
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_matches_torch_float64(case):
+    """Output and every gradient within refnet's float64 error bound of torch's conv2d."""
+    import torch
+    import torch.nn.functional as F
+    layer, params = _conv(case)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 7, 6))
+    to_t = lambda v: tuple(v) if isinstance(v, list) else v      # noqa: E731
+    tx = torch.tensor(x, requires_grad=True)
+    tw = torch.tensor(params["weight"], requires_grad=True)
+    tb = torch.tensor(params["bias"], requires_grad=True)
+    ty = F.conv2d(tx, tw, tb, stride=to_t(case["stride"]), padding=to_t(case["padding"]),
+                  dilation=to_t(case["dilation"]), groups=case["groups"])
+    dy = rng.standard_normal(tuple(ty.shape))
+    ty.backward(torch.tensor(dy))
+    yb, cache = layer.forward(BOUND, params, x)
+    dxb, gb = layer.backward(BOUND, params, BOUND.asarray(dy), cache)
+    mp = MPBackend(50)
+    p = {k: mp.asarray(v) for k, v in params.items()}
+    ym, cm = layer.forward(mp, p, mp.asarray(x))
+    dxm, gm = layer.backward(mp, p, mp.asarray(dy), cm)
+    pairs = [(ty.detach().numpy(), yb, ym), (tx.grad.numpy(), dxb, dxm),
+             (tw.grad.numpy(), gb["weight"], gm["weight"]), (tb.grad.numpy(), gb["bias"], gm["bias"])]
+    for ref_torch, bound, exact in pairs:
+        allowed = np.minimum(bound.e, bound.probabilistic_bound(8.0))
+        assert np.all(np.abs(ref_torch - mp.to_numpy(exact)) <= allowed)
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+@pytest.mark.parametrize("kind, options", [
+    ("maxpool2d", {"kernel_size": 3, "stride": 2, "padding": 1}),
+    ("maxpool2d", {"kernel_size": 2}),
+    ("avgpool2d", {"kernel_size": 3, "stride": 2, "padding": 1}),
+    ("avgpool2d", {"kernel_size": 3, "stride": 2, "padding": 1, "count_include_pad": False}),
+])
+def test_pooling_matches_torch_float64_ties_included(kind, options):
+    import torch
+    import torch.nn.functional as F
+    rng = np.random.default_rng(6)
+    x = np.round(rng.standard_normal((2, 3, 7, 6)), 1)          # rounding makes ties
+    cls = {"maxpool2d": MaxPool2d, "avgpool2d": AvgPool2d}[kind]
+    layer = cls({"type": kind, **options}, (3, 7, 6), kind)
+    y, cache = layer.forward(FLOAT64, {}, x)
+    dy = rng.standard_normal(y.shape)
+    dx, _ = layer.backward(FLOAT64, {}, dy, cache)
+    tx = torch.tensor(x, requires_grad=True)
+    f = F.max_pool2d if kind == "maxpool2d" else F.avg_pool2d
+    ty = f(tx, **options)
+    ty.backward(torch.tensor(dy))
+    # Each dx element sums at most K = 9 window contributions: both sides round at most 9 times.
+    tol = 9 * np.spacing(np.maximum(np.abs(dx), 1e-300)) + 9 * np.spacing(np.abs(dy).max())
+    assert np.allclose(y, ty.detach().numpy(), rtol=2 * 2.0**-53 * 9, atol=0)
+    assert np.all(np.abs(dx - tx.grad.numpy()) <= tol)

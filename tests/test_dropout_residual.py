@@ -1,0 +1,183 @@
+"""Dropout (p = probability of dropping, inverted scaling) and residual blocks."""
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import HAVE_TORCH
+from refnet import BOUND, FLOAT64, Model, MPBackend, verify
+from refnet.layers.base import ForwardState
+from refnet.layers.dropout import Dropout, Dropout2d
+
+
+def dropout(p, shape=(1000,), cls=Dropout):
+    layer = cls({"type": cls.type, "p": p}, shape, "layers[0] (dropout)")
+    layer.name = "0"
+    return layer
+
+
+def test_dropout_output_is_unbiased_within_five_standard_errors():
+    """E[y] = x: with n = 10⁶ units and p = 0.3, mean(y/x) = 1 ± 5·√(p/((1 − p)n)) (the
+    standard error of a mean of n i.i.d. m/(1 − p), whose variance is p/(1 − p))."""
+    p, n = 0.3, 1_000_000
+    x = np.random.default_rng(0).uniform(0.5, 2.0, (1, n))
+    y, _ = dropout(p, (n,)).forward(FLOAT64, {}, x, ForwardState(rng=np.random.default_rng(1)))
+    ratio = y / x
+    assert abs(ratio.mean() - 1) <= 5 * math.sqrt(p / ((1 - p) * n))
+    assert abs(np.mean(ratio == 0) - p) <= 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_dropout_p0_is_the_identity_p1_gives_zeros_and_eval_is_the_identity():
+    x = np.random.default_rng(0).standard_normal((3, 10))
+    state = ForwardState(rng=np.random.default_rng(0))
+    y0, c0 = dropout(0.0, (10,)).forward(FLOAT64, {}, x, state)
+    assert np.array_equal(y0, x)
+    layer = dropout(1.0, (10,))
+    y1, c1 = layer.forward(FLOAT64, {}, x, state)
+    dx1, _ = layer.backward(FLOAT64, {}, np.ones_like(x), c1)
+    assert np.all(y1 == 0) and np.all(dx1 == 0) and not np.any(np.isnan(y1))
+    ye, _ = dropout(0.5, (10,)).forward(FLOAT64, {}, x, ForwardState(train=False))
+    assert np.array_equal(ye, x)
+
+
+def test_the_same_seed_gives_the_same_mask_and_the_mask_is_kept_for_every_pass():
+    x = np.ones((4, 20))
+    a = dropout(0.5, (20,)).forward(FLOAT64, {}, x, ForwardState(rng=np.random.default_rng(3)))[0]
+    b = dropout(0.5, (20,)).forward(FLOAT64, {}, x, ForwardState(rng=np.random.default_rng(3)))[0]
+    assert np.array_equal(a, b)
+    state = ForwardState(rng=np.random.default_rng(4))
+    first = dropout(0.5, (20,)).forward(FLOAT64, {}, x, state)[0]
+    again = dropout(0.5, (20,)).forward(FLOAT64, {}, x, state)[0]
+    assert np.array_equal(first, again)
+
+
+def test_dropout2d_drops_whole_channels():
+    x = np.ones((8, 6, 3, 3))
+    y, _ = dropout(0.5, (6, 3, 3), Dropout2d).forward(FLOAT64, {}, x,
+                                                      ForwardState(rng=np.random.default_rng(0)))
+    per_channel = y.reshape(8, 6, 9)
+    assert np.all((per_channel == 0).all(axis=2) | (per_channel == 2).all(axis=2))
+    assert 0 < np.mean(per_channel[:, :, 0] == 0) < 1
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan"), True, "half"])
+def test_dropout_p_outside_0_1_is_rejected(p):
+    with pytest.raises(ValueError, match=r"p \(probability of dropping\) must lie in \[0, 1\]"):
+        dropout(p)
+
+
+def test_dropout_gradient_is_verified_exactly_for_its_mask():
+    spec = {"input_shape": [4], "seed": 0, "batch": 3,
+            "layers": [{"type": "dense", "out": 6}, {"type": "tanh"}, {"type": "dropout", "p": 0.4},
+                       {"type": "dense", "out": 2}], "loss": {"type": "mse"}}
+    assert verify(Model(spec)).passed
+
+
+# --- residual ------------------------------------------------------------------------------------
+
+def residual_spec(body_last_init="xavier_normal", scale=1.0, shortcut="identity"):
+    return {"input_shape": [5], "seed": 0, "batch": 3,
+            "layers": [{"type": "residual", "scale": scale, "shortcut": shortcut,
+                        "body": [{"type": "dense", "out": 5}, {"type": "relu"},
+                                 {"type": "dense", "out": 5, "init": body_last_init,
+                                  "bias_init": "zeros" if body_last_init == "zeros"
+                                  else "torch_default"}]}],
+            "loss": {"type": "mse"}}
+
+
+def _upstream_and_dx(spec):
+    model = Model(spec)
+    params, x, y = model.prepare()
+    g = model.loss_and_grads(FLOAT64, params, x, y)
+    upstream = model.loss.backward(FLOAT64, g.forward.loss_cache)
+    return g, upstream, x
+
+
+def test_with_the_branch_gradient_zero_the_block_input_gets_the_upstream_gradient_exactly():
+    """Body ending in a zero layer: no gradient flows back through the body, and dL/dh equals
+    the upstream gradient bit for bit — the shortcut passes it with factor 1."""
+    g, upstream, x = _upstream_and_dx(residual_spec(body_last_init="zeros"))
+    assert np.array_equal(g.x, upstream)
+    # Fixup / zero-init: the earlier branch layers get exactly zero gradient.
+    assert np.all(g.params["0.body.0.weight"] == 0) and np.all(g.params["0.body.0.bias"] == 0)
+    assert np.any(g.params["0.body.2.weight"] != 0)
+
+
+def test_with_scale_zero_the_block_is_the_identity():
+    g, upstream, x = _upstream_and_dx(residual_spec(scale=0.0))
+    assert np.array_equal(g.forward.output, x)
+    assert np.array_equal(g.x, upstream)
+
+
+def test_residual_parameter_names_follow_body_and_shortcut_submodules():
+    spec = residual_spec(shortcut=[{"type": "dense", "out": 5, "bias": False}])
+    assert list(Model(spec).param_shapes()) == [
+        "0.body.0.weight", "0.body.0.bias", "0.body.2.weight", "0.body.2.bias",
+        "0.shortcut.0.weight"]
+    assert verify(Model(spec)).passed
+
+
+def test_residual_body_and_shortcut_shapes_must_match():
+    spec = residual_spec()
+    spec["layers"][0]["body"][-1]["out"] = 4
+    with pytest.raises(ValueError, match=r"body's output shape \(4,\) differs from the "
+                                         r"shortcut's \(5,\)"):
+        Model(spec)
+
+
+def test_a_deep_residual_mlps_first_layer_gradient_does_not_vanish_like_the_plain_nets():
+    """20 blocks of dense-tanh with N(0, 0.01) weights: in the plain net the first layer's
+    gradient is orders of magnitude below the last; through the shortcuts it is not."""
+    body = lambda: [{"type": "dense", "out": 8, "init": {"name": "normal", "std": 0.01}},  # noqa
+                    {"type": "tanh"}]
+    plain = {"input_shape": [8], "seed": 0, "batch": 4, "loss": {"type": "mse"},
+             "layers": [layer for _ in range(20) for layer in body()]}
+    resnet = {**plain, "layers": [{"type": "residual", "body": body()} for _ in range(20)]}
+    norms = []
+    for spec, first, last in ((plain, "0.weight", "38.weight"),
+                              (resnet, "0.body.0.weight", "19.body.0.weight")):
+        model = Model(spec)
+        params, x, y = model.prepare()
+        g = model.loss_and_grads(FLOAT64, params, x, y)
+        norms.append(np.linalg.norm(g.params[first]) / np.linalg.norm(g.params[last]))
+    assert norms[0] < 1e-20 and norms[1] > 0.1, norms
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+def test_residual_block_matches_a_torch_module_with_body_and_shortcut():
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.ReLU(),
+                                            torch.nn.Linear(5, 3))
+            self.shortcut = torch.nn.Sequential(torch.nn.Linear(5, 3, bias=False))
+
+        def forward(self, h):
+            return self.shortcut(h) + 0.5 * self.body(h)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Block(), torch.nn.Tanh()).double()
+    spec = {"input_shape": [5], "layers": [
+        {"type": "residual", "scale": 0.5, "shortcut": [{"type": "dense", "out": 3, "bias": False}],
+         "body": [{"type": "dense", "out": 5}, {"type": "relu"}, {"type": "dense", "out": 3}]},
+        {"type": "tanh"}], "loss": {"type": "mse"}}
+    model = Model(spec)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 5)), rng.standard_normal((4, 3))
+    params, x, y = model.prepare({k: v.detach().numpy() for k, v in net.state_dict().items()}, x, y)
+    tx = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.mse_loss(net(tx), torch.tensor(y)).backward()
+    g = model.loss_and_grads(FLOAT64, params, x, y)
+    bounds = model.loss_and_grads(BOUND, params, x, y)
+    mp = MPBackend(50)
+    exact = model.loss_and_grads(mp, params, x, y)
+    for name, p in net.named_parameters():
+        ref = mp.to_numpy(exact.params[name])
+        b = bounds.params[name]
+        allowed = np.minimum(b.e, b.probabilistic_bound(8.0))   # the bound verify uses
+        assert np.all(np.abs(p.grad.numpy() - ref) <= allowed), name
+        assert np.all(np.abs(g.params[name] - ref) <= allowed), name
