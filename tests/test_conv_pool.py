@@ -149,17 +149,48 @@ def test_a_maxpool_tie_is_reported_by_the_verifier_as_a_kink():
     assert report.passed
 
 
-def test_avgpool_and_global_avgpool_are_window_means():
+def naive_avgpool2d(x, k, s, pad, count_include_pad):
+    """y = (sum over the window's non-padding positions) / (k·k, or their count)."""
+    n, c, h, w = x.shape
+    oh, ow = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+    y = np.empty((n, c, oh, ow), dtype=x.dtype)
+    for a in range(n):
+        for ch in range(c):
+            for p in range(oh):
+                for q in range(ow):
+                    cells = [x[a, ch, p * s + i - pad, q * s + j - pad] for i in range(k)
+                             for j in range(k) if 0 <= p * s + i - pad < h
+                             and 0 <= q * s + j - pad < w]
+                    total = cells[0]
+                    for v in cells[1:]:
+                        total = total + v
+                    y[a, ch, p, q] = total / (k * k if count_include_pad else len(cells))
+    return y
+
+
+@pytest.mark.parametrize("k, s, pad, include", [(2, 2, 0, True), (3, 2, 1, True), (3, 2, 1, False),
+                                                (3, 1, 1, False)])
+def test_avgpool_equals_the_naive_loop_in_mp_and_within_the_bound_in_float64(k, s, pad, include):
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((2, 3, 4, 6))
-    pool = AvgPool2d({"type": "avgpool2d", "kernel_size": 2}, (3, 4, 6), "avg")
-    y, _ = pool.forward(FLOAT64, {}, x)
-    ref = x.reshape(2, 3, 2, 2, 3, 2).mean(axis=(3, 5))
-    assert np.allclose(y, ref, rtol=4e-16, atol=0)
+    x = rng.standard_normal((2, 3, 5, 6))
+    pool = AvgPool2d({"type": "avgpool2d", "kernel_size": k, "stride": s, "padding": pad,
+                      "count_include_pad": include}, (3, 5, 6), "avg")
+    mp = MPBackend(50)
+    ref = naive_avgpool2d(mp.asarray(x), k, s, pad, include)
+    y_mp, _ = pool.forward(mp, {}, mp.asarray(x))
+    assert np.all(mp.to_numpy(mp.abs(y_mp - ref)) <= 1e-45)
+    yb, _ = pool.forward(BOUND, {}, x)
+    assert np.all(np.abs(yb.v - mp.to_numpy(ref)) <= yb.e)
+
+
+def test_global_avgpool_is_the_mean_over_positions_with_shape_n_c_1_1():
+    x = np.random.default_rng(4).standard_normal((2, 3, 4, 6))
     gap = GlobalAvgPool({"type": "global_avgpool"}, (3, 4, 6), "gap")
-    g, _ = gap.forward(FLOAT64, {}, x)
-    assert g.shape == (2, 3, 1, 1)
-    assert np.allclose(g[:, :, 0, 0], x.mean(axis=(2, 3)), rtol=4e-16, atol=0)
+    mp = MPBackend(50)
+    g, _ = gap.forward(BOUND, {}, x)
+    exact = mp.to_numpy(mp.sum(mp.asarray(x), axis=(2, 3), keepdims=True) / 24)
+    assert g.v.shape == (2, 3, 1, 1)
+    assert np.all(np.abs(g.v - exact) <= g.e)
 
 
 # --- the triangle over shapes, strides, paddings, dilations, groups -----------------------------

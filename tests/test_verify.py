@@ -207,9 +207,10 @@ def test_float64_backend_result_is_the_one_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.json")))
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.json")
+                                            if p.name != "sigmoid-deep-20.json"))
 def test_every_example_spec_passes_verification(example):
-    """The shipped examples (deep MLP, residual MLP, small CNN with BatchNorm, ResNet-style CNN
-    with a projection shortcut) each pass the whole triangle."""
+    """The shipped examples (ReLU MLP, residual MLP, small CNN with BatchNorm, ResNet-style CNN
+    with a projection shortcut) each pass the whole triangle (sigmoid-deep-20: its own test)."""
     report = verify(Model.load(EXAMPLES / example))
     assert report.passed, [t.name for t in report.tensors if not t.passed]
