@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from ..init import initialize
 from ..validate import require_number  # noqa: F401  (re-exported for the layers)
 
 
@@ -89,3 +90,26 @@ class Layer:
 
     def __repr__(self):
         return f"<{self.where} {self.in_shape} -> {self.out_shape}>"
+
+
+class WeightedLayer(Layer):
+    """A layer with ``weight`` (shape from ``weight_shape()``) and an optional ``bias`` (out,),
+    initialized from the config's ``init`` and ``bias_init`` (torch_default: as torch's layers)."""
+
+    def weight_shape(self) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def param_shapes(self):
+        shapes = {"weight": self.weight_shape()}
+        if self.config["bias"]:
+            shapes["bias"] = (self.weight_shape()[0],)
+        return shapes
+
+    def init_params(self, rng):
+        shapes = self.param_shapes()
+        params = {"weight": initialize(self.config["init"], shapes["weight"], rng,
+                                       f"{self.where} init")}
+        if self.config["bias"]:
+            params["bias"] = initialize(self.config["bias_init"], shapes["bias"], rng,
+                                        f"{self.where} bias_init", weight_shape=shapes["weight"])
+        return params

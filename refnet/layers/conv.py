@@ -17,9 +17,9 @@ bottom/right; stride 1 only), ``dilation`` (1), ``groups`` (1), ``bias`` (true),
 
 from __future__ import annotations
 
-from ..init import initialize, parse_init
+from ..init import parse_init
 from ..validate import require_number
-from .base import Layer
+from .base import WeightedLayer
 from .windows import Windows, pair
 
 
@@ -39,7 +39,7 @@ def conv_padding(padding, kernel, dilation, stride, where):
     return ph, ph, pw, pw
 
 
-class Conv2d(Layer):
+class Conv2d(WeightedLayer):
     type = "conv2d"
     defaults = {"out_channels": None, "kernel_size": None, "stride": 1, "padding": 0,
                 "dilation": 1, "groups": 1, "bias": True, "init": "torch_default",
@@ -74,20 +74,8 @@ class Conv2d(Layer):
         self.windows = Windows(in_shape[1:], self.kernel, stride, dilation, padding, where)
         return (self.out_channels,) + self.windows.out_hw
 
-    def param_shapes(self):
-        shapes = {"weight": (self.out_channels, self.in_channels // self.groups) + self.kernel}
-        if self.config["bias"]:
-            shapes["bias"] = (self.out_channels,)
-        return shapes
-
-    def init_params(self, rng):
-        shapes = self.param_shapes()
-        params = {"weight": initialize(self.config["init"], shapes["weight"], rng,
-                                       f"{self.where} init")}
-        if self.config["bias"]:
-            params["bias"] = initialize(self.config["bias_init"], shapes["bias"], rng,
-                                        f"{self.where} bias_init", weight_shape=shapes["weight"])
-        return params
+    def weight_shape(self):
+        return (self.out_channels, self.in_channels // self.groups) + self.kernel
 
     def _grouped_weight(self, w):
         g = self.groups

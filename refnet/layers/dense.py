@@ -16,11 +16,11 @@ Without ``init``/``bias_init`` the layer is initialized as ``nn.Linear`` is by d
 
 from __future__ import annotations
 
-from ..init import initialize, parse_init
-from .base import Layer, require_number
+from ..init import parse_init
+from .base import WeightedLayer, require_number
 
 
-class Dense(Layer):
+class Dense(WeightedLayer):
     type = "dense"
     defaults = {"out": None, "bias": True, "init": "torch_default", "bias_init": "torch_default"}
 
@@ -40,20 +40,8 @@ class Dense(Layer):
     def output_shape(self, in_shape):
         return (int(self.config["out"]),)
 
-    def param_shapes(self):
-        shapes = {"weight": (int(self.config["out"]), self.in_shape[0])}
-        if self.config["bias"]:
-            shapes["bias"] = (int(self.config["out"]),)
-        return shapes
-
-    def init_params(self, rng):
-        shapes = self.param_shapes()
-        params = {"weight": initialize(self.config["init"], shapes["weight"], rng,
-                                       f"{self.where} init")}
-        if self.config["bias"]:
-            params["bias"] = initialize(self.config["bias_init"], shapes["bias"], rng,
-                                        f"{self.where} bias_init", weight_shape=shapes["weight"])
-        return params
+    def weight_shape(self):
+        return (int(self.config["out"]), self.in_shape[0])
 
     def forward(self, bk, params, x, state=None):
         y = bk.matmul(x, params["weight"].T)

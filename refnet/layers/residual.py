@@ -21,15 +21,14 @@ Fixup) is the ordinary init key on the body's last layer, or scale 0. Names: ``"
 from __future__ import annotations
 
 from ..validate import require_number
-from .base import Layer
-from .sequential import Sequential
+from .sequential import Container, Sequential
 
 
 def _sub(tensors, prefix):
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-class Residual(Layer):
+class Residual(Container):
     type = "residual"
     defaults = {"body": None, "shortcut": "identity", "scale": 1.0}
 
@@ -71,26 +70,10 @@ class Residual(Layer):
             if branch is not None:
                 _rename(branch, f"{value}.{label}" if value else label)
 
-    def _branches(self):
+    def children(self):
         yield "body", self.body
         if self.shortcut is not None:
             yield "shortcut", self.shortcut
-
-    def _collect(self, method, *args):
-        return {f"{label}.{k}": v for label, branch in self._branches()
-                for k, v in getattr(branch, method)(*args).items()}
-
-    def param_shapes(self):
-        return self._collect("param_shapes")
-
-    def buffer_shapes(self):
-        return self._collect("buffer_shapes")
-
-    def init_params(self, rng):
-        return self._collect("init_params", rng)
-
-    def init_buffers(self):
-        return self._collect("init_buffers")
 
     def forward(self, bk, params, h, state):
         f, body_cache = self.body.forward(bk, _sub(params, "body."), h, state)

@@ -18,7 +18,31 @@ def split(tensors: Dict[str, object], index: int) -> Dict[str, object]:
     return {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
 
 
-class Sequential(Layer):
+class Container(Layer):
+    """A layer made of named children (``children()`` yields (label, layer)): its tensors are
+    the children's, each under ``"<label>.<name>"``."""
+
+    def children(self):
+        raise NotImplementedError
+
+    def _collect(self, method, *args):
+        return {f"{label}.{k}": v for label, child in self.children()
+                for k, v in getattr(child, method)(*args).items()}
+
+    def param_shapes(self):
+        return self._collect("param_shapes")
+
+    def buffer_shapes(self):
+        return self._collect("buffer_shapes")
+
+    def init_params(self, rng):
+        return self._collect("init_params", rng)
+
+    def init_buffers(self):
+        return self._collect("init_buffers")
+
+
+class Sequential(Container):
     type = "sequential"
 
     def __init__(self, configs: List[dict], in_shape, where: str, name: str = ""):
@@ -38,21 +62,8 @@ class Sequential(Layer):
             shape = layer.out_shape
         self.out_shape = shape
 
-    def _collect(self, method, *args):
-        return {f"{j}.{k}": v for j, layer in enumerate(self.layers)
-                for k, v in getattr(layer, method)(*args).items()}
-
-    def param_shapes(self):
-        return self._collect("param_shapes")
-
-    def buffer_shapes(self):
-        return self._collect("buffer_shapes")
-
-    def init_params(self, rng):
-        return self._collect("init_params", rng)
-
-    def init_buffers(self):
-        return self._collect("init_buffers")
+    def children(self):
+        return ((str(j), layer) for j, layer in enumerate(self.layers))
 
     def forward(self, bk, params, x, state):
         caches = []
