@@ -107,3 +107,14 @@ def test_get_backend_rejects_unknown_precision():
         get_backend("float16")
     with pytest.raises(ValueError, match="dps"):
         MPBackend(5)
+
+
+@pytest.mark.parametrize("example", ["small-cnn", "small-resnet", "residual-mlp"])
+def test_float32_backend_keeps_float32_through_conv_pool_norm_dropout_and_residual(example):
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "spec" / "examples" / f"{example}.json"
+    model = Model.load(path)
+    params, x, y = model.prepare()
+    g = model.loss_and_grads(FLOAT32, params, x, y)
+    assert g.x.dtype == np.float32
+    assert all(v.dtype == np.float32 for v in g.params.values())
