@@ -1,0 +1,231 @@
+"""Gradient clipping and optimizers: torch's semantics, and exact where exactness is possible."""
+
+import math
+
+import mpmath
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from conftest import HAVE_TORCH, small_spec
+from refnet import BOUND, FLOAT64, Model
+from refnet.clip import (clip_grad_norm, clip_grad_norm_per_tensor, clip_grad_value,
+                         normalize_grads, scale_by_norm, total_norm)
+from refnet.optim import SGD, Adam, AdamW, make_optimizer
+
+U = 2.0**-53
+
+
+def random_grads(seed, scale=1.0, shapes=((3, 4), (4,), (2, 2, 3))):
+    rng = np.random.default_rng(seed)
+    return {f"{i}.weight": rng.standard_normal(s) * scale * 10.0 ** rng.integers(-3, 3)
+            for i, s in enumerate(shapes)}
+
+
+@given(seed=st.integers(0, 10**6), max_norm=st.floats(1e-3, 1e3),
+       p=st.sampled_from([1.0, 2.0, 3.0, math.inf]))
+def test_clipped_global_norm_is_at_most_max_norm_and_the_direction_is_unchanged(seed, max_norm, p):
+    """‖g'‖ ≤ max_norm·(1 + 1e-12), and g' is a non-negative multiple of g (cosine 1)."""
+    grads = random_grads(seed)
+    clipped, norm = clip_grad_norm(grads, max_norm, p)
+    assert total_norm(clipped, p) <= max_norm * (1 + 1e-12)
+    flat = np.concatenate([g.ravel() for g in grads.values()])
+    flat_c = np.concatenate([g.ravel() for g in clipped.values()])
+    cos = flat @ flat_c / (np.linalg.norm(flat) * np.linalg.norm(flat_c))
+    assert cos == pytest.approx(1.0, abs=4 * U)
+    if norm <= max_norm / 2:
+        assert all(np.array_equal(clipped[k], grads[k]) for k in grads)   # coefficient is 1.0
+
+
+def test_total_norm_is_the_correctly_rounded_norm():
+    """Squares rounded once, summed exactly, one square root: within an ulp of the exact norm
+    (checked at 50 digits), also for values near the float64 limits (1e200, 1e-200)."""
+    ctx = mpmath.MPContext()
+    ctx.dps = 50
+    for grads in (random_grads(0), random_grads(1, 1e200), random_grads(2, 1e-200)):
+        exact = ctx.sqrt(ctx.fsum(ctx.mpf(v) ** 2 for g in grads.values() for v in g.ravel()))
+        got = total_norm(grads)
+        assert abs(ctx.mpf(got) - exact) <= ctx.mpf(np.spacing(got))
+
+
+def test_clip_by_value_clamps_and_leaves_small_entries_alone():
+    grads = {"w": np.array([-3.0, -0.5, 0.0, 0.5, 3.0])}
+    out = clip_grad_value(grads, 1.0)["w"]
+    assert np.array_equal(out, [-1.0, -0.5, 0.0, 0.5, 1.0])
+
+
+def test_per_tensor_clipping_and_normalization():
+    grads = {"a": np.array([3.0, 4.0]), "b": np.array([0.3, 0.4])}
+    clipped, norms = clip_grad_norm_per_tensor(grads, 1.0)
+    assert norms == {"a": 5.0, "b": pytest.approx(0.5, rel=U)}
+    assert np.linalg.norm(clipped["a"]) <= 1.0 and np.array_equal(clipped["b"], grads["b"])
+    unit, norm = normalize_grads(grads)
+    assert total_norm(unit) == pytest.approx(1.0, abs=4 * U)
+    zero, _ = normalize_grads({"a": np.zeros(3)})
+    assert np.all(zero["a"] == 0)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True])
+def test_non_positive_or_non_finite_thresholds_are_rejected(bad):
+    with pytest.raises(ValueError, match="max_norm must be a positive finite number"):
+        clip_grad_norm(random_grads(0), bad)
+    with pytest.raises(ValueError, match="clip_value"):
+        clip_grad_value(random_grads(0), bad)
+
+
+@pytest.mark.parametrize("p", [0.5, -1, float("nan")])
+def test_norm_type_below_1_is_rejected(p):
+    with pytest.raises(ValueError, match="norm_type must be >= 1"):
+        clip_grad_norm(random_grads(0), 1.0, p)
+
+
+def test_error_if_nonfinite_raises_on_an_infinite_norm():
+    grads = {"w": np.array([1.0, np.inf])}
+    with pytest.raises(ValueError, match="error_if_nonfinite"):
+        clip_grad_norm(grads, 1.0, error_if_nonfinite=True)
+    _, norm = clip_grad_norm(grads, 1.0)
+    assert norm == math.inf
+
+
+# --- optimizers -----------------------------------------------------------------------------
+
+def test_bad_optimizer_settings_are_rejected():
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
+        make_optimizer("rmsprop", 0.1)
+    for lr in (0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+            make_optimizer("sgd", lr)
+    with pytest.raises(ValueError, match="nesterov"):
+        SGD(0.1, nesterov=True)
+    with pytest.raises(ValueError, match="beta1"):
+        Adam(betas=(1.0, 0.999))
+
+
+OPTIMIZER_CASES = {
+    "sgd": lambda bk=None: SGD(0.1, bk=bk),
+    "momentum": lambda bk=None: SGD(0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, bk=bk),
+    "nesterov": lambda bk=None: SGD(0.05, momentum=0.9, nesterov=True, bk=bk),
+    "adam": lambda bk=None: Adam(0.01, weight_decay=0.01, bk=bk),
+    "adamw": lambda bk=None: AdamW(0.01, weight_decay=0.1, bk=bk),
+}
+
+
+def _mp_reference(case, theta, grads_seq):
+    """The same update rules written again, independently, with mpmath scalars at 40 digits."""
+    ctx = mpmath.MPContext()
+    ctx.dps = 40
+    th = [ctx.mpf(v) for v in theta.ravel()]
+    m = [ctx.mpf(0)] * len(th)
+    v = [ctx.mpf(0)] * len(th)
+    buf = None
+    for t, grads in enumerate(grads_seq, start=1):
+        g = [ctx.mpf(x) for x in grads.ravel()]
+        if case in ("sgd", "momentum", "nesterov"):
+            lr = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.05}[case]
+            if case == "momentum":
+                g = [gi + ctx.mpf(0.01) * ti for gi, ti in zip(g, th)]
+            if case != "sgd":
+                damp = ctx.mpf(0.1) if case == "momentum" else 0
+                buf = list(g) if buf is None else [ctx.mpf(0.9) * b + (1 - damp) * gi
+                                                   for b, gi in zip(buf, g)]
+                g = ([gi + ctx.mpf(0.9) * b for gi, b in zip(g, buf)] if case == "nesterov"
+                     else list(buf))
+            th = [ti - ctx.mpf(lr) * gi for ti, gi in zip(th, g)]
+        else:
+            lr, b1, b2, eps = ctx.mpf(0.01), ctx.mpf(0.9), ctx.mpf(0.999), ctx.mpf(1e-8)
+            if case == "adam":
+                g = [gi + ctx.mpf(0.01) * ti for gi, ti in zip(g, th)]
+            else:
+                th = [ti * (1 - lr * ctx.mpf(0.1)) for ti in th]
+            m = [mi + (1 - b1) * (gi - mi) for mi, gi in zip(m, g)]
+            v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g)]
+            c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+            th = [ti - lr / c1 * mi / (ctx.sqrt(vi) / ctx.sqrt(c2) + eps)
+                  for ti, mi, vi in zip(th, m, v)]
+    return np.array([float(x) for x in th]).reshape(theta.shape), th
+
+
+@pytest.mark.parametrize("case", sorted(OPTIMIZER_CASES))
+def test_ten_optimizer_steps_match_an_independent_high_precision_computation(case):
+    """10 steps in float64 agree with the update rules evaluated at 40 digits, within the float64
+    error bound of the same 10 steps (the optimizer run in the bound backend). The constants
+    (0.1, 0.9, 1e-8, ...) are the float64 numbers on both sides."""
+    rng = np.random.default_rng(0)
+    theta = rng.standard_normal((4, 3))
+    grads_seq = [rng.standard_normal((4, 3)) for _ in range(10)]
+    opt, bound_opt = OPTIMIZER_CASES[case](), OPTIMIZER_CASES[case](BOUND)
+    p, pb = {"w": theta}, {"w": theta}
+    for g in grads_seq:
+        p = opt.step(p, {"w": g})
+        pb = bound_opt.step(pb, {"w": g})
+    assert np.array_equal(p["w"], pb["w"].v)
+    _, exact = _mp_reference(case, theta, grads_seq)
+    ctx = mpmath.MPContext()
+    ctx.dps = 40
+    # The bound backend treats the constants 0.1, 0.9, 1 − β (formed in float64) as exact
+    # inputs, as does the reference, which receives the same float64 numbers — except the
+    # Python-float bias corrections and step size (1 − βᵗ, lr/(1 − β1ᵗ), (1 − β2ᵗ)^0.5), each
+    # rounded once or twice in float64: allow 4u relative per step for them.
+    slack = 4 * U * 10 * np.abs(p["w"] - theta) if case in ("adam", "adamw") else 0.0
+    err = np.array([float(abs(ctx.mpf(a) - b)) for a, b in zip(p["w"].ravel(), exact)])
+    assert np.all(err.reshape(theta.shape) <= pb["w"].e + slack)
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+@pytest.mark.parametrize("case", sorted(OPTIMIZER_CASES))
+def test_ten_steps_on_a_small_model_match_torch_optim_float64(case):
+    """The same model, gradients from refnet at each step, 10 steps: parameters agree with
+    torch.optim to a few ulps of the operands (torch's CPU kernels fuse θ + α·g into one
+    rounding where refnet rounds twice: the difference is at most an ulp of |α·g| ≤ |θ| + |θ'|
+    per operation, 4 allowed)."""
+    import torch
+    model = Model(small_spec("tanh", loss="mse", widths=(4,)))
+    params, x, y = model.prepare()
+    torch_params = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    settings = {"sgd": (torch.optim.SGD, dict(lr=0.1)),
+                "momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1,
+                                                   weight_decay=0.01)),
+                "nesterov": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+                "adam": (torch.optim.Adam, dict(lr=0.01, weight_decay=0.01)),
+                "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1))}[case]
+    torch_opt = settings[0](list(torch_params.values()), **settings[1])
+    opt = OPTIMIZER_CASES[case]()
+    for _ in range(10):
+        before = dict(params)
+        g = model.loss_and_grads(FLOAT64, params, x, y).params
+        for k, tp in torch_params.items():
+            tp.grad = torch.tensor(g[k])
+        torch_opt.step()
+        params = opt.step(params, g)
+        # Keep both on the same trajectory: a few-ulp difference must not compound.
+        for k, tp in torch_params.items():
+            ours, theirs = params[k], tp.detach().numpy()
+            tol = 4 * (np.spacing(np.abs(theirs)) + np.spacing(np.abs(before[k])))
+            assert np.all(np.abs(ours - theirs) <= tol), (case, k)
+            with torch.no_grad():
+                tp.copy_(torch.tensor(ours))
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf])
+def test_clipping_matches_torch_bit_for_bit_given_the_same_norm(p):
+    """clip_grad_value_ bit for bit; clip_grad_norm_: torch's norm is within a few ulps of the
+    correctly rounded one refnet computes, and given torch's norm the scaling is bit for bit."""
+    import torch
+    grads = random_grads(5)
+    tensors = [torch.tensor(g.copy()) for g in grads.values()]
+    for t in tensors:
+        t.grad = t.clone()
+    torch_norm = torch.nn.utils.clip_grad_norm_(tensors, 0.5, norm_type=p).item()
+    clipped, norm = clip_grad_norm(grads, 0.5, p)
+    assert abs(norm - torch_norm) <= 4 * np.spacing(norm)
+    same = scale_by_norm(grads, torch_norm, 0.5)
+    for g, t in zip(same.values(), tensors):
+        assert np.array_equal(g, t.grad.numpy())
+    for t in tensors:
+        t.grad = t.detach().clone()
+    torch.nn.utils.clip_grad_value_(tensors, 0.3)
+    for g, t in zip(clip_grad_value(grads, 0.3).values(), tensors):
+        assert np.array_equal(g, t.grad.numpy())
