@@ -1,4 +1,4 @@
-"""Command line: ``refnet verify`` and ``refnet grads`` (also ``python -m refnet``).
+"""Command line: ``refnet verify``, ``refnet grads``, ``refnet train`` (also ``python -m refnet``).
 
 Exit status: 0 all checks pass, 1 a check fails, 2 bad input (the message names what is wrong).
 """
@@ -113,6 +113,46 @@ def cmd_grads(args) -> int:
     return EXIT_OK
 
 
+def cmd_train(args) -> int:
+    import copy
+    from .io import save_params
+    from .optim import make_optimizer
+    from .train import train
+    model = Model.load(args.spec)
+    if args.l1 is not None or args.l2 is not None:
+        spec = copy.deepcopy(model.spec)
+        reg = dict(spec.get("regularization", {}))
+        reg.update({k: v for k, v in (("l1", args.l1), ("l2", args.l2)) if v is not None})
+        spec["regularization"] = reg
+        model = Model(spec)
+    params = load_params(args.params) if args.params else None
+    x = y = None
+    if args.data:
+        x, y = load_data(args.data)
+    options = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
+    optimizer = make_optimizer(args.optimizer, args.lr, **options)
+    result = train(model, params, x, y, optimizer, args.steps, clip_norm=args.clip_norm,
+                   clip_value=args.clip_value)
+    if args.save_params:
+        save_params(args.save_params, result.params)
+    if args.json:
+        print(json.dumps({"stopped": result.stopped, "steps_done": result.steps_done,
+                          "history": result.history}, indent=1, default=float))
+    else:
+        names = list(model.param_shapes())
+        print(f"{'step':>5} {'loss':>12} {'|grad|':>9} {'first/last layer |grad|':>24} "
+              f"{'dead relu':>9}")
+        every = max(1, len(result.history) // 20)
+        for h in result.history[::every] + ([result.history[-1]] if every > 1 else []):
+            first, last = h["grad_norm"][names[0]], h["grad_norm"][names[-1]]
+            ratio = first / last if last else math.inf
+            dead = np.mean(list(h["dead_fraction"].values())) if h["dead_fraction"] else 0.0
+            print(f"{h['step']:>5} {h['loss']:>12.6g} {h['total_grad_norm']:>9.3g} "
+                  f"{ratio:>24.3g} {dead:>9.3f}")
+        print(result.stopped or f"trained {result.steps_done} steps")
+    return EXIT_FAIL if result.stopped else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"refnet {__version__}")
@@ -143,6 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=["float64", "float32", "mp"], default="float64")
     g.add_argument("--out", required=True, help="output .npz")
     g.set_defaults(func=cmd_grads)
+
+    t = sub.add_parser("train", help="full-batch training with per-step gradient health")
+    t.add_argument("spec", help="model spec (JSON)")
+    t.add_argument("--params", help=".npz of initial parameters")
+    t.add_argument("--data", help=".npz with x and y (default: the spec's seeded batch)")
+    t.add_argument("--steps", type=int, required=True)
+    t.add_argument("--lr", type=float, required=True)
+    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
+    t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    t.add_argument("--clip-norm", type=float, help="clip the global gradient norm to this")
+    t.add_argument("--clip-value", type=float, help="clip every gradient element to ±this")
+    t.add_argument("--l1", type=float, help="L1 penalty α (α·Σ|w| over weights)")
+    t.add_argument("--l2", type=float, help="L2 penalty α (α/2·Σw² over weights)")
+    t.add_argument("--save-params", help="write the final parameters (torch names) here")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_train)
     return parser
 
 

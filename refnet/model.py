@@ -24,9 +24,11 @@ import numpy as np
 from .layers.base import ForwardState
 from .layers.sequential import Sequential
 from .losses import Loss, make_loss
+from .regularize import l1_kink_signature, parse_regularization, penalty
 from .validate import finite_float64
 
-SPEC_KEYS = {"input_shape", "layers", "loss", "seed", "batch", "mode", "name", "description"}
+SPEC_KEYS = {"input_shape", "layers", "loss", "seed", "batch", "mode", "regularization", "name",
+             "description"}
 MODES = ("train", "eval")
 
 
@@ -87,6 +89,8 @@ class Model:
         self.layers = self.net.layers
         self.output_shape = self.net.out_shape
         self.loss: Loss = make_loss(spec["loss"], self.output_shape)
+        self.l1, self.l2, self.regularized = parse_regularization(
+            spec.get("regularization", {}), self.net.weight_names(), self.net.param_shapes())
 
     @classmethod
     def load(cls, path) -> "Model":
@@ -101,6 +105,10 @@ class Model:
     def param_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Learnable parameters by torch name (these get gradients)."""
         return self.net.param_shapes()
+
+    def weight_names(self):
+        """Dense and conv weights: what regularization applies to by default."""
+        return self.net.weight_names()
 
     def buffer_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Buffers by torch name (running statistics; no gradient)."""
@@ -178,8 +186,12 @@ class Model:
         state = self.default_state() if state is None else state
         h, caches = self.net.forward(bk, tensors, bk.asarray(x), state)
         loss, loss_cache = self.loss.forward(bk, h, y)
-        return ForwardResult(h, loss, caches, loss_cache, self.net.layer_signatures(caches),
-                             state)
+        signatures = self.net.layer_signatures(caches)
+        if self.l1 or self.l2:
+            reg, _ = penalty(bk, tensors, self.regularized, self.l1, self.l2)
+            loss = loss + reg
+            signatures.append(l1_kink_signature(tensors, self.regularized, self.l1))
+        return ForwardResult(h, loss, caches, loss_cache, signatures, state)
 
     def loss_and_grads(self, bk, params, x, y, state: Optional[ForwardState] = None) -> Gradients:
         """Loss and the gradient of every parameter and of the input, in backend ``bk``."""
@@ -187,6 +199,9 @@ class Model:
         fwd = self._forward(bk, tensors, x, y, state)
         dh = self.loss.backward(bk, fwd.loss_cache)
         dx, grads = self.net.backward(bk, tensors, dh, fwd.caches)
+        if self.l1 or self.l2:
+            _, reg_grads = penalty(bk, tensors, self.regularized, self.l1, self.l2)
+            grads = {**grads, **{k: grads[k] + g for k, g in reg_grads.items()}}
         ordered = {name: grads[name] for name in self.param_shapes()}
         return Gradients(fwd.loss, ordered, dx, fwd)
 

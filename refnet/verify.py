@@ -94,14 +94,19 @@ class Report:
         return d
 
 
-def _signature_difference(a: List[tuple], b: List[tuple]) -> Optional[str]:
-    """Where two lists of per-layer kink signatures first differ, or None."""
+def _signature_difference(a: List[tuple], b: List[tuple], labels: List[str]) -> Optional[str]:
+    """Where two lists of per-layer kink signatures first differ (named by ``labels``), or None."""
     for i, (sa, sb) in enumerate(zip(a, b)):
         for ka, kb in zip(sa, sb):
             diff = np.argwhere(np.asarray(ka) != np.asarray(kb))
             if diff.size:
-                return f"layers[{i}] element {tuple(int(j) for j in diff[0])}"
+                return f"{labels[i]} element {tuple(int(j) for j in diff[0])}"
     return None
+
+
+def _signature_labels(model: Model) -> List[str]:
+    """One label per kink-signature entry: the layers, then the L1 penalty's |w| (if any)."""
+    return [f"layers[{i}]" for i in range(len(model.layers))] + ["the L1 penalty (|w| at 0)"]
 
 
 def _digits(ctx, err, scale) -> float:
@@ -124,6 +129,7 @@ class _Problem:
                  state: ForwardState):
         self.model, self.params, self.x, self.y = model, params, x, y
         self.state = state
+        self.labels = _signature_labels(model)
         self._converted = {}
 
     def replay(self) -> ForwardState:
@@ -189,7 +195,8 @@ def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: 
 
     loss_mp = gm.loss
     global_kinks = []
-    branch = _signature_difference(g64.forward.kink_signatures, gm.forward.kink_signatures)
+    branch = _signature_difference(g64.forward.kink_signatures, gm.forward.kink_signatures,
+                                   problem.labels)
     if branch:
         global_kinks.append(f"float64 and exact take different branches at {branch}")
 
@@ -302,8 +309,8 @@ def _fd_check(problem, name, base, v, analytic, scale, loss_mp, base_signatures)
     step = bk.asarray(v) * ctx.mpf(h)
     lp, sig_p = problem.loss(bk, name, point + step)
     lm, sig_m = problem.loss(bk, name, point - step)
-    crossing = (_signature_difference(base_signatures, sig_p)
-                or _signature_difference(base_signatures, sig_m))
+    crossing = (_signature_difference(base_signatures, sig_p, problem.labels)
+                or _signature_difference(base_signatures, sig_m, problem.labels))
     if crossing:
         return False, math.nan, dps, f"FD step crosses a kink at {crossing}"
     fd = (_scalar(lp) - _scalar(lm)) / (2 * ctx.mpf(h))

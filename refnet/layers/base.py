@@ -36,6 +36,7 @@ class ForwardState:
     rng: Optional[np.random.Generator] = None
     masks: Dict[str, np.ndarray] = field(default_factory=dict)    # layer name -> dropout mask
     updates: Dict[str, np.ndarray] = field(default_factory=dict)  # buffer name -> new value
+    outputs: Optional[list] = None     # if a list: (layer name, layer type, output) per layer
 
     def mask(self, layer_name: str, draw):
         """The layer's mask: drawn once with ``draw(rng)``, then the same on every pass."""
@@ -76,6 +77,10 @@ class Layer:
     def init_params(self, rng: np.random.Generator) -> Dict[str, np.ndarray]:
         return {}
 
+    def weight_names(self):
+        """The parameters weight regularization applies to by default (dense/conv weights)."""
+        return []
+
     def init_buffers(self) -> Dict[str, np.ndarray]:
         return {}
 
@@ -98,6 +103,9 @@ class WeightedLayer(Layer):
 
     def weight_shape(self) -> Tuple[int, ...]:
         raise NotImplementedError
+
+    def weight_names(self):
+        return ["weight"]
 
     def param_shapes(self):
         shapes = {"weight": self.weight_shape()}

@@ -41,6 +41,9 @@ class Container(Layer):
     def init_buffers(self):
         return self._collect("init_buffers")
 
+    def weight_names(self):
+        return [f"{label}.{n}" for label, child in self.children() for n in child.weight_names()]
+
 
 class Sequential(Container):
     type = "sequential"
@@ -70,6 +73,8 @@ class Sequential(Container):
         for j, layer in enumerate(self.layers):
             x, cache = layer.forward(bk, split(params, j), x, state)
             caches.append(cache)
+            if state.outputs is not None:
+                state.outputs.append((layer.name, layer.type, x))
         return x, caches
 
     def backward(self, bk, params, dy, caches):

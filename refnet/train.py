@@ -1,0 +1,123 @@
+"""A full-batch training loop that records what the vanishing/exploding-gradient story is about.
+
+Per step it records:
+- ``loss``;
+- ``grad_norm[name]``: ‖∂L/∂θ‖₂ of every parameter tensor (before clipping), and
+  ``total_grad_norm``, the global norm;
+- ``update_ratio[name]``: ‖Δθ‖₂ / ‖θ‖₂ of the step (the "update-to-weight ratio");
+- ``dead_fraction[layer]``: for every relu/leaky_relu/prelu layer, the fraction of its units that
+  are *dead*: whose output is exactly 0 for every input of a fixed probe batch (the training batch
+  by default), measured before the step. For leaky_relu and prelu with a nonzero slope the output
+  is 0 only at z = 0 exactly, so the fraction is 0 by definition of the measure;
+- ``nonfinite``: the parameters whose gradient holds inf or NaN.
+
+Training stops at the first non-finite loss, naming the first layer (in forward order) whose output
+holds inf or NaN (or "the loss" if every layer output is finite), and the step.
+
+Order within a step (as a PyTorch loop would do it): forward and backward (with the spec's L1/L2
+penalty in the loss, if any), clip (by value, then by global norm), optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .backend import FLOAT64
+from .clip import clip_grad_norm, clip_grad_value, tensor_norm
+from .layers.base import ForwardState
+from .model import Model
+from .optim import Optimizer
+
+DEAD_TYPES = ("relu", "leaky_relu", "prelu")
+
+
+@dataclass
+class TrainResult:
+    params: Dict[str, np.ndarray]
+    history: List[dict]
+    stopped: Optional[str] = None          # why training stopped early, or None
+    steps_done: int = 0
+
+
+def dead_fractions(model: Model, params, x, y, state: ForwardState) -> Dict[str, float]:
+    """Fraction of units of each relu-type layer whose output is 0 for every probe input (in
+    the step's mode, with its dropout masks where the probe is the training batch)."""
+    probe = ForwardState(train=state.train, rng=np.random.default_rng(0),
+                         masks=dict(state.masks), outputs=[])
+    with np.errstate(all="ignore"):
+        model.forward(FLOAT64, params, x, y, probe)
+    state = probe
+    fractions = {}
+    for name, kind, out in state.outputs:
+        if kind in DEAD_TYPES:
+            out = np.asarray(out)
+            dead = np.all(out.reshape(out.shape[0], -1) == 0, axis=0)
+            fractions[name] = float(dead.mean())
+    return fractions
+
+
+def first_nonfinite(model: Model, params, x, y, state: ForwardState) -> str:
+    """The first layer (forward order) whose output holds inf or NaN, or 'the loss'."""
+    record = ForwardState(train=state.train, masks=state.masks, outputs=[])
+    with np.errstate(all="ignore"):
+        fwd = model.forward(FLOAT64, params, x, y, record)
+    for name, kind, out in record.outputs:
+        out = np.asarray(out)
+        if not np.all(np.isfinite(out)):
+            what = "NaN" if np.any(np.isnan(out)) else "inf"
+            return f"layer {name} ({kind}) output holds {what}"
+    return f"the loss ({float(fwd.loss)})"
+
+
+def train(model: Model, params, x, y, optimizer: Optimizer, steps: int, *,
+          clip_norm: Optional[float] = None, clip_value: Optional[float] = None,
+          max_norm: Optional[float] = None, probe: Optional[np.ndarray] = None) -> TrainResult:
+    """Full-batch training for ``steps`` steps; see the module docstring for what is recorded.
+
+    ``max_norm``: the max-norm constraint on the regularized weights after every step."""
+    from .regularize import max_norm_constraint
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"train: steps must be a positive integer, got {steps!r}")
+    params, x, y = model.prepare(params, x, y)
+    probe_x = x if probe is None else model.check_input(probe)
+    probe_y = y if probe is None else model.loss.default_targets(np.random.default_rng(0),
+                                                                  probe_x.shape[0])
+    learnable = list(model.param_shapes())
+    first = model.default_state()
+    rng, train_mode = first.rng, first.train       # dropout: a fresh mask every step
+    history = []
+    for step in range(steps):
+        state = ForwardState(train=train_mode, rng=rng)
+        with np.errstate(all="ignore"):
+            g = model.loss_and_grads(FLOAT64, params, x, y, state)
+        loss = float(g.loss)
+        record = {"step": step, "loss": loss,
+                  "dead_fraction": dead_fractions(model, params, probe_x, probe_y, state)}
+        grads = {k: np.asarray(v) for k, v in g.params.items()}
+        record["grad_norm"] = {k: tensor_norm(v, 2) for k, v in grads.items()}
+        record["total_grad_norm"] = tensor_norm(np.array(list(record["grad_norm"].values())), 2)
+        record["nonfinite"] = [k for k, v in grads.items() if not np.all(np.isfinite(v))]
+        if not math.isfinite(loss):
+            history.append(record)
+            where = first_nonfinite(model, params, x, y, state)
+            return TrainResult(params, history, f"non-finite loss ({loss}) at step {step}: "
+                                                f"first non-finite value in {where}", step)
+        if clip_value is not None:
+            grads = clip_grad_value(grads, clip_value)
+        if clip_norm is not None:
+            grads, _ = clip_grad_norm(grads, clip_norm)
+        with np.errstate(all="ignore"):
+            new = optimizer.step(params, {k: grads[k] for k in learnable})
+        if max_norm is not None:
+            new = max_norm_constraint(new, model.regularized, max_norm)
+        new.update(state.updates)                       # running statistics of batchnorm
+        record["update_ratio"] = {
+            k: tensor_norm(new[k] - params[k], 2) / (tensor_norm(params[k], 2) or math.inf)
+            for k in learnable}
+        history.append(record)
+        params = {k: np.asarray(v, dtype=np.float64) for k, v in new.items()}
+    return TrainResult(params, history, None, steps)
