@@ -1,0 +1,48 @@
+"""Print refnet/peer time ratios from one pytest-benchmark run.
+
+    pytest benchmarks/ --benchmark-json=run.json
+    python benchmarks/compare.py run.json [--json]
+
+Benchmarks are paired by group: ``impl=refnet`` against ``impl=torch`` of the same group. With
+``--json`` the output is an object mapping each group to its refnet/torch ratio (mean times).
+Groups without a peer (the mp and verification ones) report their ``extra_info`` ratios.
+"""
+
+import argparse
+import json
+import sys
+
+
+def ratios(run: dict) -> dict:
+    by_group = {}
+    for bench in run["benchmarks"]:
+        impl = bench.get("params", {}).get("impl") if bench.get("params") else None
+        by_group.setdefault(bench["group"], {})[impl or "refnet"] = bench
+    out = {}
+    for group, impls in sorted(by_group.items()):
+        if "refnet" in impls and "torch" in impls:
+            out[group] = impls["refnet"]["stats"]["mean"] / impls["torch"]["stats"]["mean"]
+        elif "ratio_to_float64" in impls.get("refnet", {}).get("extra_info", {}):
+            out[group] = impls["refnet"]["extra_info"]["ratio_to_float64"]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="pytest-benchmark JSON of one run")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    with open(args.run) as f:
+        result = ratios(json.load(f))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"{'group':<36} {'ratio':>10}")
+        for group, ratio in result.items():
+            kind = "refnet/float64" if group.startswith("mp-") else "refnet/torch"
+            print(f"{group:<36} {ratio:>10.3g}  ({kind})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

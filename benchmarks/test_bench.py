@@ -1,0 +1,143 @@
+"""The benchmark suite, grouped by what a regression would hurt (see benchmarks/README.md)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refnet import FLOAT32, FLOAT64, Model, MPBackend, verify
+from refnet.layers.base import ForwardState
+from refnet.layers.conv import Conv2d
+from refnet.layers.norm import BatchNorm
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "spec" / "examples"
+RNG = np.random.default_rng(0)
+
+
+def mlp_4x1024():
+    layers = []
+    for _ in range(4):
+        layers += [{"type": "dense", "out": 1024, "init": {"name": "kaiming_normal",
+                                                          "nonlinearity": "relu"}},
+                   {"type": "relu"}]
+    layers.append({"type": "dense", "out": 10})
+    return Model({"input_shape": [1024], "seed": 0, "batch": 256, "layers": layers,
+                  "loss": {"type": "softmax_cross_entropy"}})
+
+
+def _model_bench(benchmark, impl, model, dtype_name):
+    params, x, y = model.prepare()
+    if impl == "refnet":
+        bk = FLOAT64 if dtype_name == "float64" else FLOAT32
+        benchmark(lambda: model.loss_and_grads(bk, params, x, y))
+        return
+    import torch
+    from torch_peer import torch_loss, torch_twin
+    dtype = getattr(torch, dtype_name)
+    net = torch_twin(model, params, dtype)
+    tx = torch.tensor(x, dtype=dtype, requires_grad=True)
+    ty = torch.tensor(y) if model.loss.type == "softmax_cross_entropy" else torch.tensor(y, dtype=dtype)
+    loss_fn = torch_loss(model)
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        tx.grad = None
+        loss_fn(net(tx), ty).backward()
+    benchmark(step)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_mlp_4x1024_batch256_forward_backward(benchmark, impl, need_torch, dtype):
+    benchmark.group = f"mlp-4x1024-{dtype}"
+    _model_bench(benchmark, impl, mlp_4x1024(), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_small_resnet_forward_backward(benchmark, impl, need_torch, dtype):
+    benchmark.group = f"small-resnet-{dtype}"
+    spec = Model.load(EXAMPLES / "small-resnet.json").spec
+    _model_bench(benchmark, impl, Model({**spec, "batch": 32}), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_conv2d_n32_c16_32x32_f32_3x3_forward_backward(benchmark, impl, need_torch, dtype):
+    benchmark.group = f"conv2d-{dtype}"
+    x = RNG.standard_normal((32, 16, 32, 32)).astype(dtype)
+    layer = Conv2d({"type": "conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
+                   (16, 32, 32), "conv")
+    params = {k: v.astype(dtype) for k, v in layer.init_params(RNG).items()}
+    dy = RNG.standard_normal((32, 32, 32, 32)).astype(dtype)
+    if impl == "refnet":
+        bk = FLOAT64 if dtype == "float64" else FLOAT32
+
+        def step():
+            y, cache = layer.forward(bk, params, x)
+            return layer.backward(bk, params, dy, cache)
+        benchmark(step)
+        return
+    import torch
+    tx = torch.tensor(x, requires_grad=True)
+    tw = torch.tensor(params["weight"], requires_grad=True)
+    tb = torch.tensor(params["bias"], requires_grad=True)
+    tdy = torch.tensor(dy)
+
+    def torch_step():
+        tx.grad = tw.grad = tb.grad = None
+        torch.nn.functional.conv2d(tx, tw, tb, padding=1).backward(tdy)
+    benchmark(torch_step)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_batchnorm_32x64x16x16_train_forward_backward(benchmark, impl, need_torch, dtype):
+    benchmark.group = f"batchnorm-{dtype}"
+    x = (5 * RNG.standard_normal((32, 64, 16, 16)) + 3).astype(dtype)
+    dy = RNG.standard_normal(x.shape).astype(dtype)
+    layer = BatchNorm({"type": "batchnorm"}, (64, 16, 16), "bn")
+    params = {**layer.init_params(RNG), **layer.init_buffers()}
+    params = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
+    if impl == "refnet":
+        bk = FLOAT64 if dtype == "float64" else FLOAT32
+
+        def step():
+            y, cache = layer.forward(bk, params, x, ForwardState(train=True))
+            return layer.backward(bk, params, dy, cache)
+        benchmark(step)
+        return
+    import torch
+    tx = torch.tensor(x, requires_grad=True)
+    tw = torch.tensor(params["weight"], requires_grad=True)
+    tb = torch.tensor(params["bias"], requires_grad=True)
+    rm, rv, tdy = torch.tensor(params["running_mean"]), torch.tensor(params["running_var"]), \
+        torch.tensor(dy)
+
+    def torch_step():
+        tx.grad = tw.grad = tb.grad = None
+        torch.nn.functional.batch_norm(tx, rm, rv, tw, tb, training=True).backward(tdy)
+    benchmark(torch_step)
+
+
+# --- high precision and verification (refnet only; ratios against refnet float64) ------------
+
+@pytest.mark.parametrize("example", ["relu-mlp-kaiming", "small-cnn"])
+def test_mp_gradient(benchmark, example):
+    """The 50-digit gradient; extra_info holds its time relative to the float64 gradient."""
+    benchmark.group = f"mp-gradient-{example}"
+    model = Model.load(EXAMPLES / f"{example}.json")
+    params, x, y = model.prepare()
+    mp = MPBackend(50)
+    benchmark.pedantic(lambda: model.loss_and_grads(mp, params, x, y), rounds=3, iterations=1)
+    if benchmark.disabled:                 # the smoke run: the body ran once, nothing timed
+        return
+    import time
+    start = time.perf_counter()
+    for _ in range(20):
+        model.loss_and_grads(FLOAT64, params, x, y)
+    float64_time = (time.perf_counter() - start) / 20
+    benchmark.extra_info["ratio_to_float64"] = benchmark.stats.stats.mean / float64_time
+
+
+def test_verification_triangle_of_a_500_parameter_cnn(benchmark):
+    benchmark.group = "verify-small-cnn"
+    model = Model.load(EXAMPLES / "small-cnn.json")
+    assert 400 <= sum(int(np.prod(s)) for s in model.param_shapes().values()) <= 600
+    benchmark.pedantic(lambda: verify(model), rounds=1, iterations=1)

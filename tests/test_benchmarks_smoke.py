@@ -1,0 +1,32 @@
+"""The benchmark bodies run (once each, untimed) so that they cannot rot."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_every_benchmark_body_runs_once():
+    pytest.importorskip("pytest_benchmark")
+    result = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q",
+                             "--benchmark-disable", "-p", "no:cacheprovider"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_compare_prints_refnet_over_torch_ratios(tmp_path):
+    import json
+    run = {"benchmarks": [
+        {"group": "mlp", "params": {"impl": "refnet"}, "stats": {"mean": 3.0}, "extra_info": {}},
+        {"group": "mlp", "params": {"impl": "torch"}, "stats": {"mean": 2.0}, "extra_info": {}},
+        {"group": "mp-gradient-x", "params": {}, "stats": {"mean": 1.0},
+         "extra_info": {"ratio_to_float64": 40.0}}]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), str(path),
+                          "--json"], capture_output=True, text=True)
+    assert json.loads(out.stdout) == {"mlp": 1.5, "mp-gradient-x": 40.0}
