@@ -1,0 +1,81 @@
+"""Low-precision binary formats, rounded bit-exactly from float64 — written once, for all of them.
+
+=============  ===========  =====  ========  ============  =====================================
+format         significand  e_min  max       inf           overflow (round to nearest even)
+=============  ===========  =====  ========  ============  =====================================
+fp16           11 bits      −14    65504     yes           ≥ 65520 → ±inf
+bf16           8 bits       −126   3.39e38   yes           → ±inf
+fp8_e5m2       3 bits       −14    57344     yes           → ±inf
+fp8_e4m3fn     4 bits       −6     448       no (NaN only) → NaN (ml_dtypes' e4m3fn does the same)
+=============  ===========  =====  ========  ============  =====================================
+
+``round_to(x, fmt)`` rounds every float64 element **once** to the nearest value of the format,
+ties to even, keeping subnormals (no flush to zero) and the sign of zero; the result is returned
+as float64 (every value of these formats is a float64). One rounding matters: torch's
+float64 → half/bfloat16 casts and ml_dtypes' float64 → bfloat16 go through float32 and round
+twice, which lands on the farther neighbour for a few elements per tensor (`shared/PRECISION.md`).
+numpy's ``astype(float16)`` from float64 rounds once, like this.
+
+How: with q the format's spacing at |x| — 2^(max(e, e_min) − (p − 1)) for |x| in [2^e, 2^(e+1)) —
+the result is round_half_even(x/q)·q, exact in float64 (q is a power of two). A result past max
+becomes inf (NaN for e4m3fn): fp16 65519.99 → 65504, 65520 (a tie; 65504 is odd) → inf;
+e4m3fn 464 (a tie; 448 is even) → 448, 465 → NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    precision: int        # significand bits, the implicit one included
+    emin: int             # exponent of the smallest normal number
+    max: float            # largest finite value
+    has_inf: bool
+
+    @property
+    def smallest_normal(self) -> float:
+        return 2.0 ** self.emin
+
+    @property
+    def smallest_subnormal(self) -> float:
+        return 2.0 ** (self.emin - self.precision + 1)
+
+    @property
+    def unit_roundoff(self) -> float:
+        return 2.0 ** -self.precision
+
+
+FORMATS = {
+    "fp16": Format("fp16", 11, -14, 65504.0, True),
+    "bf16": Format("bf16", 8, -126, float((2 - 2.0**-7) * 2.0**127), True),
+    "fp8_e5m2": Format("fp8_e5m2", 3, -14, 57344.0, True),
+    "fp8_e4m3fn": Format("fp8_e4m3fn", 4, -6, 448.0, False),
+}
+
+
+def get_format(name: str) -> Format:
+    if name not in FORMATS:
+        raise ValueError(f"format: unknown format {name!r}; expected one of {sorted(FORMATS)}")
+    return FORMATS[name]
+
+
+def round_to(x, fmt) -> np.ndarray:
+    """Every element of ``x`` rounded once to the nearest ``fmt`` value (ties to even), as float64."""
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore", under="ignore", divide="ignore"):
+        _, e = np.frexp(x)                        # |x| in [2^(e-1), 2^e)
+        exponent = np.maximum(e - 1, fmt.emin)
+        q = np.ldexp(1.0, exponent - (fmt.precision - 1))
+        rounded = np.round(x / q) * q             # np.round: half to even; x/q exact
+        # Overflow: whatever rounds (to nearest even, on the format's grid) past max.
+        big = np.abs(rounded) > fmt.max
+        overflow = np.copysign(np.inf, x) if fmt.has_inf else np.nan
+        out = np.where(big, overflow, rounded)
+        out = np.where(np.isfinite(x), out, x if fmt.has_inf else np.where(np.isnan(x), x, np.nan))
+    return out
