@@ -139,6 +139,9 @@ class BoundArray:
     def reshape(self, *shape):
         return self._view(lambda a: a.reshape(*shape))
 
+    def take(self, indices, axis=None):
+        return self._view(lambda a: a.take(indices, axis=axis))
+
     def transpose(self, *axes):
         return self._view(lambda a: a.transpose(*axes))
 
