@@ -59,19 +59,14 @@ def test_small_resnet_forward_backward(benchmark, impl, need_torch, dtype):
     _model_bench(benchmark, impl, Model({**spec, "batch": 32}), dtype)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_conv2d_n32_c16_32x32_f32_3x3_forward_backward(benchmark, impl, need_torch, dtype):
-    benchmark.group = f"conv2d-{dtype}"
-    x = RNG.standard_normal((32, 16, 32, 32)).astype(dtype)
-    layer = Conv2d({"type": "conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
-                   (16, 32, 32), "conv")
-    params = {k: v.astype(dtype) for k, v in layer.init_params(RNG).items()}
-    dy = RNG.standard_normal((32, 32, 32, 32)).astype(dtype)
+def _layer_bench(benchmark, impl, layer, params, x, dy, torch_forward, dtype, train=False):
+    """forward + backward of one layer with upstream gradient dy; the torch twin computes
+    ``torch_forward(x, weight, bias, params)`` and backpropagates the same dy."""
     if impl == "refnet":
         bk = FLOAT64 if dtype == "float64" else FLOAT32
 
         def step():
-            y, cache = layer.forward(bk, params, x)
+            y, cache = layer.forward(bk, params, x, ForwardState(train=train))
             return layer.backward(bk, params, dy, cache)
         benchmark(step)
         return
@@ -83,8 +78,23 @@ def test_conv2d_n32_c16_32x32_f32_3x3_forward_backward(benchmark, impl, need_tor
 
     def torch_step():
         tx.grad = tw.grad = tb.grad = None
-        torch.nn.functional.conv2d(tx, tw, tb, padding=1).backward(tdy)
+        torch_forward(tx, tw, tb, params).backward(tdy)
     benchmark(torch_step)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_conv2d_n32_c16_32x32_f32_3x3_forward_backward(benchmark, impl, need_torch, dtype):
+    benchmark.group = f"conv2d-{dtype}"
+    x = RNG.standard_normal((32, 16, 32, 32)).astype(dtype)
+    layer = Conv2d({"type": "conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
+                   (16, 32, 32), "conv")
+    params = {k: v.astype(dtype) for k, v in layer.init_params(RNG).items()}
+    dy = RNG.standard_normal((32, 32, 32, 32)).astype(dtype)
+
+    def conv(tx, tw, tb, params):
+        import torch
+        return torch.nn.functional.conv2d(tx, tw, tb, padding=1)
+    _layer_bench(benchmark, impl, layer, params, x, dy, conv, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -95,25 +105,12 @@ def test_batchnorm_32x64x16x16_train_forward_backward(benchmark, impl, need_torc
     layer = BatchNorm({"type": "batchnorm"}, (64, 16, 16), "bn")
     params = {**layer.init_params(RNG), **layer.init_buffers()}
     params = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
-    if impl == "refnet":
-        bk = FLOAT64 if dtype == "float64" else FLOAT32
 
-        def step():
-            y, cache = layer.forward(bk, params, x, ForwardState(train=True))
-            return layer.backward(bk, params, dy, cache)
-        benchmark(step)
-        return
-    import torch
-    tx = torch.tensor(x, requires_grad=True)
-    tw = torch.tensor(params["weight"], requires_grad=True)
-    tb = torch.tensor(params["bias"], requires_grad=True)
-    rm, rv, tdy = torch.tensor(params["running_mean"]), torch.tensor(params["running_var"]), \
-        torch.tensor(dy)
-
-    def torch_step():
-        tx.grad = tw.grad = tb.grad = None
-        torch.nn.functional.batch_norm(tx, rm, rv, tw, tb, training=True).backward(tdy)
-    benchmark(torch_step)
+    def batchnorm(tx, tw, tb, params):
+        import torch
+        rm, rv = torch.tensor(params["running_mean"]), torch.tensor(params["running_var"])
+        return torch.nn.functional.batch_norm(tx, rm, rv, tw, tb, training=True)
+    _layer_bench(benchmark, impl, layer, params, x, dy, batchnorm, dtype, train=True)
 
 
 # --- high precision and verification (refnet only; ratios against refnet float64) ------------

@@ -21,6 +21,7 @@ them to its working precision, float backends get the correctly rounded value.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Union
 
@@ -50,9 +51,19 @@ def constant_value(value: Constant, ctx: mpmath.ctx_mp.MPContext):
 
 def float_constant(value: Constant) -> float:
     """The constant correctly rounded to float64."""
+    return float_constant_and_error(value)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def float_constant_and_error(value: Constant):
+    """(the constant rounded to float64, |rounded − exact| as a float). Cached: layers ask for
+    their constants (1/√2, SELU's λ) on every pass, and each answer costs an mpmath evaluation."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return float(constant_value(value, _mp_context(_CONST_DPS)))
+        return float(value), 0.0
+    ctx = _mp_context(_CONST_DPS)
+    exact = constant_value(value, ctx)
+    rounded = float(exact)
+    return rounded, float(abs(ctx.mpf(rounded) - exact))
 
 
 class NumpyBackend:

@@ -39,7 +39,7 @@ import math
 
 import numpy as np
 
-from .backend import Constant, _mp_context, constant_value
+from .backend import Constant, float_constant_and_error
 
 U = 2.0**-53          # unit roundoff of float64
 ETA = 2.0**-1074      # the smallest subnormal: more than an underflow can lose (half of it)
@@ -255,12 +255,8 @@ class BoundBackend:
     @_quiet
     def const(self, value: Constant):
         """The float64 constant, with its exact representation error as its bound."""
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return BoundArray(float(value))
-        ctx = _mp_context(40)
-        exact = constant_value(value, ctx)
-        v = float(exact)
-        r = float(abs(ctx.mpf(v) - exact)) * (1 + 4 * U)
+        v, error = float_constant_and_error(value)
+        r = error * (1 + 4 * U)                     # rounded up: a bound, not an estimate
         return BoundArray(v, r, _sq(r))
 
     def zeros(self, shape):

@@ -42,6 +42,7 @@ class ForwardResult:
     loss_cache: object
     kink_signatures: List[tuple] = field(default_factory=list)
     state: Optional[ForwardState] = None
+    penalty_grads: Dict[str, object] = field(default_factory=dict)   # ∂(L1/L2 penalty)/∂w
 
 
 @dataclass
@@ -187,11 +188,12 @@ class Model:
         h, caches = self.net.forward(bk, tensors, bk.asarray(x), state)
         loss, loss_cache = self.loss.forward(bk, h, y)
         signatures = self.net.layer_signatures(caches)
+        penalty_grads = {}
         if self.l1 or self.l2:
-            reg, _ = penalty(bk, tensors, self.regularized, self.l1, self.l2)
+            reg, penalty_grads = penalty(bk, tensors, self.regularized, self.l1, self.l2)
             loss = loss + reg
             signatures.append(l1_kink_signature(tensors, self.regularized, self.l1))
-        return ForwardResult(h, loss, caches, loss_cache, signatures, state)
+        return ForwardResult(h, loss, caches, loss_cache, signatures, state, penalty_grads)
 
     def loss_and_grads(self, bk, params, x, y, state: Optional[ForwardState] = None) -> Gradients:
         """Loss and the gradient of every parameter and of the input, in backend ``bk``."""
@@ -199,9 +201,7 @@ class Model:
         fwd = self._forward(bk, tensors, x, y, state)
         dh = self.loss.backward(bk, fwd.loss_cache)
         dx, grads = self.net.backward(bk, tensors, dh, fwd.caches)
-        if self.l1 or self.l2:
-            _, reg_grads = penalty(bk, tensors, self.regularized, self.l1, self.l2)
-            grads = {**grads, **{k: grads[k] + g for k, g in reg_grads.items()}}
+        grads.update({k: grads[k] + g for k, g in fwd.penalty_grads.items()})
         ordered = {name: grads[name] for name in self.param_shapes()}
         return Gradients(fwd.loss, ordered, dx, fwd)
 

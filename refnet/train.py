@@ -43,16 +43,11 @@ class TrainResult:
     steps_done: int = 0
 
 
-def dead_fractions(model: Model, params, x, y, state: ForwardState) -> Dict[str, float]:
-    """Fraction of units of each relu-type layer whose output is 0 for every probe input (in
-    the step's mode, with its dropout masks where the probe is the training batch)."""
-    probe = ForwardState(train=state.train, rng=np.random.default_rng(0),
-                         masks=dict(state.masks), outputs=[])
-    with np.errstate(all="ignore"):
-        model.forward(FLOAT64, params, x, y, probe)
-    state = probe
+def dead_fractions(outputs) -> Dict[str, float]:
+    """Fraction of units of each relu-type layer whose output is 0 for every input of the pass
+    that recorded ``outputs`` (``ForwardState.outputs``)."""
     fractions = {}
-    for name, kind, out in state.outputs:
+    for name, kind, out in outputs:
         if kind in DEAD_TYPES:
             out = np.asarray(out)
             dead = np.all(out.reshape(out.shape[0], -1) == 0, axis=0)
@@ -91,12 +86,17 @@ def train(model: Model, params, x, y, optimizer: Optimizer, steps: int, *,
     rng, train_mode = first.rng, first.train       # dropout: a fresh mask every step
     history = []
     for step in range(steps):
-        state = ForwardState(train=train_mode, rng=rng)
+        state = ForwardState(train=train_mode, rng=rng, outputs=[])
         with np.errstate(all="ignore"):
             g = model.loss_and_grads(FLOAT64, params, x, y, state)
+            outputs = state.outputs
+            if probe is not None:       # a separate probe batch: one more forward pass
+                probe_state = ForwardState(train=train_mode, rng=np.random.default_rng(0),
+                                           outputs=[])
+                model.forward(FLOAT64, params, probe_x, probe_y, probe_state)
+                outputs = probe_state.outputs
         loss = float(g.loss)
-        record = {"step": step, "loss": loss,
-                  "dead_fraction": dead_fractions(model, params, probe_x, probe_y, state)}
+        record = {"step": step, "loss": loss, "dead_fraction": dead_fractions(outputs)}
         grads = {k: np.asarray(v) for k, v in g.params.items()}
         record["grad_norm"] = {k: tensor_norm(v, 2) for k, v in grads.items()}
         record["total_grad_norm"] = tensor_norm(np.array(list(record["grad_norm"].values())), 2)
