@@ -5,7 +5,8 @@
 
 Benchmarks are paired by group: ``impl=refnet`` against ``impl=torch`` of the same group. With
 ``--json`` the output is an object mapping each group to its refnet/torch ratio (mean times).
-Groups without a peer (the mp and verification ones) report their ``extra_info`` ratios.
+Groups without a peer report their ``extra_info`` ratios: mp against refnet float64, the
+fp16/bf16 emulation against refnet float32 of the same model.
 """
 
 import argparse
@@ -22,8 +23,11 @@ def ratios(run: dict) -> dict:
     for group, impls in sorted(by_group.items()):
         if "refnet" in impls and "torch" in impls:
             out[group] = impls["refnet"]["stats"]["mean"] / impls["torch"]["stats"]["mean"]
-        elif "ratio_to_float64" in impls.get("refnet", {}).get("extra_info", {}):
-            out[group] = impls["refnet"]["extra_info"]["ratio_to_float64"]
+        else:
+            extra = impls.get("refnet", {}).get("extra_info", {})
+            for key in ("ratio_to_float64", "ratio_to_float32"):
+                if key in extra:
+                    out[group] = extra[key]
     return out
 
 
@@ -39,7 +43,8 @@ def main(argv=None):
     else:
         print(f"{'group':<36} {'ratio':>10}")
         for group, ratio in result.items():
-            kind = "refnet/float64" if group.startswith("mp-") else "refnet/torch"
+            kind = ("refnet/float64" if group.startswith("mp-") else
+                    "emulated/float32" if group.startswith("emulation-") else "refnet/torch")
             print(f"{group:<36} {ratio:>10.3g}  ({kind})")
     return 0
 

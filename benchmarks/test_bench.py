@@ -113,6 +113,36 @@ def test_batchnorm_32x64x16x16_train_forward_backward(benchmark, impl, need_torc
     _layer_bench(benchmark, impl, layer, params, x, dy, batchnorm, dtype, train=True)
 
 
+# --- fp16/bf16 emulation (refnet only; ratio against refnet float32 of the same model) ---------
+
+@pytest.mark.parametrize("storage", ["fp16", "bf16"])
+@pytest.mark.parametrize("policy", ["autocast", "half"])
+@pytest.mark.parametrize("model_name", ["mlp-4x1024", "small-resnet"])
+def test_lowp_emulation_overhead(benchmark, model_name, policy, storage):
+    """Forward+backward under the emulation, parameters already held as the policy holds them (as
+    in a training step); extra_info holds the time relative to the float32 run (target ≤ 3)."""
+    from refnet.precision import Precision, cast_params, run
+    benchmark.group = f"emulation-{storage}-{policy}-{model_name}"
+    if model_name == "mlp-4x1024":
+        model = mlp_4x1024()
+    else:
+        model = Model({**Model.load(EXAMPLES / "small-resnet.json").spec, "batch": 32})
+    params, x, y = model.prepare()
+    precision = Precision(storage, policy)
+    held = cast_params(params, precision)
+    benchmark.pedantic(lambda: run(model, precision, held, x, y, cast=False), rounds=5,
+                       iterations=1, warmup_rounds=1)
+    if benchmark.disabled:
+        return
+    import time
+    model.loss_and_grads(FLOAT32, params, x, y)
+    start = time.perf_counter()
+    for _ in range(5):
+        model.loss_and_grads(FLOAT32, params, x, y)
+    float32_time = (time.perf_counter() - start) / 5
+    benchmark.extra_info["ratio_to_float32"] = benchmark.stats.stats.mean / float32_time
+
+
 # --- high precision and verification (refnet only; ratios against refnet float64) ------------
 
 @pytest.mark.parametrize("example", ["relu-mlp-kaiming", "small-cnn"])

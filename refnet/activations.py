@@ -84,6 +84,10 @@ class Sigmoid(Activation):
     def df(self, bk, z, e):
         return e / ((1 + e) * (1 + e))
 
+    def df_from_output(self, bk, s):
+        """torch's sigmoid_backward form s(1 − s), from the output: what a GPU computes."""
+        return (1 - s) * s
+
 
 class Tanh(Activation):
     type = "tanh"
@@ -95,6 +99,10 @@ class Tanh(Activation):
         e = bk.exp(-bk.abs(z))
         e2 = e * e                   # exp(−2|z|), without forming 2|z| (which can overflow)
         return 4 * e2 / ((1 + e2) * (1 + e2))
+
+    def df_from_output(self, bk, t):
+        """torch's tanh_backward form 1 − t², from the output: what a GPU computes."""
+        return 1 - t * t
 
 
 class ReLU(Activation):
@@ -134,6 +142,7 @@ class PReLU(Activation):
     """Learned slope ``weight``: one shared (num_parameters = 1) or one per channel (axis 1)."""
 
     type = "prelu"
+    autocast = "lowp"
     defaults = {"num_parameters": 1, "init": 0.25}
 
     def __init__(self, config, in_shape, where):
@@ -240,6 +249,8 @@ class Softplus(Activation):
     overflow (float32 included): softplus there is below exp(−1e30) in every backend (only mp
     could tell the two apart).
     """
+
+    autocast = "float32"
 
     type = "softplus"
     defaults = {"beta": 1.0, "threshold": 20.0}

@@ -1,6 +1,8 @@
-"""Command line: ``refnet verify``, ``refnet grads``, ``refnet train`` (also ``python -m refnet``).
+"""Command line: ``refnet verify``, ``refnet grads``, ``refnet train``, ``refnet diagnose``
+(also ``python -m refnet``).
 
-Exit status: 0 all checks pass, 1 a check fails, 2 bad input (the message names what is wrong).
+Exit status: 0 all checks pass, 1 a check fails (verify), training stopped on a non-finite loss
+(train) or inf/NaN appeared (diagnose), 2 bad input (the message names what is wrong).
 """
 
 from __future__ import annotations
@@ -153,6 +155,32 @@ def cmd_train(args) -> int:
     return EXIT_FAIL if result.stopped else EXIT_OK
 
 
+def _loss_scale(text):
+    if text == "dynamic":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'dynamic', got {text!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def cmd_diagnose(args) -> int:
+    from .diagnose import diagnose, format_table
+    from .precision import Precision
+    model, params, x, y = _inputs(args)
+    precision = Precision(args.precision, args.policy, args.accumulate)
+    d = diagnose(model, precision, params, x, y, loss_scale=args.loss_scale, lr=args.lr,
+                 train=_train(args))
+    if args.json:
+        print(json.dumps(d.as_json(), indent=1))
+    else:
+        print(format_table(d))
+    return EXIT_FAIL if d.first_nonfinite else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"refnet {__version__}")
@@ -199,6 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-params", help="write the final parameters (torch names) here")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("diagnose", help="per-layer overflow/underflow in fp16/bf16 against a "
+                                        "float64 shadow run")
+    common(d)
+    d.add_argument("--precision", choices=["fp16", "bf16", "fp8_e5m2", "fp8_e4m3fn", "float32",
+                                           "float64"], default="fp16")
+    d.add_argument("--policy", choices=["autocast", "half"], default="autocast",
+                   help="autocast: float32 master weights, float32 loss (default); "
+                        "half: everything in the storage format (model.half())")
+    d.add_argument("--accumulate", choices=["float32", "storage"], default="float32",
+                   help="float32 accumulation as tensor cores (default), or every partial sum "
+                        "rounded to the storage format")
+    d.add_argument("--loss-scale", type=_loss_scale, default=1.0,
+                   help="static loss scale S, or 'dynamic' (GradScaler: 2^16, halved until clean)")
+    d.add_argument("--lr", type=float, default=0.01,
+                   help="SGD learning rate of the weight-update rows (default 0.01)")
+    d.add_argument("--json", action="store_true",
+                   help='JSON: "tensors" (name, kind, overflow, underflow, nan, subnormal, '
+                        'max_abs, numel, ...) and "first_nonfinite"')
+    d.set_defaults(func=cmd_diagnose)
     return parser
 
 

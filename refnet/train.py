@@ -26,11 +26,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .backend import FLOAT64
+from .backend import FLOAT32, FLOAT64
 from .clip import clip_grad_norm, clip_grad_value, tensor_norm
 from .layers.base import ForwardState
 from .model import Model
+from .gradscaler import GradScaler
 from .optim import Optimizer
+from .precision import Precision, StorageArithmetic, cast_params, run
 
 DEAD_TYPES = ("relu", "leaky_relu", "prelu")
 
@@ -70,10 +72,17 @@ def first_nonfinite(model: Model, params, x, y, state: ForwardState) -> str:
 
 def train(model: Model, params, x, y, optimizer: Optimizer, steps: int, *,
           clip_norm: Optional[float] = None, clip_value: Optional[float] = None,
-          max_norm: Optional[float] = None, probe: Optional[np.ndarray] = None) -> TrainResult:
+          max_norm: Optional[float] = None, probe: Optional[np.ndarray] = None,
+          precision: Optional[Precision] = None,
+          scaler: Optional[GradScaler] = None) -> TrainResult:
     """Full-batch training for ``steps`` steps; see the module docstring for what is recorded.
 
-    ``max_norm``: the max-norm constraint on the regularized weights after every step."""
+    ``max_norm``: the max-norm constraint on the regularized weights after every step.
+    ``precision``: run every step under an fp16/bf16 policy (``refnet.precision``): parameters
+    held as float32 master weights (autocast) or in the storage format (half), and the optimizer
+    set to compute in that dtype (``optimizer.bk``). ``scaler``: loss scaling with
+    ``GradScaler``'s rules — unscale before clipping, skip the step on inf/NaN, update the scale;
+    each record then has ``loss_scale`` and ``skipped``."""
     from .regularize import max_norm_constraint
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"train: steps must be a positive integer, got {steps!r}")
@@ -84,28 +93,55 @@ def train(model: Model, params, x, y, optimizer: Optimizer, steps: int, *,
     learnable = list(model.param_shapes())
     first = model.default_state()
     rng, train_mode = first.rng, first.train       # dropout: a fresh mask every step
+    emulate = precision is not None and precision.emulated
+    if scaler is not None and not emulate:
+        raise ValueError("train: a GradScaler needs an fp16/bf16 precision policy "
+                         "(float32 and float64 gradients do not underflow to need one)")
+    if emulate:
+        params = cast_params(params, precision)
+        optimizer.bk = (FLOAT32 if precision.policy == "autocast"
+                        else StorageArithmetic(precision.storage))
     history = []
     for step in range(steps):
         state = ForwardState(train=train_mode, rng=rng, outputs=[])
+        low = None
         with np.errstate(all="ignore"):
-            g = model.loss_and_grads(FLOAT64, params, x, y, state)
+            if emulate:
+                scale = scaler.scale if scaler is not None else 1.0
+                low = run(model, precision, params, x, y, state, loss_scale=scale, cast=False)
+                loss = low.loss
+                grads = (scaler.unscale(low.scaled_grads) if scaler is not None
+                         else dict(low.grads))
+            else:
+                g = model.loss_and_grads(FLOAT64, params, x, y, state)
+                loss = float(g.loss)
+                grads = {k: np.asarray(v) for k, v in g.params.items()}
             outputs = state.outputs
             if probe is not None:       # a separate probe batch: one more forward pass
                 probe_state = ForwardState(train=train_mode, rng=np.random.default_rng(0),
                                            outputs=[])
-                model.forward(FLOAT64, params, probe_x, probe_y, probe_state)
+                model.forward(FLOAT64, _float64(params), probe_x, probe_y, probe_state)
                 outputs = probe_state.outputs
-        loss = float(g.loss)
         record = {"step": step, "loss": loss, "dead_fraction": dead_fractions(outputs)}
-        grads = {k: np.asarray(v) for k, v in g.params.items()}
-        record["grad_norm"] = {k: tensor_norm(v, 2) for k, v in grads.items()}
+        record["grad_norm"] = {k: tensor_norm(np.asarray(v, dtype=np.float64), 2)
+                               for k, v in grads.items()}
         record["total_grad_norm"] = tensor_norm(np.array(list(record["grad_norm"].values())), 2)
         record["nonfinite"] = [k for k, v in grads.items() if not np.all(np.isfinite(v))]
         if not math.isfinite(loss):
             history.append(record)
-            where = first_nonfinite(model, params, x, y, state)
-            return TrainResult(params, history, f"non-finite loss ({loss}) at step {step}: "
-                                                f"first non-finite value in {where}", step)
+            where = (low.first_nonfinite() if low is not None
+                     else first_nonfinite(model, params, x, y, state))
+            return TrainResult(_float64(params), history, f"non-finite loss ({loss}) at step "
+                                                          f"{step}: first non-finite value in "
+                                                          f"{where}", step)
+        if scaler is not None:
+            record["loss_scale"], record["skipped"] = scale, scaler.found_inf
+            skipped = scaler.found_inf
+            scaler.update()
+            if skipped:                  # GradScaler.step skips the optimizer step
+                record["update_ratio"] = {k: 0.0 for k in learnable}
+                history.append(record)
+                continue
         if clip_value is not None:
             grads = clip_grad_value(grads, clip_value)
         if clip_norm is not None:
@@ -116,8 +152,12 @@ def train(model: Model, params, x, y, optimizer: Optimizer, steps: int, *,
             new = max_norm_constraint(new, model.regularized, max_norm)
         new.update(state.updates)                       # running statistics of batchnorm
         record["update_ratio"] = {
-            k: tensor_norm(new[k] - params[k], 2) / (tensor_norm(params[k], 2) or math.inf)
-            for k in learnable}
+            k: tensor_norm(_float64(new)[k] - _float64(params)[k], 2)
+            / (tensor_norm(_float64(params)[k], 2) or math.inf) for k in learnable}
         history.append(record)
-        params = {k: np.asarray(v, dtype=np.float64) for k, v in new.items()}
-    return TrainResult(params, history, None, steps)
+        params = new if emulate else _float64(new)
+    return TrainResult(_float64(params), history, None, steps)
+
+
+def _float64(params):
+    return {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}

@@ -41,6 +41,7 @@ def conv_padding(padding, kernel, dilation, stride, where):
 
 class Conv2d(WeightedLayer):
     type = "conv2d"
+    autocast = "lowp"
     defaults = {"out_channels": None, "kernel_size": None, "stride": 1, "padding": 0,
                 "dilation": 1, "groups": 1, "bias": True, "init": "torch_default",
                 "bias_init": "torch_default"}

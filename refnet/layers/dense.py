@@ -22,6 +22,7 @@ from .base import WeightedLayer, require_number
 
 class Dense(WeightedLayer):
     type = "dense"
+    autocast = "lowp"
     defaults = {"out": None, "bias": True, "init": "torch_default", "bias_init": "torch_default"}
 
     def __init__(self, config, in_shape, where):

@@ -144,6 +144,7 @@ class BatchNorm(Layer):
 
 class LayerNorm(Layer):
     type = "layernorm"
+    autocast = "float32"
     defaults = {"normalized_shape": None, "eps": 1e-5, "elementwise_affine": True, "bias": True}
 
     def output_shape(self, in_shape):

@@ -18,6 +18,19 @@ def split(tensors: Dict[str, object], index: int) -> Dict[str, object]:
     return {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
 
 
+def run_forward(bk, layer, params, x, state):
+    """``layer.forward`` — unless the backend runs layers itself: the fp16/bf16 emulation
+    (``refnet.precision``) runs each leaf layer as one kernel, rounding at its boundary."""
+    hook = getattr(bk, "forward_layer", None)
+    return hook(layer, params, x, state) if hook else layer.forward(bk, params, x, state)
+
+
+def run_backward(bk, layer, params, dy, cache):
+    """``layer.backward``, or the backend's ``backward_layer`` (see ``run_forward``)."""
+    hook = getattr(bk, "backward_layer", None)
+    return hook(layer, params, dy, cache) if hook else layer.backward(bk, params, dy, cache)
+
+
 class Container(Layer):
     """A layer made of named children (``children()`` yields (label, layer)): its tensors are
     the children's, each under ``"<label>.<name>"``."""
@@ -71,7 +84,7 @@ class Sequential(Container):
     def forward(self, bk, params, x, state):
         caches = []
         for j, layer in enumerate(self.layers):
-            x, cache = layer.forward(bk, split(params, j), x, state)
+            x, cache = run_forward(bk, layer, split(params, j), x, state)
             caches.append(cache)
             if state.outputs is not None:
                 state.outputs.append((layer.name, layer.type, x))
@@ -80,7 +93,7 @@ class Sequential(Container):
     def backward(self, bk, params, dy, caches):
         grads = {}
         for j in reversed(range(len(self.layers))):
-            dy, layer_grads = self.layers[j].backward(bk, split(params, j), dy, caches[j])
+            dy, layer_grads = run_backward(bk, self.layers[j], split(params, j), dy, caches[j])
             grads.update({f"{j}.{k}": g for k, g in layer_grads.items()})
         return dy, grads
 

@@ -1,0 +1,227 @@
+"""Per-layer gradient health under a precision policy, accounted against a float64 shadow run.
+
+``diagnose(model, precision, ...)`` runs the model twice on the same parameters, data and
+dropout masks: once in float64 (the shadow) and once under the policy (``refnet.precision``).
+For every tensor — each layer's forward output (``"<layer>.out"``), each parameter gradient (the
+parameter's name), the input gradient (``"x.grad"``) and the weight update of one SGD step
+(``"<param>.update"``) — it counts, in the low-precision tensor:
+
+===========  ==========================================================================
+overflow     ±inf here where float64 is finite
+nan          NaN here
+underflow    0 here where float64 is nonzero and finite
+subnormal    nonzero values below the storage format's smallest normal number
+max_abs      max |v| here (and ``max_abs_float64`` in the shadow)
+rel_err      percentiles 50/90/99/100 of |v − v64|/|v64| over elements finite in both with
+             v64 ≠ 0 (an underflowed element counts as 1)
+===========  ==========================================================================
+
+and names the first place where inf or NaN appears (forward in layer order, then the loss, then
+backward in backward order).
+
+Gradients are compared after unscaling (float32 inverse scale, as ``GradScaler.unscale_``), so
+a loss scale shows up as fewer underflows. ``loss_scale="dynamic"`` runs GradScaler's opening
+moves: start at 2¹⁶ and halve, skipping the step, until a pass is free of inf/NaN (at most 64
+halvings); the report gives the scale reached and the passes skipped.
+
+The weight update is one SGD step θ − lr·g in the dtype the policy keeps parameters in (float32
+master weights under autocast, the storage format under half), against float64's −lr·g;
+``lr`` defaults to 0.01 (a named choice: it only sets where small updates vanish against θ).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+
+from .backend import FLOAT64
+from .formats import get_format
+from .gradscaler import GradScaler
+from .layers.base import ForwardState
+from .precision import (LowPrecisionRun, Precision, check_loss_scale, dtype_name, format_of,
+                        plain, run, store)
+
+PERCENTILES = (50, 90, 99, 100)
+DEFAULT_LR = 0.01
+MAX_BACKOFFS = 64
+
+
+@dataclass
+class TensorHealth:
+    name: str
+    kind: str                # activation | param_grad | input_grad | update
+    dtype: str
+    numel: int
+    overflow: int
+    nan: int
+    underflow: int
+    subnormal: int
+    max_abs: float
+    max_abs_float64: float
+    rel_err: Dict[str, Optional[float]]
+
+    def as_json(self) -> dict:
+        d = dict(self.__dict__)
+        for key in ("max_abs", "max_abs_float64"):
+            d[key] = _json_number(d[key])
+        d["rel_err"] = {k: _json_number(v) for k, v in self.rel_err.items()}
+        return d
+
+
+def _json_number(v):
+    """inf and NaN as strings: JSON has no literal for them."""
+    if v is None or (isinstance(v, float) and math.isfinite(v)):
+        return v
+    return str(v)
+
+
+@dataclass
+class Diagnosis:
+    precision: Precision
+    loss: float
+    loss_float64: float
+    loss_scale: float
+    skipped_steps: int
+    first_nonfinite: Optional[str]
+    tensors: List[TensorHealth] = field(default_factory=list)
+    lr: float = DEFAULT_LR
+
+    def as_json(self) -> dict:
+        return {"precision": self.precision.storage, "policy": self.precision.policy,
+                "accumulate": self.precision.accumulate, "loss": _json_number(self.loss),
+                "loss_float64": _json_number(self.loss_float64),
+                "loss_scale": self.loss_scale, "skipped_steps": self.skipped_steps,
+                "first_nonfinite": self.first_nonfinite, "lr": self.lr,
+                "tensors": [t.as_json() for t in self.tensors]}
+
+
+def smallest_normal(name: str) -> float:
+    """The smallest normal number of a dtype named as torch does (float16, bfloat16, ...)."""
+    if name in ("float64", "float32"):
+        return float(np.finfo(name).tiny)
+    return get_format({"float16": "fp16", "bfloat16": "bf16", "float8_e5m2": "fp8_e5m2",
+                       "float8_e4m3fn": "fp8_e4m3fn"}[name]).smallest_normal
+
+
+def tensor_health(name, kind, low, ref, stored=None) -> TensorHealth:
+    """The counts of the table above for one tensor: ``low`` as the run has it (unscaled),
+    ``ref`` the float64 shadow; ``stored`` the tensor as it was stored (a scaled gradient),
+    which decides the reported dtype and the subnormal count. Default: ``low`` itself."""
+    stored = low if stored is None else stored
+    dtype = dtype_name(stored)
+    tiny = smallest_normal(dtype)
+    stored_abs = np.abs(np.asarray(plain(stored), dtype=np.float64))
+    low = np.asarray(plain(low), dtype=np.float64).reshape(-1)
+    ref = np.asarray(plain(ref), dtype=np.float64).reshape(-1)
+    finite_ref = np.isfinite(ref)
+    both = np.isfinite(low) & finite_ref & (ref != 0)
+    with np.errstate(all="ignore"):
+        rel = np.abs(low[both] - ref[both]) / np.abs(ref[both])
+    rel_err = {f"p{q}": (float(np.percentile(rel, q)) if rel.size else None) for q in PERCENTILES}
+    absolute = np.abs(low)
+    return TensorHealth(
+        name=name, kind=kind, dtype=dtype, numel=int(low.size),
+        overflow=int(np.sum(np.isinf(low) & finite_ref)),
+        nan=int(np.sum(np.isnan(low))),
+        underflow=int(np.sum((low == 0) & (ref != 0) & finite_ref)),
+        subnormal=int(np.sum((stored_abs > 0) & (stored_abs < tiny))),
+        max_abs=float(np.max(absolute)) if low.size else 0.0,
+        max_abs_float64=float(np.max(np.abs(ref))) if ref.size else 0.0,
+        rel_err=rel_err)
+
+
+def _sgd_update(param_held, grad_unscaled, lr):
+    """θ_new − θ of one SGD step in the dtype the parameter is held in: (step as float64, that
+    dtype). The step is exact in float64, and representable in the held dtype but for rare
+    subnormal edge cases."""
+    fmt = format_of(param_held)
+    with np.errstate(all="ignore"):
+        g = store(grad_unscaled, fmt)
+        new = param_held - lr * g          # storage-format arithmetic: one rounding per op
+        step = np.asarray(plain(new), dtype=np.float64) - np.asarray(plain(param_held),
+                                                                      dtype=np.float64)
+    return step, fmt
+
+
+def diagnose(model, precision: Precision, params=None, x=None, y=None,
+             loss_scale: Union[float, str] = 1.0, lr: float = DEFAULT_LR,
+             train: Optional[bool] = None) -> Diagnosis:
+    """The accounting of the module docstring. ``train``: None for the spec's mode."""
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)
+            and lr > 0):
+        raise ValueError(f"diagnose: lr must be a positive finite number, got {lr!r}")
+    if loss_scale != "dynamic":
+        if isinstance(loss_scale, str):
+            raise ValueError(f"diagnose: loss scale must be a positive number or 'dynamic', "
+                             f"got {loss_scale!r}")
+        loss_scale = check_loss_scale(loss_scale)
+    params, x, y = model.prepare(params, x, y)
+    shadow_state = model.default_state(train)
+    shadow_state.outputs = []
+    with np.errstate(all="ignore"):
+        shadow = model.loss_and_grads(FLOAT64, params, x, y, shadow_state)
+
+    def low_run(scale) -> LowPrecisionRun:
+        state = ForwardState(train=shadow_state.train, rng=None, masks=shadow_state.masks,
+                             outputs=[])
+        return run(model, precision, params, x, y, state, loss_scale=scale)
+
+    skipped = 0
+    if loss_scale == "dynamic":
+        scaler = GradScaler()
+        while True:
+            result = low_run(scaler.scale)
+            scaler.unscale(result.scaled_grads)
+            if not scaler.found_inf or skipped >= MAX_BACKOFFS:
+                break
+            scaler.update()
+            skipped += 1
+        scale = scaler.scale
+    else:
+        scale = float(loss_scale)
+        result = low_run(scale)
+
+    tensors = []
+    for (name, kind, out), (_, _, ref) in zip(result.outputs, shadow_state.outputs):
+        tensors.append(tensor_health(f"{name}.out", "activation", out, ref))
+    for name, g in result.grads.items():
+        tensors.append(tensor_health(name, "param_grad", g, shadow.params[name],
+                                     stored=result.scaled_grads[name]))
+    tensors.append(tensor_health("x.grad", "input_grad", result.x_grad, shadow.x,
+                                 stored=result.x_grad_stored))
+    for name, g in result.grads.items():
+        step, held_fmt = _sgd_update(result.params[name], g, lr)
+        tensors.append(tensor_health(f"{name}.update", "update", step,
+                                     -lr * np.asarray(shadow.params[name]),
+                                     stored=store(step, held_fmt)))
+    return Diagnosis(precision, result.loss, float(shadow.loss), scale, skipped,
+                     result.first_nonfinite(), tensors, lr)
+
+
+def format_table(d: Diagnosis) -> str:
+    """The per-layer table, forward then backward, as text."""
+    lines = [f"precision {d.precision}; loss {d.loss:.6g} (float64 {d.loss_float64:.6g}); "
+             f"loss scale {d.loss_scale:g}" + (f" ({d.skipped_steps} steps skipped by dynamic "
+                                               f"scaling)" if d.skipped_steps else ""),
+             f"first inf/NaN: {d.first_nonfinite or 'none'}", ""]
+    header = (f"{'tensor':<22} {'kind':<10} {'dtype':<8} {'numel':>7} {'overflow':>8} "
+              f"{'nan':>6} {'underflow':>9} {'subnorm':>7} {'max|v|':>9} {'f64 max':>9} "
+              f"{'relerr50':>8} {'relerr99':>8}")
+    lines += [header, "-" * len(header)]
+    for t in d.tensors:
+        lines.append(f"{t.name:<22} {t.kind:<10} {t.dtype:<8} {t.numel:>7} {t.overflow:>8} "
+                     f"{t.nan:>6} {_pct(t.underflow, t.numel):>9} {t.subnormal:>7} "
+                     f"{t.max_abs:>9.2e} {t.max_abs_float64:>9.2e} "
+                     f"{_num(t.rel_err['p50']):>8} {_num(t.rel_err['p99']):>8}")
+    return "\n".join(lines)
+
+
+def _pct(count, total):
+    return f"{count}" if count == 0 else f"{100.0 * count / total:.1f}%"
+
+
+def _num(v):
+    return "-" if v is None else f"{v:.1e}"

@@ -1,0 +1,493 @@
+"""fp16/bf16 emulation: run a model as PyTorch on an NVIDIA GPU runs it in half precision.
+
+The model and its layers are unchanged. A precision policy (:class:`Precision`) chooses
+
+- ``storage``: the format tensors are stored in between kernels — ``fp16``, ``bf16``,
+  ``fp8_e5m2``, ``fp8_e4m3fn`` — or ``float32``/``float64``, which run the plain backends;
+- ``policy``: ``"autocast"`` (``torch.autocast``: parameters stay float32 *master weights*; dense,
+  conv and prelu cast their input and parameters to the storage format and return it; softplus
+  and layernorm compute and return float32; every other layer returns its input's format; the
+  loss is float32) or ``"half"`` (``model.half()``: parameters, buffers, input and every
+  activation in the storage format, the loss too);
+- ``accumulate``: ``"float32"`` (tensor cores: each kernel computes in float32 from its
+  storage-format operands — products, sums, statistics — and rounds its result once) or
+  ``"storage"`` (every operation, each product and each partial sum, rounded to the storage
+  format, no fused multiply-add: what hardware avoids, and why);
+- ``derivatives``: ``"torch"`` (sigmoid' = s(1 − s), tanh' = 1 − t² from the *stored* output, as
+  torch's ``sigmoid_backward``/``tanh_backward`` compute them on the GPU: σ'(10) rounds to 0 in
+  fp16 because s does) or ``"accurate"`` (refnet's forms, from the input).
+
+Where rounding happens (measured on an H100, ``shared/PRECISION.md``): **a leaf layer is one
+kernel.** It reads storage-format values, computes in float32, and its output is rounded once to
+its output format; the same for its backward (dx rounded once; parameter gradients rounded to the
+format the parameter had inside the kernel: the storage format for cast or half parameters,
+float32 for batchnorm/layernorm's float32 master weights under autocast). Containers (sequential,
+residual) are not kernels: the residual's ``s + scale·f`` runs as elementwise operations on
+storage-format tensors, each rounded once, as torch's elementwise kernels do.
+
+A storage-format tensor is held as a float32 array tagged with its format (:class:`StoredArray`):
+every fp16/bf16/fp8 value is a float32 value, so kernels compute on it without conversion, and
+the tag carries autocast's dtype rules from layer to layer. Every rounding is once, to nearest
+even, subnormals kept: float64 → format directly (never via float32, which would round twice;
+``refnet.formats``), float32 → format by :func:`round_float32`.
+
+Loss scaling multiplies the loss by S (float32 under autocast, the storage format under half,
+where S = 2¹⁶ is itself inf) and so the upstream gradient of the loss; the cross-entropy backward
+then runs torch's composition (log-softmax backward of an nll upstream held in the logits'
+format), so an overflowing S/N gives +inf off the label and NaN on it, as measured on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .backend import FLOAT32, FLOAT64, NumpyBackend, float_constant
+from .formats import get_format, round_to
+from .layers.base import ForwardState
+from .layers.sequential import Container
+from .losses import SoftmaxCrossEntropy
+
+STORAGES = ("fp16", "bf16", "fp8_e5m2", "fp8_e4m3fn", "float32", "float64")
+POLICIES = ("autocast", "half")
+ACCUMULATIONS = ("float32", "storage")
+DERIVATIVES = ("torch", "accurate")
+
+
+@dataclass(frozen=True)
+class Precision:
+    storage: str = "fp16"
+    policy: str = "autocast"
+    accumulate: str = "float32"
+    derivatives: str = "torch"
+
+    def __post_init__(self):
+        for key, allowed in (("storage", STORAGES), ("policy", POLICIES),
+                             ("accumulate", ACCUMULATIONS), ("derivatives", DERIVATIVES)):
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ValueError(f"precision: unknown {key} {value!r}; expected one of "
+                                 f"{list(allowed)}")
+
+    @property
+    def emulated(self) -> bool:
+        """False for float32/float64: those run the plain numpy backend, adding nothing."""
+        return self.storage not in ("float32", "float64")
+
+    def __str__(self):
+        if not self.emulated:
+            return self.storage
+        extra = "" if self.accumulate == "float32" else ", storage accumulation"
+        return f"{self.storage} ({self.policy}{extra})"
+
+
+# --- storage-format values, held in float32 ---------------------------------------------------
+# Every fp16/bf16/fp8 value is a float32 value, so a tensor in a storage format is held as a
+# float32 array tagged with its format: the layers compute on it directly, with no conversion.
+# (numpy's float32 → float16 cast costs 25 ns per element once values turn subnormal — the very
+# values this module is about — and half that back; the rounding below is value-independent.)
+
+DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp8_e5m2": "float8_e5m2",
+               "fp8_e4m3fn": "float8_e4m3fn", "float32": "float32", "float64": "float64"}
+_FP16_OVERFLOW = np.float32(65520.0)       # |x| ≥ 65520 rounds to inf (65520 is a tie → 2¹⁶)
+
+
+def round_float32(x, fmt: str) -> np.ndarray:
+    """float32 ``x`` rounded once, to nearest even, to ``fmt``'s values; returned as float32.
+
+    fp16: with q the fp16 spacing at |x| (2^(e − 10), at least 2⁻²⁴) and M = 1.5·2²³·q, the
+    float32 sum x + M is rounded by the hardware to a multiple of q, ties to even (M/q is even),
+    and (x + M) − M is exact. bf16: the same on the bit pattern (add 0x7FFF plus the parity of
+    bit 16, clear the low 16 bits; a carry into the exponent is the correct rounding up, inf
+    included). Both are checked against ``refnet.formats.round_to`` in the tests."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 0:                        # 0-d arithmetic returns scalars: work on a 1-vector
+        return round_float32(x.reshape(1), fmt).reshape(())
+    with np.errstate(all="ignore"):
+        if fmt == "fp16":
+            q = (x.view(np.uint32) & np.uint32(0x7F800000)).view(np.float32)
+            np.multiply(q, np.float32(2.0 ** -10), out=q)
+            np.maximum(q, np.float32(2.0 ** -24), out=q)
+            np.multiply(q, np.float32(12582912.0), out=q)          # M = 1.5·2²³·q
+            r = x + q
+            r -= q
+            np.copysign(r, x, out=r)           # −0 and negatives that round to 0 keep the sign
+            over = ~(np.abs(x) < _FP16_OVERFLOW)                   # also true for NaN
+            if over.any():
+                r[over] = np.where(np.isnan(x[over]), x[over],
+                                   np.copysign(np.float32(np.inf), x[over]))
+            return r
+        if fmt == "bf16":
+            bits = x.view(np.uint32)
+            r = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
+                 & np.uint32(0xFFFF0000)).view(np.float32)
+            nan = np.isnan(x)
+            if nan.any():
+                r[nan] = x[nan]
+            return r
+        return round_to(x.astype(np.float64), fmt).astype(np.float32)
+
+
+class StoredArray(np.ndarray):
+    """A float32 array whose values belong to the storage format ``fmt`` (``"fp16"``, ...).
+
+    Arithmetic on it behaves as torch's elementwise kernels on half tensors: each numpy ufunc
+    computes in float32 and rounds its result once to the result's format — the storage format,
+    unless a float32 array takes part (then float32, as torch promotes half + float). Python
+    scalars do not promote. ``np.matmul``/``sum`` likewise: float32 accumulation, one rounding."""
+
+    def __new__(cls, values, fmt: str):
+        obj = np.asarray(values, dtype=np.float32).view(cls)
+        obj.fmt = fmt
+        return obj
+
+    def __array_finalize__(self, obj):
+        self.fmt = getattr(obj, "fmt", None)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if "out" in kwargs:
+            kwargs["out"] = tuple(plain(o) for o in kwargs["out"])
+        result = getattr(ufunc, method)(*(plain(a) for a in inputs), **kwargs)
+        if not isinstance(result, (np.ndarray, np.floating)) or np.asarray(result).dtype.kind != "f":
+            return result
+        fmts = {a.fmt for a in inputs if isinstance(a, StoredArray)}
+        widened = any(isinstance(a, np.ndarray) and not isinstance(a, StoredArray)
+                      and a.dtype.kind == "f" for a in inputs)
+        if widened or len(fmts) != 1:
+            return np.asarray(result, dtype=np.float32)
+        fmt = fmts.pop()
+        return StoredArray(round_float32(result, fmt), fmt)
+
+
+def plain(a):
+    """The float32 (or other) values of ``a`` as a plain ndarray (a view: no copy)."""
+    return a.view(np.ndarray) if isinstance(a, StoredArray) else a
+
+
+def format_of(a) -> str:
+    """``"fp16"``/``"bf16"``/... for a StoredArray, else the dtype's name (float32, float64)."""
+    return a.fmt if isinstance(a, StoredArray) else np.asarray(a).dtype.name
+
+
+def dtype_name(a) -> str:
+    """The torch-style dtype name of the values: float16, bfloat16, float32, ..."""
+    return DTYPE_NAMES.get(format_of(a), format_of(a))
+
+
+def store(a, fmt: str):
+    """``a`` rounded once to ``fmt``: a StoredArray, or a plain float32/float64 array.
+
+    float64 input is rounded directly (``refnet.formats.round_to``), never through float32,
+    which would round twice; values already in ``fmt`` (or a narrower format when ``fmt`` is
+    float32) pass unchanged."""
+    if fmt in ("float32", "float64"):
+        return np.asarray(plain(a), dtype=fmt)
+    if isinstance(a, StoredArray) and a.fmt == fmt:
+        return a
+    a = np.asarray(plain(a))
+    if a.dtype == np.float64:
+        return StoredArray(round_to(a, fmt), fmt)
+    return StoredArray(round_float32(a, fmt), fmt)
+
+
+def check_format(storage: str) -> str:
+    """fp16 and bf16 are built in; the fp8 formats follow refnet.formats (slower, exact)."""
+    if storage not in STORAGES:
+        raise ValueError(f"precision: unknown storage {storage!r}; expected one of "
+                         f"{list(STORAGES)}")
+    return storage
+
+
+class StorageArithmetic(NumpyBackend):
+    """Every operation in the storage format, rounded once per operation; matmul and sum
+    accumulate sequentially with the partial sum rounded after each product is added (each
+    product rounded too: no fused multiply-add). ``accumulate="storage"``."""
+
+    def __init__(self, fmt: str):
+        self.fmt = check_format(fmt)
+        self.dtype = np.dtype(np.float32)
+        self.name = f"{fmt} arithmetic"
+        self._erf = np.vectorize(math.erf, otypes=[np.float64])
+        self._erfc = np.vectorize(math.erfc, otypes=[np.float64])
+
+    def asarray(self, a):
+        return store(a, self.fmt)
+
+    def const(self, value):
+        return self.asarray(np.float64(float_constant(value)))
+
+    def zeros(self, shape):
+        return StoredArray(np.zeros(shape, dtype=np.float32), self.fmt)
+
+    def erf(self, x):
+        return store(self._erf(plain(x)), self.fmt)
+
+    def erfc(self, x):
+        return store(self._erfc(plain(x)), self.fmt)
+
+    def maximum(self, a, b):
+        return self.asarray(np.maximum(a, b))
+
+    def minimum(self, a, b):
+        return self.asarray(np.minimum(a, b))
+
+    def where(self, cond, a, b):
+        return self.asarray(np.where(plain(cond), plain(self.asarray(a)), plain(self.asarray(b))))
+
+    def matmul(self, a, b):
+        a, b = plain(self.asarray(a)), plain(self.asarray(b))
+        shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+        acc = StoredArray(np.zeros(shape, dtype=np.float32), self.fmt)
+        for k in range(a.shape[-1]):
+            acc = acc + (StoredArray(a[..., :, k:k + 1], self.fmt)
+                         * StoredArray(b[..., k:k + 1, :], self.fmt))
+        return acc
+
+    def sum(self, a, axis=None, keepdims=False):
+        a = plain(self.asarray(a))
+        axes = tuple(range(a.ndim)) if axis is None else (
+            (axis,) if isinstance(axis, int) else tuple(axis))
+        axes = tuple(ax % a.ndim for ax in axes)
+        rest = [ax for ax in range(a.ndim) if ax not in axes]
+        moved = np.transpose(a, list(axes) + rest).reshape((-1,) + tuple(a.shape[ax] for ax in rest))
+        acc = StoredArray(np.zeros(moved.shape[1:], dtype=np.float32), self.fmt)
+        for row in moved:
+            acc = acc + StoredArray(row, self.fmt)
+        if keepdims:
+            acc = acc.reshape(tuple(1 if ax in axes else a.shape[ax] for ax in range(a.ndim)))
+        return acc
+
+
+@dataclass
+class Trace:
+    """What a low-precision pass stored, in order: forward outputs (``state.outputs``) and, per
+    leaf layer, the input gradient its backward produced."""
+    backward: List[tuple] = field(default_factory=list)    # (layer name, layer type, dx)
+
+
+class EmulatedBackend:
+    """Runs each leaf layer as one GPU kernel under a :class:`Precision` (see the module doc).
+
+    Only containers see this object as their backend; leaf layers run in ``self.compute``
+    (float32, or the storage format's own arithmetic with ``accumulate="storage"``)."""
+
+    def __init__(self, precision: Precision, trace: Optional[Trace] = None):
+        if not precision.emulated:
+            raise ValueError(f"precision: {precision.storage} runs the plain numpy backend, "
+                             f"not the emulation")
+        self.precision = precision
+        self.storage = precision.storage
+        self.compute = (FLOAT32 if precision.accumulate == "float32"
+                        else StorageArithmetic(self.storage))
+        self.name = f"emulated {precision}"
+        self.trace = Trace() if trace is None else trace
+
+    def __repr__(self):
+        return f"<refnet backend {self.name}>"
+
+    # the format rules --------------------------------------------------------------------
+    def _casts_params(self, layer) -> bool:
+        """Does the kernel see its parameters in the storage format? (Under half they are.)"""
+        return self.precision.policy == "half" or layer.autocast == "lowp"
+
+    def _output_format(self, layer, in_fmt):
+        if self.precision.policy == "autocast":
+            if layer.autocast == "lowp":
+                return self.storage
+            if layer.autocast == "float32":
+                return "float32"
+        return in_fmt
+
+    def _input_format(self, layer, in_fmt):
+        """The format the kernel reads its input in (autocast casts a float32 input down)."""
+        if self.precision.policy == "autocast" and layer.autocast == "lowp":
+            return self.storage
+        return in_fmt
+
+    def _compute_view(self, a):
+        """What the kernel computes on: plain float32 values (or storage-format arithmetic)."""
+        if isinstance(self.compute, StorageArithmetic):
+            return self.compute.asarray(a)
+        return np.asarray(plain(a), dtype=np.float32)
+
+    # the hooks Sequential calls ----------------------------------------------------------
+    def forward_layer(self, layer, params, x, state: ForwardState):
+        if isinstance(layer, Container):
+            return layer.forward(self, params, x, state)
+        in_fmt = format_of(x)
+        seen = {k: (store(v, self.storage) if self._casts_params(layer) else v)
+                for k, v in params.items()}
+        compute_params = {k: self._compute_view(v) for k, v in seen.items()}
+        x_read = store(x, self._input_format(layer, in_fmt))
+        with np.errstate(all="ignore"):
+            y, cache = layer.forward(self.compute, compute_params, self._compute_view(x_read),
+                                     state)
+            y = store(y, self._output_format(layer, in_fmt))
+            for name in list(state.updates):      # running statistics, stored as the buffer is
+                local = name[len(layer.name) + 1:]
+                if name.startswith(layer.name + ".") and local in params:
+                    state.updates[name] = np.asarray(
+                        plain(store(np.asarray(state.updates[name], dtype=np.float64),
+                                    format_of(params[local]))), dtype=np.float64)
+        return y, (cache, in_fmt, compute_params, seen, y)
+
+    def backward_layer(self, layer, params, dy, ecache):
+        if isinstance(layer, Container):
+            return layer.backward(self, params, dy, ecache)
+        cache, in_fmt, compute_params, seen, y = ecache
+        dy = self._compute_view(dy)
+        with np.errstate(all="ignore"):
+            output_form = getattr(layer, "df_from_output", None)
+            if self.precision.derivatives == "torch" and output_form is not None:
+                dx, grads = dy * output_form(self.compute, self._compute_view(y)), {}
+            else:
+                dx, grads = layer.backward(self.compute, compute_params, dy, cache)
+            dx = store(store(dx, self._input_format(layer, in_fmt)), in_fmt)
+            # In the format the kernel saw the parameter in (fp16 for a cast float32 master
+            # weight: its .grad is float32 but holds fp16 values; unscaling makes it float32).
+            grads = {k: store(g, format_of(seen[k])) for k, g in grads.items()}
+        self.trace.backward.append((layer.name, layer.type, dx))
+        return dx, grads
+
+
+# ------------------------------------------------------------------------------------------
+@dataclass
+class LowPrecisionRun:
+    """One forward and backward pass under a precision policy.
+
+    ``loss``: the unscaled loss (float); ``scaled_grads``: parameter gradients of S·L as stored
+    (storage format, or float32 for float32 master parameters); ``grads``: those unscaled, each
+    multiplied in float32 by the float32 inverse scale as ``GradScaler.unscale_`` does;
+    ``x_grad``: dL/dx unscaled likewise; ``outputs``: (layer name, type, stored output) in
+    forward order; ``trace``: the input gradients of the backward pass, in backward order."""
+    precision: Precision
+    loss: float
+    loss_scale: float
+    scaled_grads: Dict[str, np.ndarray]
+    grads: Dict[str, np.ndarray]
+    x_grad: np.ndarray
+    outputs: list
+    trace: Trace
+    params: Dict[str, np.ndarray]          # the parameters as the run holds them
+    updates: Dict[str, np.ndarray]         # running statistics, stored as the buffers are
+    loss_grad: object = None               # S·∂L/∂(network output), as stored
+    x_grad_stored: object = None           # S·∂L/∂x, as stored
+
+    def first_nonfinite(self) -> Optional[str]:
+        """Where inf or NaN first appears: a forward output, the loss, then backward in order."""
+        for name, kind, out in self.outputs:
+            what = _nonfinite_kind(out)
+            if what:
+                return f"forward: layer {name} ({kind}) output holds {what}"
+        if not math.isfinite(self.loss):
+            return f"the loss ({self.loss})"
+        what = _nonfinite_kind(self.loss_grad)
+        if what:
+            return f"backward: the loss gradient (w.r.t. the network output) holds {what}"
+        for name, kind, dx in self.trace.backward:
+            what = _nonfinite_kind(dx)
+            if what:
+                return f"backward: layer {name} ({kind}) input gradient holds {what}"
+        for name, g in self.scaled_grads.items():
+            what = _nonfinite_kind(g)
+            if what:
+                return f"backward: gradient of {name} holds {what}"
+        return None
+
+
+def _nonfinite_kind(a) -> str:
+    a = np.asarray(a, dtype=np.float64)
+    if np.all(np.isfinite(a)):
+        return ""
+    return "NaN" if np.any(np.isnan(a)) else "inf"
+
+
+def check_loss_scale(scale) -> float:
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating))
+            or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"loss scale: must be a positive finite number, got {scale!r}")
+    return float(scale)
+
+
+def cast_params(params: Dict[str, np.ndarray], precision: Precision) -> Dict[str, np.ndarray]:
+    """The parameters and buffers as the policy holds them: float32 master copies under
+    autocast, the storage format under half (``num_batches_tracked`` stays a count)."""
+    if precision.policy == "autocast":
+        return {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
+    return {k: (np.asarray(v) if k.endswith("num_batches_tracked") else store(v, precision.storage))
+            for k, v in params.items()}
+
+
+def run(model, precision: Precision, params, x, y, state: Optional[ForwardState] = None,
+        loss_scale: float = 1.0, *, cast: bool = True) -> LowPrecisionRun:
+    """Forward and backward of ``model`` under ``precision`` (params, x, y already prepared,
+    float64). With ``cast=False`` the parameters are taken as given (a training loop passes its
+    master or storage-format parameters)."""
+    loss_scale = check_loss_scale(loss_scale)
+    state = model.default_state() if state is None else state
+    state.outputs = [] if state.outputs is None else state.outputs
+    if not precision.emulated:
+        return _run_plain(model, precision, params, x, y, state, loss_scale)
+    trace = Trace()
+    bk = EmulatedBackend(precision, trace)
+    held = cast_params(params, precision) if cast else params
+    x_held = store(x, bk.storage if precision.policy == "half" else "float32")
+    h, caches = model.net.forward(bk, held, x_held, state)
+    # The loss: float32 under autocast; under half computed in float32 from the storage-format
+    # logits and stored in the storage format (torch's half cross-entropy returns half).
+    with np.errstate(all="ignore"):
+        loss32, loss_cache = model.loss.forward(FLOAT32, FLOAT32.asarray(plain(h)), y)
+        loss_fmt = bk.storage if precision.policy == "half" else "float32"
+        loss = store(np.asarray(loss32, dtype=np.float32), loss_fmt)
+        upstream = plain(store(np.asarray(loss_scale, dtype=np.float64), loss_fmt))
+        dh = _loss_backward(model.loss, loss_cache, np.float32(upstream), format_of(h))
+    dx, scaled = model.net.backward(bk, held, dh, caches)
+    if model.l1 or model.l2:
+        raise ValueError("precision: the fp16/bf16 emulation does not model the L1/L2 penalty "
+                         "terms; diagnose the model without 'regularization'")
+    inv_scale = np.float32(1.0 / np.float64(np.float32(loss_scale)))   # GradScaler's inverse
+    with np.errstate(all="ignore"):
+        unscaled = {k: np.asarray(plain(g), dtype=np.float32) * inv_scale
+                    for k, g in scaled.items()}
+        x_grad = np.asarray(plain(dx), dtype=np.float32) * inv_scale
+    order = list(model.param_shapes())
+    return LowPrecisionRun(precision, float(loss), loss_scale, {k: scaled[k] for k in order},
+                           {k: unscaled[k] for k in order}, x_grad, state.outputs, trace, held,
+                           dict(state.updates), dh, dx)
+
+
+def _loss_backward(loss, cache, upstream, logits_fmt):
+    """The loss gradient for an upstream gradient S (the loss scale), as torch computes it.
+
+    Cross-entropy is log_softmax then nll_loss: nll's backward puts −S/N on the label, and that
+    value is held in the logits' dtype before log_softmax's backward forms dlogp − p·Σdlogp. When
+    −S/N overflows (S = 2²⁴, N = 64 in fp16), that gives +inf off the label and NaN on it — what
+    the GPU gives under autocast (shared/PRECISION.md). mse and bce_with_logits: S times the
+    gradient, computed in float32 and then stored."""
+    if isinstance(loss, SoftmaxCrossEntropy):
+        logp, labels, divisor = cache
+        onehot = np.zeros(logp.shape, dtype=bool)
+        onehot[np.arange(logp.shape[0]), labels] = True
+        g = np.float32(plain(store(np.asarray([upstream / np.float32(divisor)]), logits_fmt))[0])
+        p = np.exp(logp)
+        grad = np.where(onehot, p * g - g, p * g)
+    else:
+        grad = loss.backward(FLOAT32, cache) * upstream
+    return store(grad, logits_fmt)
+
+
+def _run_plain(model, precision, params, x, y, state, loss_scale):
+    """float64 or float32: the plain backend (bit for bit what ``loss_and_grads`` gives)."""
+    bk = FLOAT64 if precision.storage == "float64" else FLOAT32
+    with np.errstate(all="ignore"):
+        g = model.loss_and_grads(bk, params, x, y, state)
+        scaled = {k: np.asarray(v) * bk.dtype.type(loss_scale) for k, v in g.params.items()}
+        inv = bk.dtype.type(1.0 / loss_scale)
+        grads = {k: v * inv for k, v in scaled.items()} if loss_scale != 1.0 else dict(g.params)
+    return LowPrecisionRun(precision, float(g.loss), loss_scale, scaled,
+                           {k: np.asarray(v) for k, v in grads.items()}, np.asarray(g.x),
+                           state.outputs, Trace(), {k: bk.asarray(v) for k, v in params.items()},
+                           dict(state.updates))
