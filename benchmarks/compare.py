@@ -6,7 +6,8 @@
 Benchmarks are paired by group: ``impl=refnet`` against ``impl=torch`` of the same group. With
 ``--json`` the output is an object mapping each group to its refnet/torch ratio (mean times).
 Groups without a peer report their ``extra_info`` ratios: mp against refnet float64, the
-fp16/bf16 emulation against refnet float32 of the same model.
+fp16/bf16 emulation against refnet float32 of the same model, ``study --quick`` against its 60 s
+target.
 """
 
 import argparse
@@ -25,7 +26,7 @@ def ratios(run: dict) -> dict:
             out[group] = impls["refnet"]["stats"]["mean"] / impls["torch"]["stats"]["mean"]
         else:
             extra = impls.get("refnet", {}).get("extra_info", {})
-            for key in ("ratio_to_float64", "ratio_to_float32"):
+            for key in ("ratio_to_float64", "ratio_to_float32", "ratio_to_target"):
                 if key in extra:
                     out[group] = extra[key]
     return out
@@ -44,7 +45,8 @@ def main(argv=None):
         print(f"{'group':<36} {'ratio':>10}")
         for group, ratio in result.items():
             kind = ("refnet/float64" if group.startswith("mp-") else
-                    "emulated/float32" if group.startswith("emulation-") else "refnet/torch")
+                    "emulated/float32" if group.startswith("emulation-") else
+                    "time/60 s target" if group.startswith("study-") else "refnet/torch")
             print(f"{group:<36} {ratio:>10.3g}  ({kind})")
     return 0
 

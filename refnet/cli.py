@@ -1,5 +1,5 @@
-"""Command line: ``refnet verify``, ``refnet grads``, ``refnet train``, ``refnet diagnose``
-(also ``python -m refnet``).
+"""Command line: ``refnet study``, ``refnet verify``, ``refnet grads``, ``refnet train``,
+``refnet diagnose``, ``refnet presets`` (also ``python -m refnet``).
 
 Exit status: 0 all checks pass, 1 a check fails (verify), training stopped on a non-finite loss
 (train) or inf/NaN appeared (diagnose), 2 bad input (the message names what is wrong).
@@ -170,7 +170,17 @@ def _loss_scale(text):
 def cmd_diagnose(args) -> int:
     from .diagnose import diagnose, format_table
     from .precision import Precision
-    model, params, x, y = _inputs(args)
+    from .presets import preset
+    if (args.spec is None) == (args.preset is None):
+        raise ValueError("give either a spec file or --preset NAME (refnet presets lists them)")
+    if args.preset is not None:
+        model = Model(preset(args.preset))
+        params = load_params(args.params) if args.params else None
+        x = y = None
+        if args.data:
+            x, y = load_data(args.data)
+    else:
+        model, params, x, y = _inputs(args)
     precision = Precision(args.precision, args.policy, args.accumulate)
     d = diagnose(model, precision, params, x, y, loss_scale=args.loss_scale, lr=args.lr,
                  train=_train(args))
@@ -178,7 +188,34 @@ def cmd_diagnose(args) -> int:
         print(json.dumps(d.as_json(), indent=1))
     else:
         print(format_table(d))
+    if args.plot:
+        try:
+            from .plots import diagnose_figure
+        except ImportError:
+            raise ValueError("--plot needs matplotlib (pip install 'refnet[plot]')") from None
+        diagnose_figure(d, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return EXIT_FAIL if d.first_nonfinite else EXIT_OK
+
+
+def cmd_presets(args) -> int:
+    from .presets import PRESETS
+    for name, spec in PRESETS.items():
+        print(f"{name:<14} {spec.get('description', '')}")
+    return EXIT_OK
+
+
+def cmd_study(args) -> int:
+    from pathlib import Path
+    from .study import format_table, run_study, summary
+    out = Path(args.out)
+    results = run_study(quick=args.quick, out=out, check=not args.no_check)
+    print(format_table(results))
+    print()
+    print(summary(results))
+    written = sorted(p.name for p in out.iterdir())
+    print(f"\nwrote {', '.join(written)} to {out}/")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"refnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p):
-        p.add_argument("spec", help="model spec (JSON, see spec/model-format.md)")
+    def common(p, optional_spec=False):
+        p.add_argument("spec", nargs="?" if optional_spec else None,
+                       help="model spec (JSON, see spec/model-format.md)")
         p.add_argument("--params", help=".npz of parameters by torch name (default: the spec's inits)")
         p.add_argument("--data", help=".npz with x and y (default: a seeded batch)")
         p.add_argument("--dps", type=int, default=50, help="mp significant digits (default 50)")
@@ -230,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("diagnose", help="per-layer overflow/underflow in fp16/bf16 against a "
                                         "float64 shadow run")
-    common(d)
+    common(d, optional_spec=True)
+    d.add_argument("--preset", help="a named model instead of a spec file (refnet presets)")
+    d.add_argument("--plot", help="write a per-layer figure to this PNG (needs matplotlib)")
     d.add_argument("--precision", choices=["fp16", "bf16", "fp8_e5m2", "fp8_e4m3fn", "float32",
                                            "float64"], default="fp16")
     d.add_argument("--policy", choices=["autocast", "half"], default="autocast",
@@ -247,6 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON: "tensors" (name, kind, overflow, underflow, nan, subnormal, '
                         'max_abs, numel, ...) and "first_nonfinite"')
     d.set_defaults(func=cmd_diagnose)
+
+    st = sub.add_parser("study", help="the gradient-health study: depth x activation x init x "
+                                      "architecture x precision")
+    st.add_argument("--quick", action="store_true",
+                    help="a small grid (4 activations, 5 inits, 3 architectures, depths 3 and "
+                         "12, float64 and fp16): under a minute")
+    st.add_argument("--out", default="study-results",
+                    help="directory for results.json, results.csv and the figures "
+                         "(default study-results)")
+    st.add_argument("--no-check", action="store_true",
+                    help="skip the spot checks against the high-precision reference")
+    st.set_defaults(func=cmd_study)
+
+    pr = sub.add_parser("presets", help="list the named models diagnose --preset accepts")
+    pr.set_defaults(func=cmd_presets)
     return parser
 
 

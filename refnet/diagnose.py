@@ -62,10 +62,12 @@ class TensorHealth:
     max_abs: float
     max_abs_float64: float
     rel_err: Dict[str, Optional[float]]
+    norm: float = 0.0                  # ‖v‖₂ (unscaled), computed in float64
+    norm_float64: float = 0.0
 
     def as_json(self) -> dict:
         d = dict(self.__dict__)
-        for key in ("max_abs", "max_abs_float64"):
+        for key in ("max_abs", "max_abs_float64", "norm", "norm_float64"):
             d[key] = _json_number(d[key])
         d["rel_err"] = {k: _json_number(v) for k, v in self.rel_err.items()}
         return d
@@ -130,7 +132,18 @@ def tensor_health(name, kind, low, ref, stored=None) -> TensorHealth:
         subnormal=int(np.sum((stored_abs > 0) & (stored_abs < tiny))),
         max_abs=float(np.max(absolute)) if low.size else 0.0,
         max_abs_float64=float(np.max(np.abs(ref))) if ref.size else 0.0,
-        rel_err=rel_err)
+        rel_err=rel_err, norm=_norm(low), norm_float64=_norm(ref))
+
+
+def _norm(v) -> float:
+    """‖v‖₂ without overflow or underflow of the squares (scaled by max |v|)."""
+    with np.errstate(all="ignore"):
+        if v.size == 0:
+            return 0.0
+        m = float(np.max(np.abs(v)))
+        if not math.isfinite(m):
+            return math.nan if np.isnan(v).any() else math.inf
+        return m * float(np.sqrt(np.sum((v / m) ** 2))) if m > 0 else 0.0
 
 
 def _sgd_update(param_held, grad_unscaled, lr):

@@ -103,6 +103,10 @@ class BoundArray:
     def __init__(self, v, e=None, s2=None):
         self.v = np.asarray(v, dtype=np.float64)
         self.e = np.zeros_like(self.v) if e is None else np.asarray(e, dtype=np.float64)
+        if e is not None and np.isnan(self.e).any():
+            # inf·0 in a propagation formula (an unbounded operand times an exact zero): NaN
+            # would poison min(e, λσ) downstream; "no rigorous bound" is inf.
+            self.e = np.where(np.isnan(self.e), np.inf, self.e)
         self.s2 = (np.zeros(self.v.shape, dtype=S2_DTYPE) if s2 is None
                    else np.asarray(s2, dtype=S2_DTYPE))
 

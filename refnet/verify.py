@@ -323,3 +323,42 @@ def _fd_check(problem, name, base, v, analytic, scale, loss_mp, base_signatures)
     d = _digits(ctx, abs(fd - a), ref)
     return True, min(d, float(dps)), dps, None
 
+
+
+@dataclass
+class SpotCheck:
+    """Check 1 of the triangle alone: float64 vs the ``dps``-digit run, every gradient element
+    held to min(e, LAMBDA·σ). ``passed`` is None where float64 and the exact run take different
+    branches at a kink (nothing to compare); ``worst_use`` is max err/bound (≤ 1 passes)."""
+    passed: Optional[bool]
+    worst_use: float
+    dps: int
+
+
+def spot_check(model: Model, params, x, y, *, dps: int = 30,
+               train: Optional[bool] = None) -> SpotCheck:
+    """float64 gradients of (params, x, y) checked against the high-precision backend — the
+    cheap part of :func:`verify` (no finite differences), for sweeps such as ``refnet study``."""
+    params, x, y = model.prepare(params, x, y)
+    first = model.default_state(train)
+    g64 = model.loss_and_grads(FLOAT64, params, x, y, first)
+    replay = lambda: ForwardState(train=first.train, rng=None, masks=first.masks)  # noqa: E731
+    gb = model.loss_and_grads(BOUND, params, x, y, replay())
+    mp = MPBackend(dps)
+    gm = model.loss_and_grads(mp, params, x, y, replay())
+    if _signature_difference(g64.forward.kink_signatures, gm.forward.kink_signatures,
+                             _signature_labels(model)):
+        return SpotCheck(None, math.nan, dps)
+    worst = 0.0
+    for name in list(model.param_shapes()) + ["x"]:
+        f64 = np.asarray(g64.params[name] if name != "x" else g64.x, dtype=np.float64)
+        bound_arr = gb.params[name] if name != "x" else gb.x
+        exact = gm.params[name] if name != "x" else gm.x
+        if not np.all(np.isfinite(f64)):
+            return SpotCheck(False, math.inf, dps)
+        err = mp.to_numpy(mp.abs(mp.asarray(f64) - exact))
+        bound = np.minimum(bound_arr.e, bound_arr.probabilistic_bound(LAMBDA))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            use = np.where(bound > 0, err / bound, np.where(err == 0, 0.0, np.inf))
+        worst = max(worst, float(use.max()) if use.size else 0.0)
+    return SpotCheck(worst <= 1.0, worst, dps)
