@@ -214,7 +214,8 @@ def test_ten_steps_on_a_small_model_match_torch_optim_float64(case):
 @pytest.mark.parametrize("p", [2.0, 1.0, math.inf])
 def test_clipping_matches_torch_bit_for_bit_given_the_same_norm(p):
     """clip_grad_value_ bit for bit; clip_grad_norm_: torch's norm is within a few ulps of the
-    correctly rounded one refnet computes, and given torch's norm the scaling is bit for bit."""
+    correctly rounded one refnet computes by default, given torch's norm the scaling is bit for
+    bit, and with reduction="torch_cpu" norm and clipped gradients are bit for bit."""
     import torch
     grads = random_grads(5)
     tensors = [torch.tensor(g.copy()) for g in grads.values()]
@@ -226,8 +227,43 @@ def test_clipping_matches_torch_bit_for_bit_given_the_same_norm(p):
     same = scale_by_norm(grads, torch_norm, 0.5)
     for g, t in zip(same.values(), tensors):
         assert np.array_equal(g, t.grad.numpy())
+    # and with torch's own summation order, everything bit for bit
+    lanes = 8 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 4
+    exact_clipped, exact_norm = clip_grad_norm(grads, 0.5, p, reduction="torch_cpu", lanes=lanes)
+    assert exact_norm == torch_norm
+    for g, t in zip(exact_clipped.values(), tensors):
+        assert np.array_equal(g, t.grad.numpy())
     for t in tensors:
         t.grad = t.detach().clone()
     torch.nn.utils.clip_grad_value_(tensors, 0.3)
     for g, t in zip(clip_grad_value(grads, 0.3).values(), tensors):
         assert np.array_equal(g, t.grad.numpy())
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+@given(st.integers(1, 5000), st.floats(-30, 30), st.sampled_from([2.0, 1.0, math.inf]),
+       st.integers(0, 2 ** 32 - 1))
+def test_torch_cpu_norm_is_torchs_vector_norm_bit_for_bit(n, log_scale, p, seed):
+    """torch's CPU float64 vector_norm order (4 lanes of x², an FMA tail, on AVX2): bit for bit
+    on any length and scale."""
+    import torch
+    from refnet.clip import torch_cpu_norm
+    lanes = 8 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 4
+    x = np.random.default_rng(seed).standard_normal(n) * math.exp(log_scale)
+    assert torch_cpu_norm(x, p, lanes) == torch.linalg.vector_norm(torch.tensor(x), p).item()
+
+
+def test_clipping_thresholds_are_kinks_the_verifier_can_compare():
+    """Scaling a gradient set across max_norm (or an element across c) changes the signature;
+    staying on one side does not (refnet.verify treats differing signatures as a kink)."""
+    from refnet.clip import kink_signature
+    g = {"w": np.array([3.0, 4.0])}                        # N = 5
+    side = lambda s, **kw: kink_signature({"w": s * g["w"]}, **kw)   # noqa: E731
+    assert side(0.9, max_norm=5.0)[0].tolist() == [False]
+    assert side(1.1, max_norm=5.0)[0].tolist() == [True]
+    assert all(np.array_equal(a, b) for a, b in zip(side(1.1, max_norm=5.0),
+                                                    side(1.2, max_norm=5.0)))
+    assert side(1.0, clip_value=3.5)[0].tolist() == [False, True]
+    with pytest.raises(ValueError, match="max_norm"):
+        kink_signature(g, max_norm=0.0)
