@@ -1,8 +1,10 @@
 """Command line: ``refnet study``, ``refnet verify``, ``refnet grads``, ``refnet train``,
-``refnet diagnose``, ``refnet presets`` (also ``python -m refnet``).
+``refnet diagnose``, ``refnet presets``, ``refnet vectors``, ``refnet conformance`` (also
+``python -m refnet``).
 
-Exit status: 0 all checks pass, 1 a check fails (verify), training stopped on a non-finite loss
-(train) or inf/NaN appeared (diagnose), 2 bad input (the message names what is wrong).
+Exit status: 0 all checks pass, 1 a check fails (verify, vectors check, conformance), training
+stopped on a non-finite loss (train) or inf/NaN appeared (diagnose), 2 bad input (the message
+names what is wrong).
 """
 
 from __future__ import annotations
@@ -198,6 +200,35 @@ def cmd_diagnose(args) -> int:
     return EXIT_FAIL if d.first_nonfinite else EXIT_OK
 
 
+def cmd_vectors(args) -> int:
+    from .vectors import check, write
+    if args.action == "write":
+        written = write(args.dir)
+        print(f"wrote {len(written)} vectors to {args.dir}/")
+        return EXIT_OK
+    problems = check(args.dir)
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{len(problems)} drift(s): the implementation no longer reproduces the vectors")
+        return EXIT_FAIL
+    print(f"every vector in {args.dir}/ recomputed: no drift")
+    return EXIT_OK
+
+
+def cmd_conformance(args) -> int:
+    from dataclasses import asdict
+    from .conformance import conformance, format_results
+    results = conformance(args.dir, args.framework, args.dtype)
+    if args.json:
+        print(json.dumps({"framework": args.framework, "dtype": args.dtype,
+                          "passed": all(v.passed for v in results),
+                          "vectors": [asdict(v) for v in results]}, indent=1))
+    else:
+        print(format_results(results, args.dtype))
+    return EXIT_OK if all(v.passed for v in results) else EXIT_FAIL
+
+
 def cmd_presets(args) -> int:
     from .presets import PRESETS
     for name, spec in PRESETS.items():
@@ -299,6 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-check", action="store_true",
                     help="skip the spot checks against the high-precision reference")
     st.set_defaults(func=cmd_study)
+
+    ve = sub.add_parser("vectors", help="write or check the golden gradient vectors")
+    ve.add_argument("action", choices=["write", "check"])
+    ve.add_argument("dir", help="directory of vector files (the committed set: spec/vectors)")
+    ve.set_defaults(func=cmd_vectors)
+
+    co = sub.add_parser("conformance", help="run the golden vectors in another framework and "
+                                            "report its errors in ulps")
+    co.add_argument("--framework", default="torch", help="torch (the only one built in)")
+    co.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    co.add_argument("--dir", default="spec/vectors", help="vector directory (spec/vectors)")
+    co.add_argument("--json", action="store_true")
+    co.set_defaults(func=cmd_conformance)
 
     pr = sub.add_parser("presets", help="list the named models diagnose --preset accepts")
     pr.set_defaults(func=cmd_presets)

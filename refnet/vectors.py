@@ -1,0 +1,332 @@
+"""Golden gradient vectors: language-agnostic JSON that any framework can check itself against.
+
+``refnet vectors write DIR`` writes one file per case; ``refnet vectors check DIR`` recomputes
+every case from the inputs stored in its file and fails on any drift. Files are read with plain
+``json`` (never pickle). The format (``spec/vectors.md``)::
+
+    {"format": "refnet-vectors/1", "name": "...", "description": "...",
+     "model": {...a refnet model spec...}, "mode": "train" | "eval",
+     "upstream": "loss" | "given",          # the gradient of the loss, or Jᵀ·dy for a given dy
+     "inputs": {"x": T, "y": T | labels, "dy": T (upstream "given")},
+     "params": {"0.weight": T, ...},        # torch names and layouts
+     "outputs": {"output": R, "loss": R (upstream "loss")},
+     "grads": {"0.weight": R, ..., "x": R}}
+
+    T = {"shape": [...], "hex": ["0x1.8p-1", ...]}                  exact float64 inputs
+    R = {"shape": [...], "value": ["1.23...e-5", ...],               30 significant digits
+         "float64": [hex], "float32": [hex], "fp16": [hex],          each rounded once from
+                                                                     the exact value, to nearest
+         "tolerance": {"float64": {"ulps": 2, "abs": a}, "float32": ...},
+         "kink": [bool, ...]}                                        only where a kink applies
+
+The reference values are the analytic gradients at ``DPS`` = 50 digits (refnet's mp backend), so
+their first 30 digits are settled. Tolerances: an implementation computing in dtype d passes an
+element if |got − ref_d| ≤ ulps·ulp_d(ref) + abs. ``abs`` is the float64 error analysis of the
+same computation (``refnet.errorbound``: 8σ, the verifier's probabilistic bound, taken at the
+tensor's worst element) scaled by u_d/u_64: an algorithm with the same structure in dtype d
+makes rounding errors of that size; ``ulps`` = 2 leaves room for the final rounding of each side.
+A ``kink`` element is one where the derivative is taken exactly at a kink (relu at 0, a tie in a
+max-pool window): its value follows torch's convention, and a framework may differ there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .backend import MPBackend
+from .errorbound import BOUND
+from .formats import get_format
+from .layers.base import ForwardState
+from .model import Model
+
+FORMAT = "refnet-vectors/1"
+DPS = 50
+DIGITS = 30
+LAMBDA = 8.0
+ULPS = 2
+UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "fp16": 2.0 ** -11}
+ROUNDED = ("float64", "float32", "fp16")
+# (precision bits, exponent of the smallest normal, largest finite) of each rounded format
+GRIDS = {"float64": (53, -1022, float(np.finfo(np.float64).max)),
+         "float32": (24, -126, float(np.finfo(np.float32).max)),
+         "fp16": (11, -14, 65504.0)}
+
+
+@dataclass
+class Case:
+    name: str
+    description: str
+    spec: dict
+    upstream: str = "given"             # "given" dy, or "loss"
+    mode: str = "train"
+    x_special: Dict[int, float] = field(default_factory=dict)   # flat index -> exact value
+
+
+def _op(layer: dict, shape, loss="mse"):
+    return {"input_shape": list(shape), "seed": 7, "batch": 2, "layers": [layer],
+            "loss": {"type": loss}}
+
+
+def cases() -> List[Case]:
+    """The committed set: every layer type once (op vectors, with a given upstream dy), each
+    loss once, and three whole networks with their loss."""
+    act = lambda t, **o: Case(t, f"{t} activation, elementwise", _op({"type": t, **o}, [5]))  # noqa
+    ops = [
+        Case("dense", "Linear 4 → 3 (weight (out, in), bias)", _op({"type": "dense", "out": 3},
+                                                                  [4])),
+        Case("conv2d", "Conv2d 2 → 3 channels, 3×3, stride 2, padding 1, on 5×5",
+             _op({"type": "conv2d", "out_channels": 3, "kernel_size": 3, "stride": 2,
+                  "padding": 1}, [2, 5, 5])),
+        Case("maxpool2d", "MaxPool2d 2×2 on 4×4; a tie in the first window (kink)",
+             _op({"type": "maxpool2d", "kernel_size": 2}, [1, 4, 4]),
+             x_special={0: 0.5, 1: 0.5, 4: 0.5, 5: 0.5}),
+        Case("avgpool2d", "AvgPool2d 2×2, stride 1, on 3×3",
+             _op({"type": "avgpool2d", "kernel_size": 2, "stride": 1}, [2, 3, 3])),
+        Case("global_avgpool", "global average pool to (N, C, 1, 1)",
+             _op({"type": "global_avgpool"}, [2, 3, 3])),
+        Case("batchnorm-train", "BatchNorm2d in train mode (batch statistics), 3 channels",
+             _op({"type": "batchnorm"}, [3, 2, 2])),
+        Case("batchnorm-eval", "BatchNorm1d in eval mode (running statistics 0 and 1)",
+             _op({"type": "batchnorm"}, [4]), mode="eval"),
+        Case("layernorm", "LayerNorm over the last dimension (6)", _op({"type": "layernorm"},
+                                                                       [6])),
+        act("sigmoid"), act("tanh"), act("leaky_relu", slope=0.02), act("elu", alpha=1.3),
+        act("selu"), act("gelu"), act("softplus", beta=2.0, threshold=10.0), act("prelu"),
+        Case("relu", "relu activation; three inputs exactly 0 (kinks: relu'(0) = 0, as torch)",
+             _op({"type": "relu"}, [5]), x_special={0: 0.0, 3: 0.0, 7: 0.0}),
+    ]
+    losses = [Case(f"loss-{t}", f"{t} loss (mean) of a Linear 4 → 3",
+                   _op({"type": "dense", "out": 3}, [4], loss=t), upstream="loss")
+              for t in ("mse", "softmax_cross_entropy", "bce_with_logits")]
+    nets = [
+        Case("net-mlp", "MLP 6-8-8-4: tanh, relu, cross-entropy",
+             {"input_shape": [6], "seed": 11, "batch": 3, "loss": {"type": "softmax_cross_entropy"},
+              "layers": [{"type": "dense", "out": 8}, {"type": "tanh"},
+                         {"type": "dense", "out": 8}, {"type": "relu"},
+                         {"type": "dense", "out": 4}]}, upstream="loss"),
+        Case("net-cnn-batchnorm", "CNN: conv 3×3 → batchnorm → relu → maxpool → dense, "
+             "cross-entropy", {"input_shape": [2, 6, 6], "seed": 12, "batch": 2,
+                               "loss": {"type": "softmax_cross_entropy"},
+                               "layers": [{"type": "conv2d", "out_channels": 3,
+                                           "kernel_size": 3, "padding": 1},
+                                          {"type": "batchnorm"}, {"type": "relu"},
+                                          {"type": "maxpool2d", "kernel_size": 2},
+                                          {"type": "flatten"}, {"type": "dense", "out": 3}]},
+             upstream="loss"),
+        Case("net-residual", "residual MLP: two blocks [dense → tanh] (scale 0.5), mse",
+             {"input_shape": [5], "seed": 13, "batch": 3, "loss": {"type": "mse"},
+              "layers": [{"type": "residual", "scale": 0.5,
+                          "body": [{"type": "dense", "out": 5}, {"type": "tanh"}]},
+                         {"type": "residual", "scale": 0.5,
+                          "body": [{"type": "dense", "out": 5}, {"type": "tanh"}]},
+                         {"type": "dense", "out": 2}]}, upstream="loss"),
+    ]
+    return ops + losses + nets
+
+
+# --- exact values -------------------------------------------------------------------------
+def _fraction(v) -> Fraction:
+    """An mpf (or float) as the exact rational it is."""
+    if hasattr(v, "_mpf_"):
+        sign, man, exp, _ = v._mpf_
+        if not man:
+            if exp:
+                raise ValueError("vectors: a non-finite reference value")
+            return Fraction(0)
+        f = Fraction(man) * (Fraction(2) ** exp)
+        return -f if sign else f
+    return Fraction(float(v))
+
+
+def round_exact(value: Fraction, fmt: str) -> float:
+    """``value`` rounded once to ``fmt`` (float64/float32/fp16), to nearest, ties to even."""
+    precision, emin, largest = GRIDS[fmt]
+    if value == 0:
+        return 0.0
+    e = abs(value).numerator.bit_length() - abs(value).denominator.bit_length()
+    while Fraction(2) ** e > abs(value):           # e = floor(log2 |value|)
+        e -= 1
+    while Fraction(2) ** (e + 1) <= abs(value):
+        e += 1
+    quantum = Fraction(2) ** (max(e, emin) - (precision - 1))
+    rounded = round(value / quantum) * quantum       # Python's round: half to even
+    if abs(rounded) > largest:
+        return math.copysign(math.inf, value)
+    return float(rounded)
+
+
+def _decimal(v, ctx) -> str:
+    return ctx.nstr(v, DIGITS, min_fixed=1, max_fixed=0, strip_zeros=False) if v != 0 else "0"
+
+
+def _tensor_in(a) -> dict:
+    a = np.asarray(a, dtype=np.float64)
+    return {"shape": list(a.shape), "hex": [float(v).hex() for v in a.ravel()]}
+
+
+def _tensor_from(t) -> np.ndarray:
+    return np.array([float.fromhex(h) for h in t["hex"]], dtype=np.float64).reshape(t["shape"])
+
+
+def _reference(exact, bound, ctx, kink=None) -> dict:
+    flat = list(np.asarray(exact, dtype=object).ravel())
+    fractions = [_fraction(v) for v in flat]
+    record = {"shape": list(np.asarray(exact, dtype=object).shape),
+              "value": [_decimal(v, ctx) for v in flat]}
+    for fmt in ROUNDED:
+        record[fmt] = [round_exact(f, fmt).hex() for f in fractions]
+    sigma = float(np.max(bound.sigma)) if bound is not None and bound.v.size else 0.0
+    record["tolerance"] = {fmt: {"ulps": ULPS, "abs": LAMBDA * sigma * UNIT_ROUNDOFF[fmt] /
+                                 UNIT_ROUNDOFF["float64"]} for fmt in ROUNDED}
+    if kink is not None and np.any(kink):
+        record["kink"] = [bool(k) for k in np.asarray(kink).ravel()]
+    return record
+
+
+def _inputs(case: Case, model: Model):
+    params = model.init_params()
+    x, y = model.default_data()
+    for index, value in case.x_special.items():
+        x.flat[index] = value
+    return params, x, y
+
+
+def _kinks(case: Case, model: Model, x) -> Optional[np.ndarray]:
+    """Elements of x where the op's derivative sits exactly on a kink."""
+    kind = model.layers[0].type if case.upstream == "given" else None
+    if kind in ("relu", "leaky_relu", "prelu", "elu", "selu"):
+        return x == 0
+    if kind == "maxpool2d":
+        k = model.layers[0].config["kernel_size"]
+        n, c, hgt, wid = x.shape
+        tied = np.zeros(x.shape, dtype=bool)
+        for i in range(0, hgt - k + 1, k):
+            for j in range(0, wid - k + 1, k):
+                window = x[:, :, i:i + k, j:j + k]
+                top = window.max(axis=(2, 3), keepdims=True)
+                ties = (window == top).sum(axis=(2, 3), keepdims=True) > 1
+                tied[:, :, i:i + k, j:j + k] |= (window == top) & ties
+        return tied
+    return None
+
+
+def compute(case: Case, params=None, x=None, y=None, dy=None) -> dict:
+    """The vector of one case: from the case's seeded inputs, or from the given ones (check)."""
+    model = Model(case.spec)
+    if params is None:
+        params, x, y = _inputs(case, model)
+    train = case.mode == "train"
+    mp = MPBackend(DPS)
+    record = {"format": FORMAT, "name": case.name, "description": case.description,
+              "model": case.spec, "mode": case.mode, "upstream": case.upstream}
+    learnable = list(model.param_shapes())
+    if case.upstream == "loss":
+        exact = model.loss_and_grads(mp, params, x, y, ForwardState(train=train))
+        bound = model.loss_and_grads(BOUND, params, x, y, ForwardState(train=train))
+        outputs = {"output": _reference(exact.forward.output, bound.forward.output, mp.ctx),
+                   "loss": _reference(np.array([exact.loss], dtype=object), None, mp.ctx)}
+        grads_mp, grads_b = exact.params, bound.params
+        dx_mp, dx_b = exact.x, bound.x
+        inputs = {"x": _tensor_in(x), "y": _labels_or_tensor(y)}
+    else:
+        if dy is None:
+            dy = np.random.default_rng(case.spec.get("seed", 0) + 1000).standard_normal(
+                (x.shape[0],) + model.output_shape)
+        results = {}
+        for bk in (mp, BOUND):
+            tensors = {k: bk.asarray(v) for k, v in params.items()}
+            out, caches = model.net.forward(bk, tensors, bk.asarray(x), ForwardState(train=train))
+            dx, grads = model.net.backward(bk, tensors, bk.asarray(dy), caches)
+            results[bk.name] = (out, dx, grads)
+        out_mp, dx_mp, grads_mp = results[mp.name]
+        out_b, dx_b, grads_b = results[BOUND.name]
+        outputs = {"output": _reference(out_mp, out_b, mp.ctx)}
+        inputs = {"x": _tensor_in(x), "dy": _tensor_in(dy)}
+    record["inputs"] = inputs
+    record["params"] = {k: _tensor_in(v) for k, v in params.items()}
+    record["outputs"] = outputs
+    grads = {k: _reference(grads_mp[k], grads_b[k], mp.ctx) for k in learnable}
+    grads["x"] = _reference(dx_mp, dx_b, mp.ctx, _kinks(case, model, x))
+    record["grads"] = grads
+    return record
+
+
+def _labels_or_tensor(y):
+    y = np.asarray(y)
+    if y.dtype.kind in "iu":
+        return {"shape": list(y.shape), "labels": [int(v) for v in y.ravel()]}
+    return _tensor_in(y)
+
+
+def _labels_or_tensor_from(t):
+    if "labels" in t:
+        return np.array(t["labels"], dtype=np.int64).reshape(t["shape"])
+    return _tensor_from(t)
+
+
+def write(directory) -> List[Path]:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for case in cases():
+        path = out / f"{case.name}.json"
+        path.write_text(json.dumps(compute(case), indent=1) + "\n")
+        written.append(path)
+    return written
+
+
+def load(path) -> dict:
+    """A vector file, with plain json (no pickle, no code)."""
+    with open(path) as f:
+        record = json.load(f)
+    if record.get("format") != FORMAT:
+        raise ValueError(f"vectors: {path} is not a {FORMAT} file (format "
+                         f"{record.get('format')!r})")
+    return record
+
+
+def case_of(record: dict) -> Case:
+    return Case(record["name"], record["description"], record["model"], record["upstream"],
+                record["mode"])
+
+
+def stored_inputs(record: dict):
+    params = {k: _tensor_from(v) for k, v in record["params"].items()}
+    x = _tensor_from(record["inputs"]["x"])
+    y = _labels_or_tensor_from(record["inputs"]["y"]) if "y" in record["inputs"] else None
+    dy = _tensor_from(record["inputs"]["dy"]) if "dy" in record["inputs"] else None
+    return params, x, y, dy
+
+
+def check(directory) -> List[str]:
+    """Recompute every vector in ``directory`` from its stored inputs; the list of drifts
+    (empty: all agree to every stored digit and every rounded value)."""
+    files = sorted(Path(directory).glob("*.json"))
+    if not files:
+        raise ValueError(f"vectors: no *.json vector files in {directory}")
+    problems = []
+    for path in files:
+        record = load(path)
+        params, x, y, dy = stored_inputs(record)
+        again = compute(case_of(record), params, x, y, dy)
+        for group in ("outputs", "grads"):
+            for name, ref in record[group].items():
+                new = again[group].get(name)
+                if new is None:
+                    problems.append(f"{path.name}: {group}/{name} no longer computed")
+                    continue
+                for key in ("value",) + ROUNDED:
+                    if ref[key] != new[key]:
+                        i = next(i for i, (a, b) in enumerate(zip(ref[key], new[key])) if a != b) \
+                            if len(ref[key]) == len(new[key]) else 0
+                        problems.append(f"{path.name}: {group}/{name} {key}[{i}] stored "
+                                        f"{ref[key][i]} recomputed {new[key][i]}")
+                        break
+    return problems
