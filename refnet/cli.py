@@ -93,6 +93,15 @@ def format_report(report, model: Model) -> str:
 
 def cmd_verify(args) -> int:
     model, params, x, y = _inputs(args)
+    if args.certify:
+        from dataclasses import asdict
+        from .certify import certify, format_certificate
+        c = certify(model, params, x, y, prec=args.prec, train=_train(args))
+        if args.json:
+            print(json.dumps({**asdict(c), "status": c.status}, indent=1))
+        else:
+            print(format_certificate(c))
+        return EXIT_FAIL if c.failed else EXIT_OK
     report = verify(model, params, x, y, dps=args.dps, digits=args.digits, mode=args.mode,
                     directions=args.directions, seed=args.seed, train=_train(args))
     if args.json:
@@ -273,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FD per element or along random directions (default: auto by size)")
     v.add_argument("--directions", type=int, default=2, help="random directions per tensor")
     v.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    v.add_argument("--certify", action="store_true",
+                   help="instead: enclose every gradient element in a proven interval "
+                        "(interval arithmetic; exit 1 only if an enclosure excludes the "
+                        "high-precision value, 0 when certified or not certifiable at a kink)")
+    v.add_argument("--prec", type=int, default=150,
+                   help="interval precision in bits for --certify (default 150)")
     v.set_defaults(func=cmd_verify)
 
     g = sub.add_parser("grads", help="write the loss and every gradient to an .npz")

@@ -107,9 +107,14 @@ class SoftmaxCrossEntropy(Loss):
         # 1e-107 comes out as 1e-107, not log(1 + 1e-107) = 0 (in every precision).
         n = z.shape[0]
         shifted = z - bk.max(z, axis=1, keepdims=True)
-        is_max = _first_argmax_mask(shifted)
-        others = bk.sum(bk.where(is_max, 0, bk.exp(shifted)), axis=1, keepdims=True)
-        logp = shifted - bk.log1p(others)
+        if getattr(bk, "exact_max", True):
+            is_max = _first_argmax_mask(shifted)
+            others = bk.sum(bk.where(is_max, 0, bk.exp(shifted)), axis=1, keepdims=True)
+            logp = shifted - bk.log1p(others)
+        else:
+            # Interval arithmetic cannot subtract the row max exactly (the max term is then not
+            # exactly 1): the plain log-sum-exp, an identity for any shift.
+            logp = shifted - bk.log(bk.sum(bk.exp(shifted), axis=1, keepdims=True))
         loss = self._reduce(-bk.sum(logp[np.arange(n), y]), n)
         return loss, (logp, y, self._divisor(n))
 
