@@ -170,6 +170,33 @@ def test_verification_triangle_of_a_500_parameter_cnn(benchmark):
     benchmark.pedantic(lambda: verify(model), rounds=1, iterations=1)
 
 
+def test_fd_sweep_of_a_500_parameter_cnn(benchmark, impl, need_torch):
+    """Every parameter and input element's float64 central difference of the small CNN: refnet's
+    batched sweep against torch.autograd.gradcheck (which also forms the analytic Jacobian, one
+    backward here: the loss is a scalar). Target ratio ≤ 0.1."""
+    benchmark.group = "fd-sweep-small-cnn"
+    model = Model.load(EXAMPLES / "small-cnn.json")
+    params, x, y = model.prepare()
+    if impl == "refnet":
+        from refnet.fdsweep import fd_sweep
+        benchmark.pedantic(lambda: fd_sweep(model, params, x, y), rounds=3, iterations=1)
+        return
+    import torch
+    from torch.func import functional_call
+    from torch_peer import torch_loss, torch_twin
+    net = torch_twin(model, params, torch.float64)
+    names = [n for n, _ in net.named_parameters()]
+    tensors = [torch.tensor(params[n], dtype=torch.float64, requires_grad=True) for n in names]
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.tensor(y)
+    loss = torch_loss(model)
+
+    def f(xx, *ps):
+        return loss(functional_call(net, dict(zip(names, ps)), (xx,)), ty)
+    benchmark.pedantic(lambda: torch.autograd.gradcheck(f, (tx, *tensors), eps=1e-6, atol=1e-5,
+                                                        rtol=1e-3), rounds=1, iterations=1)
+
+
 # --- the main job ------------------------------------------------------------------------------
 
 def test_study_quick(benchmark, tmp_path):

@@ -47,6 +47,14 @@ class Loss:
     def _divisor(self, count):
         return count if self.reduction == "mean" else 1
 
+    def group_losses(self, bk, z, y, groups: int):
+        """The loss of each of ``groups`` batches stacked on axis 0 of ``z``, all with targets
+        ``y`` (the finite-difference sweep's perturbed copies): ``terms`` summed per group."""
+        y_all = np.concatenate([np.asarray(y)] * groups, axis=0)
+        terms, _ = self.terms(bk, z, y_all)
+        per_group = terms.reshape(groups, -1)
+        return bk.sum(per_group, axis=1) / self._divisor(per_group.shape[1])
+
     def check_target(self, y, batch: int) -> np.ndarray:
         """Validate targets for a batch of ``batch`` outputs; returns them as a numpy array."""
         y = np.asarray(y)
@@ -62,10 +70,14 @@ class Loss:
 class MSE(Loss):
     type = "mse"
 
-    def forward(self, bk, z, y):
+    def terms(self, bk, z, y):
         d = z - bk.asarray(y)
+        return d * d, d
+
+    def forward(self, bk, z, y):
+        squares, d = self.terms(bk, z, y)
         count = int(np.prod(z.shape))
-        return self._reduce(bk.sum(d * d), count), (d, self._divisor(count))
+        return self._reduce(bk.sum(squares), count), (d, self._divisor(count))
 
     def backward(self, bk, cache):
         d, divisor = cache
@@ -101,11 +113,20 @@ class SoftmaxCrossEntropy(Loss):
     def default_targets(self, rng, batch):
         return rng.integers(0, self.out_shape[0], size=batch)
 
+    def terms(self, bk, z, y):
+        """−log softmax(z_n)[y_n] per sample, and log softmax(z)."""
+        logp = self._log_softmax(bk, z)
+        return -logp[np.arange(z.shape[0]), y], logp
+
     def forward(self, bk, z, y):
+        n = z.shape[0]
+        nll, logp = self.terms(bk, z, y)
+        return self._reduce(bk.sum(nll), n), (logp, y, self._divisor(n))
+
+    def _log_softmax(self, bk, z):
         # log softmax = (z − m) − log Σ exp(z − m), m the row max. The max's own term is exactly
         # 1, so the log is taken as log1p of the *other* terms: a confident prediction's loss of
         # 1e-107 comes out as 1e-107, not log(1 + 1e-107) = 0 (in every precision).
-        n = z.shape[0]
         shifted = z - bk.max(z, axis=1, keepdims=True)
         if getattr(bk, "exact_max", True):
             is_max = _first_argmax_mask(shifted)
@@ -115,8 +136,7 @@ class SoftmaxCrossEntropy(Loss):
             # Interval arithmetic cannot subtract the row max exactly (the max term is then not
             # exactly 1): the plain log-sum-exp, an identity for any shift.
             logp = shifted - bk.log(bk.sum(bk.exp(shifted), axis=1, keepdims=True))
-        loss = self._reduce(-bk.sum(logp[np.arange(n), y]), n)
-        return loss, (logp, y, self._divisor(n))
+        return logp
 
     def backward(self, bk, cache):
         # softmax − onehot, with p_y − 1 = expm1(log p_y) on the label (no cancellation).
@@ -147,10 +167,13 @@ class BCEWithLogits(Loss):
     def default_targets(self, rng, batch):
         return rng.integers(0, 2, size=(batch,) + self.out_shape).astype(np.float64)
 
-    def forward(self, bk, z, y):
+    def terms(self, bk, z, y):
         y = bk.asarray(y)
+        return bk.maximum(z, 0) - z * y + bk.log1p(bk.exp(-bk.abs(z))), y
+
+    def forward(self, bk, z, y):
+        terms, y = self.terms(bk, z, y)
         count = int(np.prod(z.shape))
-        terms = bk.maximum(z, 0) - z * y + bk.log1p(bk.exp(-bk.abs(z)))
         return self._reduce(bk.sum(terms), count), (z, y, self._divisor(count))
 
     def backward(self, bk, cache):

@@ -37,6 +37,9 @@ class ForwardState:
     masks: Dict[str, np.ndarray] = field(default_factory=dict)    # layer name -> dropout mask
     updates: Dict[str, np.ndarray] = field(default_factory=dict)  # buffer name -> new value
     outputs: Optional[list] = None     # if a list: (layer name, layer type, output) per layer
+    # The batch holds this many independent batches stacked along axis 0 (a finite-difference
+    # sweep runs all its perturbed copies as one batch): batch statistics are per group.
+    groups: int = 1
 
     def mask(self, layer_name: str, draw):
         """The layer's mask: drawn once with ``draw(rng)``, then the same on every pass."""

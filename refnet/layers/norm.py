@@ -104,6 +104,8 @@ class BatchNorm(Layer):
             if m < 2:
                 raise ValueError(f"{self.where}: expected more than 1 value per channel when "
                                  f"training, got input of shape {tuple(x.shape)}")
+            if state.groups > 1:        # stacked independent batches: statistics per group
+                return self._grouped_forward(bk, params, x, state), None
             xhat, std, m, mean, var = normalize(bk, x, axes, eps)
             if state.train and self.config["track_running_stats"]:
                 self._update_running(bk, params, mean, var, m, state)
@@ -116,6 +118,19 @@ class BatchNorm(Layer):
             y = self._per_channel(params["weight"], ndim) * xhat + self._per_channel(
                 params["bias"], ndim)
         return y, (xhat, std, m, axes)
+
+    def _grouped_forward(self, bk, params, x, state):
+        """Forward only, for G batches stacked on axis 0 (no backward, no running updates)."""
+        g = state.groups
+        shape = tuple(x.shape)
+        grouped = x.reshape((g, shape[0] // g) + shape[1:])
+        axes = (1,) + tuple(range(3, len(shape) + 1))
+        xhat = normalize(bk, grouped, axes, self.config["eps"])[0].reshape(shape)
+        if not self.config["affine"]:
+            return xhat
+        ndim = len(shape)
+        return self._per_channel(params["weight"], ndim) * xhat + self._per_channel(
+            params["bias"], ndim)
 
     def _update_running(self, bk, params, mean, var, m, state):
         momentum = self.config["momentum"]
