@@ -612,3 +612,93 @@ def test_19_gradients_shatter_with_depth_in_plain_relu_nets_but_not_in_scaled_re
     resnet = [gradient_autocorrelation(50, True, seed=s) for s in range(5)]
     assert np.mean(plain) < np.mean(shallow) - 0.2, (shallow, plain)
     assert np.mean(resnet) > np.mean(shallow) - 0.1, (shallow, resnet)
+
+
+# --- the issue's variance-law list, beyond THEORY.md's numbers --------------------------------
+def forward_variances(activation, std, n=256, depth=10, batch=256, seed=0, x_std=1.0):
+    """Pre-activation variance of every layer of a zero-bias MLP (refnet forward)."""
+    layers = []
+    for _ in range(depth):
+        layers += [{"type": "dense", "out": n, "bias": False,
+                    "init": {"name": "normal", "std": std}}, {"type": activation}]
+    model = Model({"input_shape": [n], "seed": seed, "batch": batch, "layers": layers,
+                   "loss": {"type": "mse"}})
+    params = model.init_params()
+    x = x_std * np.random.default_rng(seed).standard_normal((batch, n))
+    state = ForwardState(train=False, outputs=[])
+    model.net.forward(FLOAT64, params, x, state)
+    return [float(np.var(o)) for _, kind, o in state.outputs if kind == "dense"]
+
+
+def test_tanh_with_xavier_follows_the_mean_field_variance_map():
+    """tanh with Xavier (Var w = 1/n): q_{l+1} = E[tanh(√q_l·z)²], z ~ N(0, 1) — near 0 tanh is
+    the identity and q is kept; at q = 1 it shrinks slowly (to 0.39 after 10 layers). Over 10
+    nets (width 128, batch 128) the mean measured pre-activation variance of every layer lies
+    within 5 SE of the map (Gauss–Hermite, 80 nodes); a single net strays by several percent
+    (its row norms and the rank-deficient sample covariance of its activations)."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    weights = weights / weights.sum()
+    q, predicted = 1.0, []
+    for _ in range(10):
+        predicted.append(q)
+        q = float(np.sum(weights * np.tanh(math.sqrt(q) * nodes) ** 2))
+    runs = np.array([forward_variances("tanh", 1 / math.sqrt(128), n=128, batch=128, seed=s)
+                     for s in range(10)])
+    for layer, p in enumerate(predicted):
+        mean, band = mean_band(runs[:, layer])
+        assert abs(mean - p) <= band, (layer, mean, p, band)
+    near_zero = np.array([forward_variances("tanh", 1 / math.sqrt(128), n=128, batch=128,
+                                            seed=s, x_std=0.05) for s in range(10)])
+    mean, band = mean_band(near_zero[:, -1] / near_zero[:, 0])
+    assert abs(mean - 1) <= band + 0.01       # + the mean-field shrink at q = 0.0025: 0.5 %
+
+
+def test_small_normal_init_collapses_the_forward_variance_geometrically():
+    """N(0, 0.01) weights, width 128, tanh (the identity at these sizes): each layer multiplies
+    the variance by n·σ² = 0.0128, so after 5 layers the ratio is 0.0128⁴ of the first's: the
+    mean over 10 nets within 5 SE."""
+    runs = np.array([forward_variances("tanh", 0.01, n=128, batch=128, depth=5, seed=s)
+                     for s in range(10)])
+    mean, band = mean_band(runs[:, -1] / runs[:, 0] / 0.0128 ** 4)
+    assert abs(mean - 1) <= band
+
+
+def backward_ratios(n, depth, seeds, init, rng):
+    """‖δ_0‖²/‖δ_L‖² through zero-bias ReLU layers: δ ← Wᵀ(δ ⊙ relu'(z)), z from the forward."""
+    relu = act("relu", n)
+    h = rng.standard_normal((seeds, n))
+    weights, masks = [], []
+    for _ in range(depth):
+        w = initialize(init, (seeds * n, n), rng).reshape(seeds, n, n)
+        z = np.einsum("sij,sj->si", w, h)
+        h, cache = relu.forward(FLOAT64, {}, z)
+        weights.append(w)
+        masks.append(cache)
+    delta = rng.standard_normal((seeds, n))
+    top = np.sum(delta * delta, axis=1)
+    for w, cache in zip(reversed(weights), reversed(masks)):
+        dz, _ = relu.backward(FLOAT64, {}, delta, cache)
+        delta = np.einsum("sij,si->sj", w, dz)
+    return np.sum(delta * delta, axis=1) / top
+
+
+@pytest.mark.parametrize("init, per_layer", [("kaiming_normal", 1.0),
+                                             ({"name": "kaiming_normal",
+                                               "nonlinearity": "linear"}, 0.5)])
+def test_relu_backward_variance_is_kept_by_kaiming_and_halved_by_xavier(init, per_layer):
+    """Backward through a ReLU layer: E‖δ_{l−1}‖² = n·Var w·½·E‖δ_l‖² (half the units pass):
+    Kaiming (2/n) keeps it, Xavier on square layers (1/n) halves it per layer (n = 16, L = 10,
+    10 000 nets, 5 SE)."""
+    ratios = backward_ratios(16, 10, 10000, init, np.random.default_rng(21))
+    mean, band = mean_band(ratios / per_layer ** 10)
+    assert abs(mean - 1) <= band
+
+
+@pytest.mark.slow
+def test_16_tanh_reaches_isometry_only_with_orthogonal_init():
+    """Pennington et al. 2017: tanh at σ_w = 1, n = 400, L = 8, inputs N(0, 1): with orthogonal
+    weights the squared singular values barely spread (Var(s²)/m₁² measured 1.0–1.2), with
+    Gaussian weights they spread like the linear-Gaussian net and more (9.1–9.4 > L = 8)."""
+    orthogonal = [jacobian_spectrum_ratio("tanh", "orthogonal", 1.0, seed=s) for s in range(2)]
+    gaussian = [jacobian_spectrum_ratio("tanh", "normal", 1.0, seed=s) for s in range(2)]
+    assert max(orthogonal) < 2 and min(gaussian) > 8, (orthogonal, gaussian)
