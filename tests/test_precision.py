@@ -306,6 +306,10 @@ def test_claim14_a_loss_scale_of_2_16_recovers_the_layers_the_scale_predicts():
     assert (recovered, under) == (5, 6)
     brought_back = [a.name for a, b in zip(plain, scaled) if a.underflow > 0 and b.underflow == 0]
     assert brought_back == ["16.weight", "18.weight", "20.weight"]
+    # Dynamic scaling starts at 2¹⁶, finds that pass clean and keeps it: the same counts.
+    dynamic = diagnose(model, Precision("fp16"), loss_scale="dynamic")
+    assert dynamic.loss_scale == scale and dynamic.skipped_steps == 0
+    assert [t.underflow for t in weight_rows(dynamic)] == [t.underflow for t in scaled]
 
 
 def test_claim14_unscaled_gradients_agree_with_float64_to_fp16_precision_where_representable():
