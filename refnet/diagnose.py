@@ -132,11 +132,12 @@ def tensor_health(name, kind, low, ref, stored=None) -> TensorHealth:
         subnormal=int(np.sum((stored_abs > 0) & (stored_abs < tiny))),
         max_abs=float(np.max(absolute)) if low.size else 0.0,
         max_abs_float64=float(np.max(np.abs(ref))) if ref.size else 0.0,
-        rel_err=rel_err, norm=_norm(low), norm_float64=_norm(ref))
+        rel_err=rel_err, norm=l2_norm(low), norm_float64=l2_norm(ref))
 
 
-def _norm(v) -> float:
-    """‖v‖₂ without overflow or underflow of the squares (scaled by max |v|)."""
+def l2_norm(v) -> float:
+    """‖v‖₂ of a flat float64 array without overflow or underflow of the squares (scaled by
+    max |v|); inf or NaN where v holds them."""
     with np.errstate(all="ignore"):
         if v.size == 0:
             return 0.0

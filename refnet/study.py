@@ -58,8 +58,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .backend import FLOAT64
-from .diagnose import _norm as diagnose_norm
-from .diagnose import diagnose
+from .diagnose import diagnose, l2_norm
 from .layers.base import ForwardState
 from .model import Model
 from .precision import Precision
@@ -161,7 +160,7 @@ def judge(norms: List[float], finite: bool):
 
 
 def _norm(a) -> float:
-    return diagnose_norm(np.asarray(a, dtype=np.float64).reshape(-1))
+    return l2_norm(np.asarray(a, dtype=np.float64).reshape(-1))
 
 
 def _saturation(outputs, activation) -> Optional[float]:

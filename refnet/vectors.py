@@ -305,15 +305,19 @@ def stored_inputs(record: dict):
     return params, x, y, dy
 
 
-def check(directory) -> List[str]:
-    """Recompute every vector in ``directory`` from its stored inputs; the list of drifts
-    (empty: all agree to every stored digit and every rounded value)."""
+def records(directory):
+    """(path, record) of every vector file in ``directory``, in name order."""
     files = sorted(Path(directory).glob("*.json"))
     if not files:
         raise ValueError(f"vectors: no *.json vector files in {directory}")
+    return [(path, load(path)) for path in files]
+
+
+def check(directory) -> List[str]:
+    """Recompute every vector in ``directory`` from its stored inputs; the list of drifts
+    (empty: all agree to every stored digit and every rounded value)."""
     problems = []
-    for path in files:
-        record = load(path)
+    for path, record in records(directory):
         params, x, y, dy = stored_inputs(record)
         again = compute(case_of(record), params, x, y, dy)
         for group in ("outputs", "grads"):
