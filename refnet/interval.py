@@ -22,7 +22,7 @@ overlaps another candidate's; ``max`` is decided by midpoints (any shift works w
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 from mpmath.ctx_iv import MPIntervalContext

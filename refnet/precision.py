@@ -46,7 +46,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .backend import FLOAT32, FLOAT64, NumpyBackend, float_constant
-from .formats import get_format, round_to
+from .formats import round_to
 from .layers.base import ForwardState
 from .layers.sequential import Container
 from .losses import SoftmaxCrossEntropy

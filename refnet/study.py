@@ -53,13 +53,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
 from .backend import FLOAT64
 from .diagnose import diagnose, l2_norm
-from .layers.base import ForwardState
 from .model import Model
 from .precision import Precision
 from .train import dead_fractions

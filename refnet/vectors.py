@@ -42,7 +42,6 @@ import numpy as np
 
 from .backend import MPBackend
 from .errorbound import BOUND
-from .formats import get_format
 from .layers.base import ForwardState
 from .model import Model
 

@@ -5,7 +5,6 @@ import json
 import math
 import struct
 
-import numpy as np
 import pytest
 
 from refnet.cli import main
