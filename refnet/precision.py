@@ -384,7 +384,7 @@ class LowPrecisionRun:
                 return f"forward: layer {name} ({kind}) output holds {what}"
         if not math.isfinite(self.loss):
             return f"the loss ({self.loss})"
-        what = _nonfinite_kind(self.loss_grad)
+        what = _nonfinite_kind(self.loss_grad) if self.loss_grad is not None else ""
         if what:
             return f"backward: the loss gradient (w.r.t. the network output) holds {what}"
         for name, kind, dx in self.trace.backward:

@@ -195,6 +195,8 @@ def test_float64_policy_reproduces_the_float64_backend_bit_for_bit(spec_name):
     for name, g in ref.params.items():
         assert np.array_equal(r.grads[name], g, equal_nan=True) and r.grads[name].dtype == np.float64
     assert np.array_equal(r.x_grad, ref.x)
+    assert r.first_nonfinite() is None
+    assert diagnose(model, Precision("float64")).first_nonfinite is None
 
 
 def test_fp16_and_bf16_runs_stay_close_to_float64_when_nothing_overflows():
