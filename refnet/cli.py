@@ -144,8 +144,20 @@ def cmd_train(args) -> int:
         x, y = load_data(args.data)
     options = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
     optimizer = make_optimizer(args.optimizer, args.lr, **options)
+    precision = scaler = None
+    if args.precision != "float64":
+        from .gradscaler import GradScaler
+        from .precision import Precision
+        precision = Precision(args.precision, args.policy)
+        if args.loss_scale == "dynamic":
+            scaler = GradScaler()
+        elif args.loss_scale is not None:
+            scaler = GradScaler(init_scale=args.loss_scale, dynamic=False)
+    elif args.loss_scale is not None:
+        raise ValueError("--loss-scale needs --precision fp16 or bf16 (float64 gradients do "
+                         "not underflow to need one)")
     result = train(model, params, x, y, optimizer, args.steps, clip_norm=args.clip_norm,
-                   clip_value=args.clip_value)
+                   clip_value=args.clip_value, precision=precision, scaler=scaler)
     if args.save_params:
         save_params(args.save_params, result.params)
     if args.json:
@@ -309,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--l1", type=float, help="L1 penalty α (α·Σ|w| over weights)")
     t.add_argument("--l2", type=float, help="L2 penalty α (α/2·Σw² over weights)")
     t.add_argument("--save-params", help="write the final parameters (torch names) here")
+    t.add_argument("--precision", choices=["float64", "float32", "fp16", "bf16"],
+                   default="float64", help="train under the fp16/bf16 emulation (refnet.precision)")
+    t.add_argument("--policy", choices=["autocast", "half"], default="autocast")
+    t.add_argument("--loss-scale", type=_loss_scale, default=None,
+                   help="GradScaler: a static scale S, or 'dynamic' (2^16, torch's rules)")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)
 

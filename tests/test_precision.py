@@ -523,3 +523,12 @@ def test_diagnose_cli_exit_codes(capsys):
     assert main(["diagnose", "spec/examples/sigmoid-deep-20.json", "--policy", "half",
                  "--loss-scale", "65536"]) == 1                 # NaN gradients: exit 1
     assert "first inf/NaN: backward" in capsys.readouterr().out
+
+
+def test_train_cli_runs_under_fp16_with_dynamic_loss_scaling(capsys):
+    assert main(["train", "spec/examples/relu-mlp-kaiming.json", "--steps", "4", "--lr", "0.1",
+                 "--precision", "fp16", "--loss-scale", "dynamic", "--json"]) == 0
+    history = json.loads(capsys.readouterr().out)["history"]
+    assert [h["loss_scale"] for h in history] == [65536.0] * 4
+    assert main(["train", "spec/examples/relu-mlp-kaiming.json", "--steps", "2", "--lr", "0.1",
+                 "--loss-scale", "8"]) == 2                     # float64 needs no scaler
