@@ -118,3 +118,22 @@ def test_float32_backend_keeps_float32_through_conv_pool_norm_dropout_and_residu
     g = model.loss_and_grads(FLOAT32, params, x, y)
     assert g.x.dtype == np.float32
     assert all(v.dtype == np.float32 for v in g.params.values())
+
+
+def test_mp_sums_over_astronomical_exponent_spans_stay_exact_enough_and_do_not_abort():
+    """exp(−1e15) next to 1 (a softmax of logits ~1e15, as relu + N(0, 1) nets at depth 20
+    produce) would need a 1.4e15-bit integer for an exact fixed-point sum; GMP aborts the process
+    on that. Terms more than 2¹⁶ bits below the largest are dropped: the sum is then 1 + 2⁻¹⁰⁰
+    to all 50 digits, and the tiny term alone is still represented exactly."""
+    mp = MPBackend(50)
+    ctx = mp.ctx
+    terms = np.array([ctx.one, ctx.exp(-1e15), ctx.mpf(2) ** -100], dtype=object)
+    total = mp.sum(terms)
+    assert abs(total - (1 + ctx.mpf(2) ** -100)) <= ctx.mpf(10) ** -49
+    tiny = mp.sum(np.array([ctx.exp(-1e15)], dtype=object))
+    assert tiny == ctx.exp(-1e15)
+    model = Model({"input_shape": [2], "batch": 2, "loss": {"type": "softmax_cross_entropy"},
+                   "layers": [{"type": "dense", "out": 3, "bias": False}]})
+    params = {"0.weight": np.array([[1e15, 0.0], [0.0, 1e15], [-1e15, 0.0]])}
+    g = model.loss_and_grads(mp, params, np.array([[1.0, 0.5], [0.2, 1.0]]), np.array([0, 2]))
+    assert all(np.all(np.isfinite(mp.to_numpy(v))) for v in g.params.values())
