@@ -303,3 +303,34 @@ def test_pooling_matches_torch_float64_ties_included(kind, options):
     tol = 9 * np.spacing(np.maximum(np.abs(dx), 1e-300)) + 9 * np.spacing(np.abs(dy).max())
     assert np.allclose(y, ty.detach().numpy(), rtol=2 * 2.0**-53 * 9, atol=0)
     assert np.all(np.abs(dx - tx.grad.numpy()) <= tol)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
+       st.integers(0, 2), st.integers(0, 2), st.integers(4, 7))
+def test_the_strided_float_col2im_equals_the_generic_gather_and_sum(kh, kw, sh, dh, pad_top,
+                                                                   pad_left, size):
+    """col2im for float arrays (strided adds into the padded input) equals the generic
+    gather-and-sum path the other backends use, bit for bit (same order of additions)."""
+    from refnet.layers.windows import Windows
+    w = Windows((size, size + 1), (kh, kw), (sh, 1), (dh, 1),
+                (pad_top, 1, pad_left, 0), "test")
+    v = np.random.default_rng(size).standard_normal((2, 3, w.K, w.L))
+    fast = w.scatter(FLOAT64, v)
+    generic = w.scatter(FLOAT64, v.astype(object)).astype(np.float64)
+    assert np.array_equal(fast, generic)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
+       st.integers(0, 2), st.integers(0, 2), st.integers(4, 7),
+       st.sampled_from([0.0, -np.inf]))
+def test_the_strided_float_im2col_equals_the_generic_indexed_gather(kh, kw, sh, dh, pad_top,
+                                                                   pad_left, size, fill):
+    """im2col for float arrays (strided copies of the padded input) equals the generic indexed
+    gather with its padding mask, for conv's fill 0 and max-pool's −inf."""
+    from refnet.layers.windows import Windows
+    w = Windows((size, size + 1), (kh, kw), (sh, 1), (dh, 1),
+                (pad_top, 1, pad_left, 0), "test")
+    x = np.random.default_rng(size).standard_normal((2, 3, size, size + 1))
+    fast = w.gather(FLOAT64, x, fill=fill)
+    generic = w.gather(FLOAT64, x.astype(object), fill=fill).astype(np.float64)
+    assert np.array_equal(fast, generic)

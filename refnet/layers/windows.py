@@ -9,8 +9,9 @@ and the position is *padding* when h or w falls outside the input. ``gather`` bu
 (im2col) and ``scatter`` sends per-window values back to the input positions they came from
 (col2im, the adjoint of gather: a sum over every window that read a position). Both are plain
 indexing plus ``bk.where`` and ``bk.sum``, so they run in every backend; the integer index
-arrays are computed once per layer, in numpy. (For float numpy arrays the mask is applied by
-overwriting the few padding positions in place, which gives the same values 2.5× faster.)
+arrays are computed once per layer, in numpy. For float numpy arrays both run as one strided
+copy (gather) or add (scatter) per kernel offset on the padded input instead: the same values,
+in the same order of additions, about 3× faster.
 
     gather(x)   x: (N, C, H, W)        -> (N, C, K, L)   K = kh·kw, L = OH·OW
     scatter(v)  v: (N, C, K, L)        -> (N, C, H, W)   dx[h, w] = Σ_{(k, l) reading (h, w)} v[k, l]
@@ -53,6 +54,8 @@ class Windows:
                              f"input ({H + top + bottom}x{W + left + right})")
         self.in_hw, self.out_hw = (H, W), (OH, OW)
         self.K, self.L = kh * kw, OH * OW
+        self.kernel, self.stride, self.dilation = (kh, kw), (sh, sw), (dh, dw)
+        self.padding = (top, bottom, left, right)
 
         # Input coordinates read by kernel offset k = (i, j) at output position l = (oh, ow).
         i, j = np.divmod(np.arange(self.K), kw)
@@ -61,7 +64,6 @@ class Windows:
         cols = ow[None, :] * sw + j[:, None] * dw - left
         self.valid = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
         self.flat = np.where(self.valid, rows * W + cols, 0)        # (K, L) into H·W
-        self.padding_positions = np.nonzero(~self.valid)            # (k, l) pairs
 
         # The adjoint: for offset k and input position p, the output position that read p
         # (each offset reads each input position at most once).
@@ -71,27 +73,54 @@ class Windows:
         self.back_valid[k_idx, self.flat[k_idx, l_idx]] = True
         self.back_index[k_idx, self.flat[k_idx, l_idx]] = l_idx
         self.back_k = np.broadcast_to(np.arange(self.K)[:, None], (self.K, H * W))
-        self.unread_positions = np.nonzero(~self.back_valid)         # (k, p) pairs
 
     def gather(self, bk, x, fill=0.0):
         """(N, C, H, W) -> (N, C, K, L); padding positions hold ``fill``."""
         n, c = x.shape[:2]
-        # take (not fancy indexing): 4x faster here, and its result is C-contiguous.
+        if type(x) is np.ndarray and x.dtype.kind == "f":      # not a subclass: a storage-
+            return self._gather_strided(x, fill)                # format array rounds its sums
+        # take (not fancy indexing): 4x faster than fancy indexing, and C-contiguous.
         windows = x.reshape(n, c, self.in_hw[0] * self.in_hw[1]).take(self.flat, axis=2)
-        if isinstance(windows, np.ndarray) and windows.dtype.kind == "f":
-            # float numpy: overwrite the padding positions in place (a few percent of the
-            # array) instead of a full masked copy — same values, a third of the time.
-            windows[:, :, self.padding_positions[0], self.padding_positions[1]] = fill
-            return windows
         return bk.where(self.valid, windows, fill)
+
+    def _gather_strided(self, x, fill):
+        """float numpy: pad once with ``fill``, then copy one strided view per kernel offset —
+        the same values as the indexed gather, 3x faster."""
+        n, c = x.shape[:2]
+        (OH, OW), (kh, kw) = self.out_hw, self.kernel
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        top, bottom, left, right = self.padding
+        padded = (np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)),
+                         constant_values=fill) if any(self.padding) else x)
+        cols = np.empty((n, c, kh * kw, OH, OW), dtype=x.dtype)
+        for k in range(kh * kw):
+            i, j = divmod(k, kw)
+            cols[:, :, k] = padded[:, :, i * dh:i * dh + sh * (OH - 1) + 1:sh,
+                                   j * dw:j * dw + sw * (OW - 1) + 1:sw]
+        return cols.reshape(n, c, kh * kw, OH * OW)
 
     def scatter(self, bk, v):
         """(N, C, K, L) -> (N, C, H, W): the sum of the window values each position fed."""
         n, c = v.shape[:2]
+        if type(v) is np.ndarray and v.dtype.kind == "f":
+            return self._scatter_strided(v)
         per_offset = v.reshape(n, c, self.K * self.L).take(self.back_k * self.L + self.back_index,
                                                             axis=2)
-        if isinstance(per_offset, np.ndarray) and per_offset.dtype.kind == "f":
-            per_offset[:, :, self.unread_positions[0], self.unread_positions[1]] = 0.0
-        else:
-            per_offset = bk.where(self.back_valid, per_offset, 0)
+        per_offset = bk.where(self.back_valid, per_offset, 0)
         return bk.sum(per_offset, axis=2).reshape(n, c, *self.in_hw)
+
+    def _scatter_strided(self, v):
+        """float numpy: add each kernel offset's values into a strided view of the padded
+        input, offsets in order k = 0..K−1 (the order the generic path sums them in), then
+        crop the padding: 3x faster than gathering K candidates per position."""
+        n, c = v.shape[:2]
+        (H, W), (OH, OW) = self.in_hw, self.out_hw
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        top, bottom, left, right = self.padding
+        out = np.zeros((n, c, H + top + bottom, W + left + right), dtype=v.dtype)
+        per_offset = v.reshape(n, c, kh * kw, OH, OW)
+        for k in range(kh * kw):
+            i, j = divmod(k, kw)
+            out[:, :, i * dh:i * dh + sh * (OH - 1) + 1:sh,
+                j * dw:j * dw + sw * (OW - 1) + 1:sw] += per_offset[:, :, k]
+        return out[:, :, top:top + H, left:left + W]
