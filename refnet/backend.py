@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from fractions import Fraction
 from typing import Callable, Union
 
 import mpmath
@@ -294,6 +295,20 @@ def _exact_parts(x):
 # straddling one truncated there: the sum then errs by under n·2^(top − SPAN), which is below
 # its rounding at any working precision unless the larger terms cancel through 2¹⁶ − prec bits.
 EXACT_SPAN_BITS = 2 ** 16
+
+
+def fraction_of(v) -> Fraction:
+    """An mpf, an mpf tuple (sign, man, exp, bc), or a float, as the exact rational it is."""
+    t = v._mpf_ if hasattr(v, "_mpf_") else v if isinstance(v, tuple) else None
+    if t is None:
+        return Fraction(float(v))
+    sign, man, exp, _ = t
+    if not man:
+        if exp:
+            raise ValueError("an infinite or NaN value has no exact rational")
+        return Fraction(0)
+    f = Fraction(man) * Fraction(2) ** exp
+    return -f if sign else f
 
 
 def _to_fixed_point(a: np.ndarray):

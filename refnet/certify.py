@@ -28,36 +28,20 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .backend import FLOAT64, MPBackend
+from .backend import FLOAT64, MPBackend, fraction_of
 from .errorbound import BOUND
 from .interval import IntervalBackend
 from .layers.base import ForwardState
 from .model import Model
+from .verify import LAMBDA
 
-LAMBDA = 8.0
 INFLATE_RELATIVE = 2.0 ** -120       # the box around each input and parameter: r = 2⁻¹²⁰|x| +
 INFLATE_ABSOLUTE = 2.0 ** -140       # 2⁻¹⁴⁰ (small against the 1e-25 widths asked of a certificate)
 
 
-def _fraction_of_mpf_tuple(t) -> Fraction:
-    sign, man, exp, _ = t
-    if not man:
-        if exp:
-            raise ValueError("certify: an infinite interval endpoint")
-        return Fraction(0)
-    f = Fraction(man) * Fraction(2) ** exp
-    return -f if sign else f
-
-
 def _endpoints(v):
     lo, hi = v._mpi_
-    return _fraction_of_mpf_tuple(lo), _fraction_of_mpf_tuple(hi)
-
-
-def _fraction(v) -> Fraction:
-    if hasattr(v, "_mpf_"):
-        return _fraction_of_mpf_tuple(v._mpf_)
-    return Fraction(float(v))
+    return fraction_of(lo), fraction_of(hi)
 
 
 @dataclass
@@ -131,7 +115,7 @@ def certify(model: Model, params=None, x=None, y=None, *, prec: int = 150,
         shown = []
         for v, r, f, b in zip(enclosure.ravel(), reference.ravel(), f64.ravel(), bound.ravel()):
             lo, hi = _endpoints(v)
-            ref = _fraction(r)
+            ref = fraction_of(r)
             outside += not (lo <= ref <= hi)
             ff = Fraction(float(f))
             inside += lo <= ff <= hi

@@ -21,13 +21,13 @@ overlaps another candidate's; ``max`` is decided by midpoints (any shift works w
 
 from __future__ import annotations
 
-from fractions import Fraction
+from contextlib import contextmanager
 from typing import Dict, Tuple
 
 import numpy as np
 from mpmath.ctx_iv import MPIntervalContext
 
-from .backend import Constant, constant_value
+from .backend import Constant, constant_value, fraction_of
 
 
 class IntervalBackend:
@@ -76,19 +76,21 @@ class IntervalBackend:
             setattr(cls, name, make(name))
 
     # the layer hook: remember where a straddle happens ---------------------------------------
-    def forward_layer(self, layer, params, x, state):
+    @contextmanager
+    def _inside(self, layer):
         outer, self.current_layer = self.current_layer, f"layer {layer.name} ({layer.type})"
         try:
-            return layer.forward(self, params, x, state)
+            yield
         finally:
             self.current_layer = outer
 
+    def forward_layer(self, layer, params, x, state):
+        with self._inside(layer):
+            return layer.forward(self, params, x, state)
+
     def backward_layer(self, layer, params, dy, cache):
-        outer, self.current_layer = self.current_layer, f"layer {layer.name} ({layer.type})"
-        try:
+        with self._inside(layer):
             return layer.backward(self, params, dy, cache)
-        finally:
-            self.current_layer = outer
 
     # conversion ----------------------------------------------------------------------------
     def asarray(self, a):
@@ -107,11 +109,7 @@ class IntervalBackend:
 
     def to_fractions(self, a) -> np.ndarray:
         """Point intervals (endpoints) as exact Fractions, for exact comparisons."""
-        def one(v):
-            sign, man, exp, _ = v._mpi_[0]
-            f = Fraction(man) * Fraction(2) ** exp if man else Fraction(0)
-            return -f if sign else f
-        return np.frompyfunc(one, 1, 1)(np.asarray(a, dtype=object))
+        return np.frompyfunc(lambda v: fraction_of(v._mpi_[0]), 1, 1)(np.asarray(a, dtype=object))
 
     def inflate(self, a, relative: float, absolute: float):
         """Each float x as the interval [x − r, x + r], r = relative·|x| + absolute."""

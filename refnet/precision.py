@@ -484,10 +484,8 @@ def _run_plain(model, precision, params, x, y, state, loss_scale):
     bk = FLOAT64 if precision.storage == "float64" else FLOAT32
     with np.errstate(all="ignore"):
         g = model.loss_and_grads(bk, params, x, y, state)
-        scaled = {k: np.asarray(v) * bk.dtype.type(loss_scale) for k, v in g.params.items()}
-        inv = bk.dtype.type(1.0 / loss_scale)
-        grads = {k: v * inv for k, v in scaled.items()} if loss_scale != 1.0 else dict(g.params)
-    return LowPrecisionRun(precision, float(g.loss), loss_scale, scaled,
-                           {k: np.asarray(v) for k, v in grads.items()}, np.asarray(g.x),
+        grads = {k: np.asarray(v) for k, v in g.params.items()}
+        scaled = {k: v * bk.dtype.type(loss_scale) for k, v in grads.items()}   # reported only
+    return LowPrecisionRun(precision, float(g.loss), loss_scale, scaled, grads, np.asarray(g.x),
                            state.outputs, Trace(), {k: bk.asarray(v) for k, v in params.items()},
                            dict(state.updates))

@@ -21,7 +21,7 @@ penalty in the loss, if any), clip (by value, then by global norm), optimizer st
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -151,9 +151,10 @@ def train(model: Model, params, x, y, optimizer: Optimizer, steps: int, *,
         if max_norm is not None:
             new = max_norm_constraint(new, model.regularized, max_norm)
         new.update(state.updates)                       # running statistics of batchnorm
+        before, after = _float64(params), _float64(new)
         record["update_ratio"] = {
-            k: tensor_norm(_float64(new)[k] - _float64(params)[k], 2)
-            / (tensor_norm(_float64(params)[k], 2) or math.inf) for k in learnable}
+            k: tensor_norm(after[k] - before[k], 2) / (tensor_norm(before[k], 2) or math.inf)
+            for k in learnable}
         history.append(record)
         params = new if emulate else _float64(new)
     return TrainResult(_float64(params), history, None, steps)

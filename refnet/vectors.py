@@ -40,15 +40,15 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .backend import MPBackend
+from .backend import MPBackend, fraction_of
 from .errorbound import BOUND
 from .layers.base import ForwardState
 from .model import Model
+from .verify import LAMBDA
 
 FORMAT = "refnet-vectors/1"
 DPS = 50
 DIGITS = 30
-LAMBDA = 8.0
 ULPS = 2
 UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "fp16": 2.0 ** -11}
 ROUNDED = ("float64", "float32", "fp16")
@@ -131,18 +131,6 @@ def cases() -> List[Case]:
 
 
 # --- exact values -------------------------------------------------------------------------
-def _fraction(v) -> Fraction:
-    """An mpf (or float) as the exact rational it is."""
-    if hasattr(v, "_mpf_"):
-        sign, man, exp, _ = v._mpf_
-        if not man:
-            if exp:
-                raise ValueError("vectors: a non-finite reference value")
-            return Fraction(0)
-        f = Fraction(man) * (Fraction(2) ** exp)
-        return -f if sign else f
-    return Fraction(float(v))
-
 
 def round_exact(value: Fraction, fmt: str) -> float:
     """``value`` rounded once to ``fmt`` (float64/float32/fp16), to nearest, ties to even."""
@@ -176,7 +164,7 @@ def _tensor_from(t) -> np.ndarray:
 
 def _reference(exact, bound, ctx, kink=None) -> dict:
     flat = list(np.asarray(exact, dtype=object).ravel())
-    fractions = [_fraction(v) for v in flat]
+    fractions = [fraction_of(v) for v in flat]
     record = {"shape": list(np.asarray(exact, dtype=object).shape),
               "value": [_decimal(v, ctx) for v in flat]}
     for fmt in ROUNDED:
