@@ -121,7 +121,7 @@ def test_batchnorm_32x64x16x16_train_forward_backward(benchmark, impl, need_torc
 def test_lowp_emulation_overhead(benchmark, model_name, policy, storage):
     """Forward+backward under the emulation, parameters already held as the policy holds them (as
     in a training step); extra_info holds the time relative to the float32 run (target ≤ 3)."""
-    from refnet.precision import Precision, cast_params, run
+    from refnet.lowp.emulation import Precision, cast_params, run
     benchmark.group = f"emulation-{storage}-{policy}-{model_name}"
     if model_name == "mlp-4x1024":
         model = mlp_4x1024()
@@ -178,7 +178,7 @@ def test_fd_sweep_of_a_500_parameter_cnn(benchmark, impl, need_torch):
     model = Model.load(EXAMPLES / "small-cnn.json")
     params, x, y = model.prepare()
     if impl == "refnet":
-        from refnet.fdsweep import fd_sweep
+        from refnet.verification.fdsweep import fd_sweep
         benchmark.pedantic(lambda: fd_sweep(model, params, x, y), rounds=3, iterations=1)
         return
     import torch
@@ -202,7 +202,7 @@ def test_fd_sweep_of_a_500_parameter_cnn(benchmark, impl, need_torch):
 def test_study_quick(benchmark, tmp_path):
     """``refnet study --quick`` end to end (spot checks and figures included); extra_info holds
     its time relative to the 60 s target of issue #7 (≤ 1 meets it)."""
-    from refnet.study import Config, run_study
+    from refnet.study.grid import Config, run_study
     benchmark.group = "study-quick"
     if benchmark.disabled:       # the smoke run: two configurations, not the minute-long grid
         run_study(out=tmp_path, progress=False,

@@ -1,3 +1,3 @@
-"""The torch twins the benchmarks time (moved into the package: ``refnet.torch_twin``)."""
+"""The torch twins the benchmarks time (moved into the package: ``refnet.interop.torch_twin``)."""
 
-from refnet.torch_twin import torch_loss, torch_twin  # noqa: F401
+from refnet.interop.torch_twin import torch_loss, torch_twin  # noqa: F401

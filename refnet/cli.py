@@ -17,10 +17,11 @@ import sys
 import numpy as np
 
 from . import __version__
-from .backend import get_backend
+from .numerics.backend import get_backend
 from .io import load_data, load_params, save_gradients
 from .model import Model
-from .verify import LAMBDA, verify
+from .numerics.errorbound import LAMBDA
+from .verification.triangle import verify
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -95,7 +96,7 @@ def cmd_verify(args) -> int:
     model, params, x, y = _inputs(args)
     if args.certify:
         from dataclasses import asdict
-        from .certify import certify, format_certificate
+        from .verification.certify import certify, format_certificate
         c = certify(model, params, x, y, prec=args.prec, train=_train(args))
         if args.json:
             print(json.dumps({**asdict(c), "status": c.status}, indent=1))
@@ -129,8 +130,8 @@ def cmd_grads(args) -> int:
 def cmd_train(args) -> int:
     import copy
     from .io import save_params
-    from .optim import make_optimizer
-    from .train import train
+    from .training.optim import make_optimizer
+    from .training.loop import train
     model = Model.load(args.spec)
     if args.l1 is not None or args.l2 is not None:
         spec = copy.deepcopy(model.spec)
@@ -146,8 +147,8 @@ def cmd_train(args) -> int:
     optimizer = make_optimizer(args.optimizer, args.lr, **options)
     precision = scaler = None
     if args.precision != "float64":
-        from .gradscaler import GradScaler
-        from .precision import Precision
+        from .lowp.gradscaler import GradScaler
+        from .lowp.emulation import Precision
         precision = Precision(args.precision, args.policy)
         if args.loss_scale == "dynamic":
             scaler = GradScaler()
@@ -191,9 +192,9 @@ def _loss_scale(text):
 
 
 def cmd_diagnose(args) -> int:
-    from .diagnose import diagnose, format_table
-    from .precision import Precision
-    from .presets import preset
+    from .lowp.diagnose import diagnose, format_table
+    from .lowp.emulation import Precision
+    from .study.presets import preset
     if (args.spec is None) == (args.preset is None):
         raise ValueError("give either a spec file or --preset NAME (refnet presets lists them)")
     if args.preset is not None:
@@ -213,7 +214,7 @@ def cmd_diagnose(args) -> int:
         print(format_table(d))
     if args.plot:
         try:
-            from .plots import diagnose_figure
+            from .study.plots import diagnose_figure
         except ImportError:
             raise ValueError("--plot needs matplotlib (pip install 'refnet[plot]')") from None
         diagnose_figure(d, args.plot)
@@ -222,7 +223,7 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_vectors(args) -> int:
-    from .vectors import check, write
+    from .interop.vectors import check, write
     if args.action == "write":
         written = write(args.dir)
         print(f"wrote {len(written)} vectors to {args.dir}/")
@@ -239,7 +240,7 @@ def cmd_vectors(args) -> int:
 
 def cmd_conformance(args) -> int:
     from dataclasses import asdict
-    from .conformance import conformance, format_results
+    from .interop.conformance import conformance, format_results
     results = conformance(args.dir, args.framework, args.dtype)
     if args.json:
         print(json.dumps({"framework": args.framework, "dtype": args.dtype,
@@ -251,7 +252,7 @@ def cmd_conformance(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .presets import PRESETS
+    from .study.presets import PRESETS
     for name, spec in PRESETS.items():
         print(f"{name:<14} {spec.get('description', '')}")
     return EXIT_OK
@@ -259,7 +260,7 @@ def cmd_presets(args) -> int:
 
 def cmd_study(args) -> int:
     from pathlib import Path
-    from .study import format_table, run_study, summary
+    from .study.grid import format_table, run_study, summary
     out = Path(args.out)
     results = run_study(quick=args.quick, out=out, check=not args.no_check)
     print(format_table(results))
@@ -322,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--l2", type=float, help="L2 penalty α (α/2·Σw² over weights)")
     t.add_argument("--save-params", help="write the final parameters (torch names) here")
     t.add_argument("--precision", choices=["float64", "float32", "fp16", "bf16"],
-                   default="float64", help="train under the fp16/bf16 emulation (refnet.precision)")
+                   default="float64", help="train under the fp16/bf16 emulation (refnet.lowp.emulation)")
     t.add_argument("--policy", choices=["autocast", "half"], default="autocast")
     t.add_argument("--loss-scale", type=_loss_scale, default=None,
                    help="GradScaler: a static scale S, or 'dynamic' (2^16, torch's rules)")

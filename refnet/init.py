@@ -40,7 +40,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .backend import _mp_context
+from .numerics.backend import _mp_context
 
 # Gains that torch.nn.init.calculate_gain defines.
 _LINEAR_NAMES = ("linear", "identity", "conv1d", "conv2d", "conv3d", "conv_transpose1d",

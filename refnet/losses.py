@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .activations import stable_sigmoid
+from .layers.activations import stable_sigmoid
 from .validate import finite_float64
 
 REDUCTIONS = ("mean", "sum")

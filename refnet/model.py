@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .layers.base import ForwardState
+from .layers.registry import build_layer
 from .layers.sequential import Sequential
 from .losses import Loss, make_loss
 from .regularize import l1_kink_signature, parse_regularization, penalty
@@ -86,7 +87,7 @@ class Model:
             raise ValueError(f"spec: mode must be 'train' or 'eval', got {self.mode!r}")
         if not isinstance(spec["layers"], list) or not spec["layers"]:
             raise ValueError(f"spec: layers must be a non-empty list, got {spec['layers']!r}")
-        self.net = Sequential(spec["layers"], self.input_shape, "")
+        self.net = Sequential(spec["layers"], self.input_shape, "", build=build_layer)
         self.layers = self.net.layers
         self.output_shape = self.net.out_shape
         self.loss: Loss = make_loss(spec["loss"], self.output_shape)

@@ -12,7 +12,7 @@ whatever it is given). In a model spec::
     "regularization": {"l1": 0.0, "l2": 1e-4, "params": "weights" | "all" | [names]}
 
 Decoupled weight decay (AdamW) and coupled weight decay (SGD/Adam ``weight_decay``) live in the
-optimizers (:mod:`refnet.optim`). The max-norm constraint (Srivastava et al. 2014) is applied
+optimizers (:mod:`refnet.training.optim`). The max-norm constraint (Srivastava et al. 2014) is applied
 after a step: each output unit's incoming weight vector w_o (a row of a dense weight, or the
 (in, kh, kw) block of a conv filter) is rescaled to norm ≤ c: w_o ← w_o·min(1, c/‖w_o‖).
 """

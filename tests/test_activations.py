@@ -7,7 +7,7 @@ from hypothesis import assume, given, strategies as st
 
 from conftest import HAVE_TORCH
 from refnet import BOUND, FLOAT64, MPBackend
-from refnet.activations import ACTIVATIONS
+from refnet.layers.activations import ACTIVATIONS
 
 KINKED = {"relu", "leaky_relu", "prelu", "elu", "selu", "softplus"}
 OPTIONS = {"leaky_relu": {"slope": 0.02}, "elu": {"alpha": 1.3}, "softplus": {"beta": 2.0,

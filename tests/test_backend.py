@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 from conftest import small_spec
 from refnet import BOUND, FLOAT32, FLOAT64, Model, MPBackend, get_backend, verify
-from refnet.activations import ACTIVATIONS
+from refnet.layers.activations import ACTIVATIONS
 from refnet.losses import LOSSES
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from refnet.backend import fraction_of
-from refnet.certify import certify
+from refnet.numerics.backend import fraction_of
+from refnet.verification.certify import certify
 from refnet.cli import main
-from refnet.interval import IntervalBackend
+from refnet.numerics.interval import IntervalBackend
 from refnet.model import Model
 
 TANH_MLP = {"input_shape": [4], "seed": 0, "batch": 3, "loss": {"type": "softmax_cross_entropy"},

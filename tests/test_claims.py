@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, strategies as st
 
 from refnet import FLOAT64, MPBackend
-from refnet.activations import ACTIVATIONS
+from refnet.layers.activations import ACTIVATIONS
 from refnet.layers.dense import Dense
 from refnet.model import Model
-from refnet.study import Config, measure
+from refnet.study.grid import Config, measure
 
 
 def activation(name, **options):
@@ -178,8 +178,8 @@ def test_claim9_inf_comes_first_from_overflow_then_nan_from_inf_minus_inf():
     the next Linear multiplies inf by weights of both signs and sums them: inf − inf = NaN first
     appears there (layer 10). The non-finite values come from the forward activations, not from
     a gradient: "most likely exploding gradients" is qualified."""
-    from refnet.precision import Precision, run
-    from refnet.presets import preset
+    from refnet.lowp.emulation import Precision, run
+    from refnet.study.presets import preset
     model = Model(preset("relu-normal1"))
     params, x, y = model.prepare()
     r = run(model, Precision("fp16"), params, x, y)

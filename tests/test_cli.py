@@ -10,7 +10,7 @@ import pytest
 
 from conftest import small_spec
 from refnet import FLOAT32, FLOAT64, Model, MPBackend
-from refnet.activations import ACTIVATIONS
+from refnet.layers.activations import ACTIVATIONS
 from refnet.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,9 +9,9 @@ from hypothesis import given, strategies as st
 
 from conftest import HAVE_TORCH, small_spec
 from refnet import BOUND, FLOAT64, Model
-from refnet.clip import (clip_grad_norm, clip_grad_norm_per_tensor, clip_grad_value,
+from refnet.training.clip import (clip_grad_norm, clip_grad_norm_per_tensor, clip_grad_value,
                          normalize_grads, scale_by_norm, total_norm)
-from refnet.optim import SGD, Adam, AdamW, make_optimizer
+from refnet.training.optim import SGD, Adam, AdamW, make_optimizer
 
 U = 2.0**-53
 
@@ -248,7 +248,7 @@ def test_torch_cpu_norm_is_torchs_vector_norm_bit_for_bit(n, log_scale, p, seed)
     """torch's CPU float64 vector_norm order (4 lanes of x², an FMA tail, on AVX2): bit for bit
     on any length and scale."""
     import torch
-    from refnet.clip import torch_cpu_norm
+    from refnet.training.clip import torch_cpu_norm
     lanes = 8 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 4
     x = np.random.default_rng(seed).standard_normal(n) * math.exp(log_scale)
     assert torch_cpu_norm(x, p, lanes) == torch.linalg.vector_norm(torch.tensor(x), p).item()
@@ -256,8 +256,8 @@ def test_torch_cpu_norm_is_torchs_vector_norm_bit_for_bit(n, log_scale, p, seed)
 
 def test_clipping_thresholds_are_kinks_the_verifier_can_compare():
     """Scaling a gradient set across max_norm (or an element across c) changes the signature;
-    staying on one side does not (refnet.verify treats differing signatures as a kink)."""
-    from refnet.clip import kink_signature
+    staying on one side does not (refnet.verification.triangle treats differing signatures as a kink)."""
+    from refnet.training.clip import kink_signature
     g = {"w": np.array([3.0, 4.0])}                        # N = 5
     side = lambda s, **kw: kink_signature({"w": s * g["w"]}, **kw)   # noqa: E731
     assert side(0.9, max_norm=5.0)[0].tolist() == [False]

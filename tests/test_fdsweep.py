@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from refnet import FLOAT64
-from refnet.fdsweep import U64, _step, fd_sweep
+from refnet.verification.fdsweep import U64, _step, fd_sweep
 from refnet.layers.base import ForwardState
 from refnet.model import Model
 

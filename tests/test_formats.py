@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from refnet.formats import FORMATS, get_format, round_to
+from refnet.numerics.formats import FORMATS, get_format, round_to
 
 try:
     import ml_dtypes

@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, strategies as st
 
 from conftest import HAVE_TORCH
-from refnet.backend import FLOAT64
+from refnet.numerics.backend import FLOAT64
 from refnet.cli import main
-from refnet.diagnose import diagnose
-from refnet.formats import round_to
-from refnet.gradscaler import GradScaler
+from refnet.lowp.diagnose import diagnose
+from refnet.numerics.formats import round_to
+from refnet.lowp.gradscaler import GradScaler
 from refnet.model import Model
-from refnet.precision import Precision, StoredArray, plain, round_float32, run, store
+from refnet.lowp.emulation import Precision, StoredArray, plain, round_float32, run, store
 
 try:
     import ml_dtypes
@@ -131,7 +131,7 @@ def float32_edge_cases():
 @pytest.mark.parametrize("fmt", ["fp16", "bf16"])
 def test_float32_rounding_to_the_storage_grid_is_rne_at_every_tie_and_edge(fmt):
     """round_float32 (the fast, value-independent rounding the emulation stores with) equals
-    refnet.formats.round_to — one rounding, ties to even, subnormals kept, overflow to inf — on
+    refnet.numerics.formats.round_to — one rounding, ties to even, subnormals kept, overflow to inf — on
     every value of the format, every tie between two of them, and the floats just beside."""
     x = float32_edge_cases()
     with np.errstate(all="ignore"):
@@ -470,8 +470,8 @@ def test_training_loop_with_dynamic_loss_scaling_skips_overflowing_steps():
     """GradScaler in the training loop: an overflowing start (2³⁰ on a net whose logits gradient
     is ~0.1/64·S, > 65504 for S ≳ 2²⁵) is skipped and halved, then training proceeds on the
     float32 master weights."""
-    from refnet.optim import make_optimizer
-    from refnet.train import train
+    from refnet.training.optim import make_optimizer
+    from refnet.training.loop import train
     model = mlp([32, 32], 32, "tanh", 0.3)
     result = train(model, None, None, None, make_optimizer("sgd", 0.1), 16,
                    precision=Precision("fp16"), scaler=GradScaler(init_scale=2.0 ** 30))

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from refnet.cli import main
-from refnet.study import (NORM_RANGE, RATIO_RANGE, Config, Progress, judge, measure, run_study,
+from refnet.study.grid import (NORM_RANGE, RATIO_RANGE, Config, Progress, judge, measure, run_study,
                           sparkline)
 
 DEPTH = 12
@@ -86,7 +86,7 @@ def test_every_configuration_is_spot_checked_against_the_high_precision_referenc
 
 
 def test_judge_thresholds():
-    """The verdict rule, on hand-made profiles (see refnet/study.py)."""
+    """The verdict rule, on hand-made profiles (see refnet/study/grid.py)."""
     assert judge([1.0, 1.0], False)[0] == "nonfinite"
     assert judge([1e-4, 1.0], True)[0] == "vanishing"            # ratio < 1e-3
     assert judge([1e4, 1.0], True)[0] == "exploding"             # ratio > 1e3

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from refnet import FLOAT64, MPBackend
-from refnet.activations import ACTIVATIONS
+from refnet.layers.activations import ACTIVATIONS
 from refnet.init import initialize
 from refnet.layers.base import ForwardState
 from refnet.layers.dropout import Dropout
@@ -227,8 +227,8 @@ def test_10_with_constant_init_the_units_of_a_layer_stay_identical_through_train
     """With every weight of the network constant, the units of a hidden layer compute the same
     function and get the same gradient, so after 20 full-batch SGD steps they are still
     identical (to rounding: BLAS may order a row's sum differently, 1e-14 relative)."""
-    from refnet.optim import make_optimizer
-    from refnet.train import train
+    from refnet.training.optim import make_optimizer
+    from refnet.training.loop import train
     layers = [{"type": "dense", "out": 6, "init": {"name": "constant", "val": 0.3},
                "bias_init": {"name": "constant", "val": 0.1}}, {"type": "tanh"},
               {"type": "dense", "out": 6, "init": {"name": "constant", "val": -0.2},
@@ -444,7 +444,7 @@ def test_4_clipping_by_norm_is_idempotent_up_to_torchs_epsilon_and_by_value_keep
     second clip changes the norm by at most a factor 1 − 1e-6/(θ + 1e-6) (torch rescales again
     because θ/(‖g′‖ + 1e-6) < 1 when ‖g′‖ > θ − 1e-6: idempotent only up to that). By value:
     |g′| ≤ c and g′ = g where |g| ≤ c."""
-    from refnet.clip import clip_grad_norm, clip_grad_value, tensor_norm
+    from refnet.training.clip import clip_grad_norm, clip_grad_value, tensor_norm
     g = {"w": np.array(values)}
     once, norm = clip_grad_norm(g, theta)
     twice, _ = clip_grad_norm(once, theta)

@@ -10,9 +10,9 @@ import pytest
 
 from refnet import FLOAT64, MPBackend, Model, verify
 from refnet.cli import main
-from refnet.optim import SGD
+from refnet.training.optim import SGD
 from refnet.regularize import max_norm_constraint
-from refnet.train import train
+from refnet.training.loop import train
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "spec" / "examples"
 

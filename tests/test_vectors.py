@@ -9,7 +9,7 @@ import pytest
 
 from conftest import HAVE_TORCH
 from refnet.cli import main
-from refnet.vectors import Fraction, check, load, round_exact
+from refnet.interop.vectors import Fraction, check, load, round_exact
 
 VECTORS = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 
@@ -22,7 +22,7 @@ def test_the_committed_vectors_recompute_without_drift():
 
 def test_changing_one_backward_formula_makes_the_check_fail(monkeypatch, tmp_path):
     """tanh' = 4E/(1+E)² changed in its 13th digit: the tanh vector and the MLP drift."""
-    from refnet.activations import Tanh
+    from refnet.layers.activations import Tanh
     original = Tanh.df
     monkeypatch.setattr(Tanh, "df", lambda self, bk, z, s: original(self, bk, z, s) * (1 + 1e-12))
     for name in ("tanh.json", "net-mlp.json"):

@@ -10,8 +10,8 @@ from hypothesis import given, strategies as st
 
 from conftest import small_spec
 from refnet import FLOAT64, Model, verify
-from refnet.activations import ACTIVATIONS
-from refnet.backend import NumpyBackend
+from refnet.layers.activations import ACTIVATIONS
+from refnet.numerics.backend import NumpyBackend
 from refnet.losses import LOSSES
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "spec" / "examples"

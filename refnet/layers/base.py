@@ -54,7 +54,7 @@ class Layer:
     type: str = ""
     # Config keys the layer accepts besides "type", with their defaults.
     defaults: Dict[str, Any] = {}
-    # How torch.autocast treats the layer's kernel (refnet.precision): "lowp" casts its input
+    # How torch.autocast treats the layer's kernel (refnet.lowp.emulation): "lowp" casts its input
     # and parameters to fp16/bf16 and returns that (torch's lower-precision list: linear, conv,
     # prelu); "float32" computes and returns float32 (softplus, layer_norm); "promote" returns
     # its input's dtype, parameters uncast (everything else: relu, sigmoid, batch_norm, ...).

@@ -32,18 +32,18 @@ class Residual(Container):
     type = "residual"
     defaults = {"body": None, "shortcut": "identity", "scale": 1.0}
 
-    def __init__(self, config, in_shape, where):
+    def __init__(self, config, in_shape, where, *, build):
         if "body" not in config:
             raise ValueError(f"{where}: residual needs 'body' (a list of layers)")
         super().__init__(config, in_shape, where)
         require_number(where, "scale", self.config["scale"])
-        self.body = Sequential(self.config["body"], in_shape, f"{where}.body")
+        self.body = Sequential(self.config["body"], in_shape, f"{where}.body", build=build)
         shortcut = self.config["shortcut"]
         if shortcut == "identity":
             self.shortcut = None
             shortcut_shape = tuple(in_shape)
         elif isinstance(shortcut, list):
-            self.shortcut = Sequential(shortcut, in_shape, f"{where}.shortcut")
+            self.shortcut = Sequential(shortcut, in_shape, f"{where}.shortcut", build=build)
             shortcut_shape = self.shortcut.out_shape
         else:
             raise ValueError(f"{where}: shortcut must be 'identity' or a list of layers, "

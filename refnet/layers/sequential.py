@@ -20,7 +20,7 @@ def split(tensors: Dict[str, object], index: int) -> Dict[str, object]:
 
 def run_forward(bk, layer, params, x, state):
     """``layer.forward`` — unless the backend runs layers itself: the fp16/bf16 emulation
-    (``refnet.precision``) runs each leaf layer as one kernel, rounding at its boundary."""
+    (``refnet.lowp.emulation``) runs each leaf layer as one kernel, rounding at its boundary."""
     hook = getattr(bk, "forward_layer", None)
     return hook(layer, params, x, state) if hook else layer.forward(bk, params, x, state)
 
@@ -61,8 +61,9 @@ class Container(Layer):
 class Sequential(Container):
     type = "sequential"
 
-    def __init__(self, configs: List[dict], in_shape, where: str, name: str = ""):
-        from .registry import build_layer        # the registry knows every type, this one too
+    def __init__(self, configs: List[dict], in_shape, where: str, name: str = "", *, build):
+        # ``build(config, in_shape, where, name)`` makes one child: the registry's ``build_layer``,
+        # passed down so that no layer module imports the registry (which imports every layer).
         if not isinstance(configs, list) or not configs:
             raise ValueError(f"{where}: expected a non-empty list of layers, got {configs!r}")
         self.where, self.name = where, name
@@ -72,7 +73,7 @@ class Sequential(Container):
         shape = self.in_shape
         for j, config in enumerate(configs):
             child_name = f"{name}.{j}" if name else str(j)
-            layer = build_layer(config, shape, f"{where}[{j}]" if where else f"layers[{j}]",
+            layer = build(config, shape, f"{where}[{j}]" if where else f"layers[{j}]",
                                 child_name)
             self.layers.append(layer)
             shape = layer.out_shape

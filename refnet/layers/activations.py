@@ -39,7 +39,7 @@ import math
 
 import numpy as np
 
-from .layers.base import Layer, require_number
+from .base import Layer, require_number
 
 SELU_SCALE = "1.0507009873554804934193349852946"
 SELU_ALPHA = "1.6732632423543772848170429916717"

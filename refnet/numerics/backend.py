@@ -11,7 +11,7 @@ supports. The same layer code then runs
                    global ``mpmath.mp`` is never touched, so two backends of different
                    precision can live side by side
 ``float64+bound``  float64 values that carry a rigorous running error bound
-                   (:mod:`refnet.errorbound`); the values are bit-for-bit those of ``float64``
+                   (:mod:`refnet.numerics.errorbound`); the values are bit-for-bit those of ``float64``
 =================  =========================================================================
 
 Constants that are not exact binary numbers (1/sqrt(2), SELU's lambda) are asked for with

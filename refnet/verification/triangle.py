@@ -3,7 +3,7 @@
 1. **float64 vs high precision, in ulps.** The analytic backward runs in float64 and, as the same
    code, in mpmath at ``dps`` digits (default 50). The float64 error of every element is measured
    in ulps of the exact value and held to the error analysis of the same float64 computation
-   (:mod:`refnet.errorbound`): the smaller of the rigorous running bound ``e`` and the
+   (:mod:`refnet.numerics.errorbound`): the smaller of the rigorous running bound ``e`` and the
    probabilistic bound ``LAMBDA·σ`` (rounding errors as independent bounded terms; Hoeffding gives
    P(|err| > λσ) ≤ 2·exp(−λ²/2) = 2.5e-14 per element for λ = 8). Both grow where the
    computation is ill-conditioned; the rigorous one grows like the product of |W| over depth,
@@ -34,17 +34,16 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .backend import FLOAT64, MPBackend
-from .errorbound import BOUND
-from .layers.base import ForwardState
-from .model import Model
+from ..numerics.backend import FLOAT64, MPBackend
+from ..numerics.errorbound import BOUND, LAMBDA
+from ..layers.base import ForwardState
+from ..model import Model
 
 U64 = 2.0**-53
 FD_STEP = 1e-15          # high-precision FD step (for |L| ~ |g|; smaller for steep directions)
 FD_TARGET_DIGITS = 30    # the FD itself is set up to be good to ~30 digits (truncation ~h²)
 FD_GUARD_DIGITS = 10
 MAX_FD_DPS = 2000
-LAMBDA = 8.0             # probabilistic bound: P(|err| > λσ) ≤ 2 exp(−λ²/2) ≈ 2.5e-14
 
 
 @dataclass

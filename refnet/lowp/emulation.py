@@ -29,7 +29,7 @@ A storage-format tensor is held as a float32 array tagged with its format (:clas
 every fp16/bf16/fp8 value is a float32 value, so kernels compute on it without conversion, and
 the tag carries autocast's dtype rules from layer to layer. Every rounding is once, to nearest
 even, subnormals kept: float64 → format directly (never via float32, which would round twice;
-``refnet.formats``), float32 → format by :func:`round_float32`.
+``refnet.numerics.formats``), float32 → format by :func:`round_float32`.
 
 Loss scaling multiplies the loss by S (float32 under autocast, the storage format under half,
 where S = 2¹⁶ is itself inf) and so the upstream gradient of the loss; the cross-entropy backward
@@ -45,11 +45,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .backend import FLOAT32, FLOAT64, NumpyBackend, float_constant
-from .formats import round_to
-from .layers.base import ForwardState
-from .layers.sequential import Container
-from .losses import SoftmaxCrossEntropy
+from ..numerics.backend import FLOAT32, FLOAT64, NumpyBackend, float_constant
+from ..numerics.formats import round_to
+from ..layers.base import ForwardState
+from ..layers.sequential import Container
+from ..losses import SoftmaxCrossEntropy
 
 STORAGES = ("fp16", "bf16", "fp8_e5m2", "fp8_e4m3fn", "float32", "float64")
 POLICIES = ("autocast", "half")
@@ -102,7 +102,7 @@ def round_float32(x, fmt: str) -> np.ndarray:
     float32 sum x + M is rounded by the hardware to a multiple of q, ties to even (M/q is even),
     and (x + M) − M is exact. bf16: the same on the bit pattern (add 0x7FFF plus the parity of
     bit 16, clear the low 16 bits; a carry into the exponent is the correct rounding up, inf
-    included). Both are checked against ``refnet.formats.round_to`` in the tests."""
+    included). Both are checked against ``refnet.numerics.formats.round_to`` in the tests."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 0:                        # 0-d arithmetic returns scalars: work on a 1-vector
         return round_float32(x.reshape(1), fmt).reshape(())
@@ -180,7 +180,7 @@ def dtype_name(a) -> str:
 def store(a, fmt: str):
     """``a`` rounded once to ``fmt``: a StoredArray, or a plain float32/float64 array.
 
-    float64 input is rounded directly (``refnet.formats.round_to``), never through float32,
+    float64 input is rounded directly (``refnet.numerics.formats.round_to``), never through float32,
     which would round twice; values already in ``fmt`` (or a narrower format when ``fmt`` is
     float32) pass unchanged."""
     if fmt in ("float32", "float64"):
@@ -194,7 +194,7 @@ def store(a, fmt: str):
 
 
 def check_format(storage: str) -> str:
-    """fp16 and bf16 are built in; the fp8 formats follow refnet.formats (slower, exact)."""
+    """fp16 and bf16 are built in; the fp8 formats follow refnet.numerics.formats (slower, exact)."""
     if storage not in STORAGES:
         raise ValueError(f"precision: unknown storage {storage!r}; expected one of "
                          f"{list(STORAGES)}")

@@ -24,7 +24,7 @@ from typing import Dict
 
 import numpy as np
 
-from .precision import check_loss_scale
+from .emulation import check_loss_scale
 
 
 class GradScaler:

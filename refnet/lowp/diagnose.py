@@ -1,7 +1,7 @@
 """Per-layer gradient health under a precision policy, accounted against a float64 shadow run.
 
 ``diagnose(model, precision, ...)`` runs the model twice on the same parameters, data and
-dropout masks: once in float64 (the shadow) and once under the policy (``refnet.precision``).
+dropout masks: once in float64 (the shadow) and once under the policy (``refnet.lowp.emulation``).
 For every tensor — each layer's forward output (``"<layer>.out"``), each parameter gradient (the
 parameter's name), the input gradient (``"x.grad"``) and the weight update of one SGD step
 (``"<param>.update"``) — it counts, in the low-precision tensor:
@@ -37,11 +37,11 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from .backend import FLOAT64
-from .formats import get_format
+from ..numerics.backend import FLOAT64
+from ..numerics.formats import get_format
 from .gradscaler import GradScaler
-from .layers.base import ForwardState
-from .precision import (LowPrecisionRun, Precision, check_loss_scale, dtype_name, format_of,
+from ..layers.base import ForwardState
+from .emulation import (LowPrecisionRun, Precision, check_loss_scale, dtype_name, format_of,
                         plain, run, store)
 
 PERCENTILES = (50, 90, 99, 100)

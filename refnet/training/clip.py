@@ -139,7 +139,7 @@ def total_norm(grads: Grads, norm_type=2.0, reduction: str = "exact", lanes: int
 
 def kink_signature(grads: Grads, max_norm=None, clip_value=None, norm_type=2.0) -> tuple:
     """Which side of each clipping threshold ``grads`` lie on — the kinks of clipping, in the
-    form the verifier compares (``refnet.verify``: two points with equal signatures lie on the
+    form the verifier compares (``refnet.verification``: two points with equal signatures lie on the
     same smooth piece). By norm: (N > max_norm,) with N the total norm (torch scales whenever
     max_norm/(N + 1e-6) < 1, i.e. N > max_norm − 1e-6: that is the kink); by value: |g| > c per
     element. A finite difference of anything computed from clipped gradients whose ±h points

@@ -16,7 +16,7 @@ for every activation as a named choice), ``lecun`` (lecun_normal: std 1/√fan_i
 ``orthogonal`` (torch's orthogonal_, gain 1). The output layer gets the same init.
 
 Precisions: ``float64``, and ``fp16`` = the GPU's mixed precision without a loss scaler
-(``Precision("fp16", "autocast")``, ``refnet.precision``), accounted against the float64 run.
+(``Precision("fp16", "autocast")``, ``refnet.lowp.emulation``), accounted against the float64 run.
 
 Measured per configuration (in its precision):
 
@@ -24,11 +24,11 @@ Measured per configuration (in its precision):
 - ``ratio``: first / last of those (the first hidden layer over the output layer);
 - ``forward_var``: the variance of each hidden activation's output over batch and units (float64);
 - ``dead``: mean over relu-type layers of the fraction of units whose output is 0 for every sample
-  (``refnet.train.dead_fractions``); ``saturated``: for sigmoid/tanh, the fraction of outputs
+  (``refnet.training.dead_fractions``); ``saturated``: for sigmoid/tanh, the fraction of outputs
   with σ'(z) < 0.01·σ'(0) (|z| > 6.9 for sigmoid, |z| > 3.0 for tanh: the unit passes on under 1 %
   of what it would at 0), measured on the outputs h: σ ∉ [0.001, 0.999], |tanh| > 0.995;
 - ``fp16_overflow``, ``fp16_underflow``: percent of all activation and gradient elements that
-  overflow / underflow in fp16 (against float64; ``refnet.diagnose``), and per layer for the map;
+  overflow / underflow in fp16 (against float64; ``refnet.lowp.diagnose``), and per layer for the map;
 - ``spot_checked``: the float64 gradients of this model on 4 of its samples agree with the
   30-digit reference within the error bound of ``refnet verify`` (``verify.spot_check``); ``None``
   where float64 and the reference take different branches of a kink.
@@ -57,12 +57,12 @@ from typing import List, Optional
 
 import numpy as np
 
-from .backend import FLOAT64
-from .diagnose import diagnose, l2_norm
-from .model import Model
-from .precision import Precision
-from .train import dead_fractions
-from .verify import spot_check
+from ..numerics.backend import FLOAT64
+from ..lowp.diagnose import diagnose, l2_norm
+from ..model import Model
+from ..lowp.emulation import Precision
+from ..training.loop import dead_fractions
+from ..verification.triangle import spot_check
 
 WIDTH, BATCH, CLASSES = 32, 64, 10
 NORM_RANGE = (1e-6, 1e3)

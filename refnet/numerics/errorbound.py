@@ -44,6 +44,7 @@ from .backend import Constant, float_constant_and_error
 U = 2.0**-53          # unit roundoff of float64
 ETA = 2.0**-1074      # the smallest subnormal: more than an underflow can lose (half of it)
 UNDERFLOW_FLOOR = 4 * ETA
+LAMBDA = 8.0          # probabilistic bound: P(|err| > λσ) ≤ 2 exp(−λ²/2) ≈ 2.5e-14
 
 # σ² is a sum of squares of errors down to 1e-323 and up to 1e308: it lives in numpy's longdouble,
 # whose x86-64 80-bit format spans 1e±4932. Where longdouble is only a double (some platforms),

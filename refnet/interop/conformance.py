@@ -1,7 +1,7 @@
 """Conformance: run every golden vector in another framework and measure its error in ulps.
 
 ``refnet conformance --framework torch [--dtype float64|float32] [--dir spec/vectors] [--json]``
-rebuilds each vector's model in PyTorch (``refnet.torch_twin``), loads the vector's parameters
+rebuilds each vector's model in PyTorch (``refnet.interop.torch_twin``), loads the vector's parameters
 and inputs, runs forward and backward (the loss's gradient, or Jᵀ·dy for a given upstream dy),
 and compares every output and gradient element with the vector's correctly rounded reference in
 that dtype: the error in ulps of the dtype at the reference value, and the vector's tolerance
@@ -16,7 +16,7 @@ from typing import List
 
 import numpy as np
 
-from .model import Model
+from ..model import Model
 from .vectors import records, stored_inputs
 
 DTYPES = ("float64", "float32")

@@ -1,7 +1,7 @@
 """Certified gradients: every gradient element enclosed in an interval proven to contain the
 exact derivative (``refnet verify --certify``).
 
-The analytic backward runs in interval arithmetic (``refnet.interval``, outward rounding at
+The analytic backward runs in interval arithmetic (``refnet.numerics.interval``, outward rounding at
 ``prec`` bits). Each enclosure is then compared, exactly (as rationals), with
 
 - the high-precision reference (mp at ``dps`` digits, chosen well above the interval precision so
@@ -28,12 +28,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .backend import FLOAT64, MPBackend, fraction_of
-from .errorbound import BOUND
-from .interval import IntervalBackend
-from .layers.base import ForwardState
-from .model import Model
-from .verify import LAMBDA
+from ..numerics.backend import FLOAT64, MPBackend, fraction_of
+from ..numerics.errorbound import BOUND, LAMBDA
+from ..numerics.interval import IntervalBackend
+from ..layers.base import ForwardState
+from ..model import Model
 
 INFLATE_RELATIVE = 2.0 ** -120       # the box around each input and parameter: r = 2⁻¹²⁰|x| +
 INFLATE_ABSOLUTE = 2.0 ** -140       # 2⁻¹⁴⁰ (small against the 1e-25 widths asked of a certificate)

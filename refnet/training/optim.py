@@ -27,7 +27,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from .backend import FLOAT64
+from ..numerics.backend import FLOAT64
 
 Params = Dict[str, np.ndarray]
 

@@ -22,7 +22,7 @@ every case from the inputs stored in its file and fails on any drift. Files are 
 The reference values are the analytic gradients at ``DPS`` = 50 digits (refnet's mp backend), so
 their first 30 digits are settled. Tolerances: an implementation computing in dtype d passes an
 element if |got − ref_d| ≤ ulps·ulp_d(ref) + abs. ``abs`` is the float64 error analysis of the
-same computation (``refnet.errorbound``: 8σ, the verifier's probabilistic bound, taken at the
+same computation (``refnet.numerics.errorbound``: 8σ, the verifier's probabilistic bound, taken at the
 tensor's worst element) scaled by u_d/u_64: an algorithm with the same structure in dtype d
 makes rounding errors of that size; ``ulps`` = 2 leaves room for the final rounding of each side.
 A ``kink`` element is one where the derivative is taken exactly at a kink (relu at 0, a tie in a
@@ -40,11 +40,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .backend import MPBackend, fraction_of
-from .errorbound import BOUND
-from .layers.base import ForwardState
-from .model import Model
-from .verify import LAMBDA
+from ..numerics.backend import MPBackend, fraction_of
+from ..numerics.errorbound import BOUND, LAMBDA
+from ..layers.base import ForwardState
+from ..model import Model
 
 FORMAT = "refnet-vectors/1"
 DPS = 50

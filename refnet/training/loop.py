@@ -26,13 +26,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .backend import FLOAT32, FLOAT64
+from ..numerics.backend import FLOAT32, FLOAT64
 from .clip import clip_grad_norm, clip_grad_value, tensor_norm
-from .layers.base import ForwardState
-from .model import Model
-from .gradscaler import GradScaler
+from ..layers.base import ForwardState
+from ..model import Model
+from ..lowp.gradscaler import GradScaler
 from .optim import Optimizer
-from .precision import Precision, StorageArithmetic, cast_params, run
+from ..lowp.emulation import Precision, StorageArithmetic, cast_params, run
 
 DEAD_TYPES = ("relu", "leaky_relu", "prelu")
 
@@ -78,12 +78,12 @@ def train(model: Model, params, x, y, optimizer: Optimizer, steps: int, *,
     """Full-batch training for ``steps`` steps; see the module docstring for what is recorded.
 
     ``max_norm``: the max-norm constraint on the regularized weights after every step.
-    ``precision``: run every step under an fp16/bf16 policy (``refnet.precision``): parameters
+    ``precision``: run every step under an fp16/bf16 policy (``refnet.lowp.emulation``): parameters
     held as float32 master weights (autocast) or in the storage format (half), and the optimizer
     set to compute in that dtype (``optimizer.bk``). ``scaler``: loss scaling with
     ``GradScaler``'s rules — unscale before clipping, skip the step on inf/NaN, update the scale;
     each record then has ``loss_scale`` and ``skipped``."""
-    from .regularize import max_norm_constraint
+    from ..regularize import max_norm_constraint
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"train: steps must be a positive integer, got {steps!r}")
     params, x, y = model.prepare(params, x, y)
