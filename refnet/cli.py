@@ -4,7 +4,11 @@
 
 Exit status: 0 all checks pass, 1 a check fails (verify, vectors check, conformance), training
 stopped on a non-finite loss (train) or inf/NaN appeared (diagnose), 2 bad input (the message
-names what is wrong).
+names what is wrong), 130 interrupted (Ctrl-C: verify, train and study first write what they
+finished, marked partial).
+
+Progress goes to stderr, and only once a run has lasted REFNET_PROGRESS_AFTER seconds (default
+2; refnet.progress); stdout is the report alone.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -21,9 +26,22 @@ from .numerics.backend import get_backend
 from .io import load_data, load_params, save_gradients
 from .model import Model
 from .numerics.errorbound import LAMBDA
+from .progress import Interrupted, Reporter, after_from_env
 from .verification.triangle import verify
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130          # 128 + SIGINT, what a shell reports for a Ctrl-C'd program
+
+
+def _progress(args) -> Reporter:
+    """Progress on stderr for this command, shown past REFNET_PROGRESS_AFTER seconds."""
+    return Reporter(sys.stderr, name=f"refnet {args.command}", after=after_from_env(os.environ))
+
+
+def _interrupted(args, stop, kept: str) -> int:
+    """The one line a Ctrl-C leaves: where the work stopped and what was kept."""
+    print(f"refnet {args.command}: {stop}; {kept}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _inputs(args):
@@ -83,7 +101,12 @@ def format_report(report, model: Model) -> str:
         for k in t.kinks:
             lines.append(f"kink in {t.name}: {k}")
     lines.append("")
-    if report.passed:
+    if report.incomplete:           # Ctrl-C: the tensors done, never a PASSED
+        failed = [t.name for t in report.tensors if not t.passed]
+        if failed:
+            lines.append(f"FAILED: {', '.join(failed)}")
+        lines.append(f"INCOMPLETE: {report.incomplete}")
+    elif report.passed:
         lines.append("PASSED: every gradient matches the exact one within its float64 error "
                      "bound, and the exact one matches high-precision finite differences.")
     else:
@@ -103,12 +126,21 @@ def cmd_verify(args) -> int:
         else:
             print(format_certificate(c))
         return EXIT_FAIL if c.failed else EXIT_OK
-    report = verify(model, params, x, y, dps=args.dps, digits=args.digits, mode=args.mode,
-                    directions=args.directions, seed=args.seed, train=_train(args))
+    stop = None
+    try:
+        report = verify(model, params, x, y, dps=args.dps, digits=args.digits, mode=args.mode,
+                        directions=args.directions, seed=args.seed, train=_train(args),
+                        progress=_progress(args))
+    except Interrupted as interrupted:
+        if interrupted.partial is None:
+            return _interrupted(args, interrupted, "nothing to report")
+        stop, report = interrupted, interrupted.partial
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:
         print(format_report(report, model))
+    if stop:
+        return _interrupted(args, stop, "the report of those is on stdout, marked INCOMPLETE")
     return EXIT_OK if report.passed else EXIT_FAIL
 
 
@@ -157,9 +189,16 @@ def cmd_train(args) -> int:
     elif args.loss_scale is not None:
         raise ValueError("--loss-scale needs --precision fp16 or bf16 (float64 gradients do "
                          "not underflow to need one)")
-    result = train(model, params, x, y, optimizer, args.steps, clip_norm=args.clip_norm,
-                   clip_value=args.clip_value, precision=precision, scaler=scaler)
-    if args.save_params:
+    stop = None
+    try:
+        result = train(model, params, x, y, optimizer, args.steps, clip_norm=args.clip_norm,
+                       clip_value=args.clip_value, precision=precision, scaler=scaler,
+                       progress=_progress(args))
+    except Interrupted as interrupted:
+        # Keep the steps done: their history below, and (if asked) the parameters after the
+        # last of them; with no step done there is nothing to save.
+        stop, result = interrupted, interrupted.partial
+    if args.save_params and not (stop and result.steps_done == 0):
         save_params(args.save_params, result.params)
     if args.json:
         print(json.dumps({"stopped": result.stopped, "steps_done": result.steps_done,
@@ -176,6 +215,13 @@ def cmd_train(args) -> int:
             print(f"{h['step']:>5} {h['loss']:>12.6g} {h['total_grad_norm']:>9.3g} "
                   f"{ratio:>24.3g} {dead:>9.3f}")
         print(result.stopped or f"trained {result.steps_done} steps")
+    if stop:
+        kept = "the history so far is on stdout"
+        if args.save_params:
+            kept += (f", the parameters after those {result.steps_done} steps in "
+                     f"{args.save_params}" if result.steps_done
+                     else f"; no step finished, {args.save_params} not written")
+        return _interrupted(args, stop, kept)
     return EXIT_FAIL if result.stopped else EXIT_OK
 
 
@@ -207,7 +253,7 @@ def cmd_diagnose(args) -> int:
         model, params, x, y = _inputs(args)
     precision = Precision(args.precision, args.policy, args.accumulate)
     d = diagnose(model, precision, params, x, y, loss_scale=args.loss_scale, lr=args.lr,
-                 train=_train(args))
+                 train=_train(args), progress=_progress(args))
     if args.json:
         print(json.dumps(d.as_json(), indent=1))
     else:
@@ -262,7 +308,14 @@ def cmd_study(args) -> int:
     from pathlib import Path
     from .study.grid import format_table, run_study, summary
     out = Path(args.out)
-    results = run_study(quick=args.quick, out=out, check=not args.no_check)
+    try:
+        results = run_study(quick=args.quick, out=out, check=not args.no_check,
+                            progress=_progress(args))
+    except Interrupted as stop:
+        if stop.partial:
+            print(format_table(stop.partial))
+        return _interrupted(args, stop, "their table is on stdout" if stop.partial
+                            else "nothing to keep")
     print(format_table(results))
     print()
     print(summary(results))
@@ -393,3 +446,6 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"refnet {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:      # Ctrl-C where nothing partial is kept
+        print(f"refnet {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -168,6 +168,28 @@ def test_the_package_has_no_import_circle():
     assert not found, f"import circles: {found}"
 
 
+def unresolved_imports(package: Path = PACKAGE) -> List[str]:
+    """Relative imports (lazy ones too) that name no module or package of refnet."""
+    modules = {module_name(p) for p in package.rglob("*.py")}
+    bad = []
+    for path in package.rglob("*.py"):
+        name = module_name(path)
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = here[: len(here) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+                if source not in modules:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {source}")
+    return bad
+
+
+def test_every_relative_import_names_a_module_of_the_package():
+    """A lazy import inside a function fails only when called; this finds a stale one at once."""
+    bad = unresolved_imports()
+    assert not bad, "imports of modules that do not exist:\n" + "\n".join(bad)
+
+
 def test_no_layer_module_imports_the_registry():
     """Containers get the registry's build function passed in; no layer module imports it."""
     graph = import_graph()

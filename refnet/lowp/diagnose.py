@@ -43,6 +43,7 @@ from .gradscaler import GradScaler
 from ..layers.base import ForwardState
 from .emulation import (LowPrecisionRun, Precision, check_loss_scale, dtype_name, format_of,
                         plain, run, store)
+from ..progress import SILENT
 
 PERCENTILES = (50, 90, 99, 100)
 DEFAULT_LR = 0.01
@@ -162,8 +163,10 @@ def _sgd_update(param_held, grad_unscaled, lr):
 
 def diagnose(model, precision: Precision, params=None, x=None, y=None,
              loss_scale: Union[float, str] = 1.0, lr: float = DEFAULT_LR,
-             train: Optional[bool] = None) -> Diagnosis:
-    """The accounting of the module docstring. ``train``: None for the spec's mode."""
+             train: Optional[bool] = None, progress=None) -> Diagnosis:
+    """The accounting of the module docstring. ``train``: None for the spec's mode.
+    ``progress``: a ``refnet.progress.Reporter`` told of every pass of dynamic loss scaling
+    (default silent; a static scale is one pass)."""
     if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)
             and lr > 0):
         raise ValueError(f"diagnose: lr must be a positive finite number, got {lr!r}")
@@ -186,13 +189,21 @@ def diagnose(model, precision: Precision, params=None, x=None, y=None,
     skipped = 0
     if loss_scale == "dynamic":
         scaler = GradScaler()
-        while True:
-            result = low_run(scaler.scale)
-            scaler.unscale(result.scaled_grads)
-            if not scaler.found_inf or skipped >= MAX_BACKOFFS:
-                break
-            scaler.update()
-            skipped += 1
+        progress = SILENT if progress is None else progress
+        progress.start(None, "passes")      # how many: known only when one comes out clean
+        try:
+            while True:
+                progress.update(skipped, f"pass {skipped + 1} at loss scale {scaler.scale:g}")
+                result = low_run(scaler.scale)
+                scaler.unscale(result.scaled_grads)
+                if not scaler.found_inf or skipped >= MAX_BACKOFFS:
+                    break
+                scaler.update()
+                skipped += 1
+            progress.update(skipped + 1, f"loss scale {scaler.scale:g} " + (
+                "still has inf/NaN" if scaler.found_inf else "is clean"))
+        finally:
+            progress.close()
         scale = scaler.scale
     else:
         scale = float(loss_scale)

@@ -48,8 +48,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
@@ -63,11 +61,13 @@ from ..model import Model
 from ..lowp.emulation import Precision
 from ..training.loop import dead_fractions
 from ..verification.triangle import spot_check
+from ..progress import SHOW_AFTER_S, SILENT, Interrupted, Reporter
 
 WIDTH, BATCH, CLASSES = 32, 64, 10
 NORM_RANGE = (1e-6, 1e3)
 RATIO_RANGE = (1e-3, 1e3)
 SPOT_CHECK_SAMPLES, SPOT_CHECK_DPS = 4, 30
+LOG_LINES = 10          # progress in a log: a line per tenth of the grid
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu")
 INITS = {
@@ -243,60 +243,55 @@ def grid(quick: bool) -> List[Config]:
             product(g["activations"], g["inits"], g["archs"], g["depths"])]
 
 
-class Progress:
-    """A progress bar on stderr, shown once a run has taken more than ``after`` seconds."""
-
-    def __init__(self, total: int, after: float = 2.0, stream=None):
-        self.total, self.after, self.stream = total, after, stream or sys.stderr
-        self.start = time.perf_counter()
-        self.shown = False
-        self.last = 0.0
-
-    def update(self, done: int, label: str = ""):
-        now = time.perf_counter()
-        elapsed = now - self.start
-        if elapsed < self.after:
-            return
-        tty = getattr(self.stream, "isatty", lambda: False)()
-        # On a terminal, redraw at most 4 times a second; in a log, a line per tenth of the run.
-        if tty and now - self.last < 0.25 and done < self.total:
-            return
-        if not tty and (done * 10 // self.total == (done - 1) * 10 // self.total
-                        and done < self.total):
-            return
-        self.last = now
-        width = 30
-        filled = int(width * done / self.total)
-        eta = elapsed / done * (self.total - done) if done else 0.0
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                f"{elapsed:5.0f} s, ~{eta:4.0f} s left  {label[:40]:<40}")
-        line = "\r" + line if tty else line + "\n"
-        self.stream.write(line)
-        self.stream.flush()
-        self.shown = True
-
-    def close(self):
-        if self.shown and getattr(self.stream, "isatty", lambda: False)():
-            self.stream.write("\n")
-            self.stream.flush()
+def Progress(total: int, after: float = SHOW_AFTER_S, stream=None) -> Reporter:
+    """The study's progress bar: a ``refnet.progress.Reporter`` on ``stream`` (default stderr)
+    started on ``total`` configurations (this name predates refnet.progress)."""
+    bar = Reporter(stream, name="refnet study", after=after)
+    bar.start(total, "configurations", lines=LOG_LINES)
+    return bar
 
 
 def run_study(quick: bool = True, out: Optional[Path] = None, check: bool = True,
-              progress: bool = True, configs: Optional[List[Config]] = None,
+              progress=None, configs: Optional[List[Config]] = None,
               precisions=PRECISIONS) -> List[Result]:
     """Measure every configuration; write results.json, results.csv and (with matplotlib) the
-    figures to ``out``. Diverging configurations become verdicts, never exceptions."""
+    figures to ``out``. Diverging configurations become verdicts, never exceptions.
+
+    ``progress``: a ``refnet.progress.Reporter`` told of every configuration (True: one on
+    stderr; default silent). Ctrl-C raises ``refnet.progress.Interrupted`` whose ``partial`` is
+    the rows of the configurations finished; with ``out``, they are first written to
+    results.partial.json and results.partial.csv (the same columns; no figures), so that a
+    partial grid is never mistaken for the whole one."""
     configs = grid(quick) if configs is None else configs
-    bar = Progress(len(configs)) if progress else None
+    if progress is True:
+        progress = Reporter(name="refnet study")
+    progress = progress or SILENT
+    progress.start(len(configs), "configurations", lines=LOG_LINES)
     results = []
-    for k, config in enumerate(configs):
-        results += measure(config, precisions, check)
-        if bar:
-            bar.update(k + 1, config.spec()["name"])
-    if bar:
-        bar.close()
+    try:
+        for k, config in enumerate(configs):
+            results += measure(config, precisions, check)
+            progress.update(k + 1, config.spec()["name"])
+    except KeyboardInterrupt as stop:
+        progress.close()
+        done = len(results) // len(precisions)
+        message = f"interrupted after {done} of {len(configs)} configurations"
+        if out is not None and results:
+            written = write_outputs(results, Path(out), partial=True)
+            message += (f"; the {len(results)} finished rows are in "
+                        f"{' and '.join(str(p) for p in written)}")
+        raise Interrupted(message, results, done, len(configs)
+                          ).with_traceback(stop.__traceback__) from None
+    finally:
+        progress.close()
     if out is not None:
-        write_outputs(results, Path(out))
+        try:
+            write_outputs(results, Path(out))
+        except KeyboardInterrupt as stop:
+            raise Interrupted(f"interrupted while writing the outputs to {out} (all "
+                              f"{len(configs)} configurations were measured)", results,
+                              len(configs), len(configs)
+                              ).with_traceback(stop.__traceback__) from None
     return results
 
 
@@ -386,20 +381,28 @@ def summary(results: List[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: List[Result], out: Path) -> List[Path]:
+def write_outputs(results: List[Result], out: Path, partial: bool = False) -> List[Path]:
+    """results.json, results.csv and the figures; ``partial``: the rows of an interrupted run,
+    as results.partial.json and results.partial.csv, no figures. A complete run removes the
+    partial files an earlier interrupted one left."""
     out.mkdir(parents=True, exist_ok=True)
+    stem = "results.partial" if partial else "results"
     rows = [asdict(r) for r in results]
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     columns = ["activation", "init", "depth", "arch", "precision", "verdict", "reason", "ratio",
                "loss", "dead", "saturated", "fp16_overflow", "fp16_underflow", "spot_checked",
                "grad_norms"]
-    with open(out / "results.csv", "w", newline="") as f:
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for row in rows:
             writer.writerow([" ".join(_fmt(v, ".3e") for v in row[c]) if c == "grad_norms"
                              else row[c] for c in columns])
-    written = [out / "results.json", out / "results.csv"]
+    written = [out / f"{stem}.json", out / f"{stem}.csv"]
+    if partial:
+        return written
+    for stale in ("results.partial.json", "results.partial.csv"):
+        (out / stale).unlink(missing_ok=True)
     try:
         from .plots import study_figures
     except ImportError:           # matplotlib is the optional "plot" extra

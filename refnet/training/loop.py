@@ -33,8 +33,10 @@ from ..model import Model
 from ..lowp.gradscaler import GradScaler
 from .optim import Optimizer
 from ..lowp.emulation import Precision, StorageArithmetic, cast_params, run
+from ..progress import SILENT, Interrupted
 
 DEAD_TYPES = ("relu", "leaky_relu", "prelu")
+LOG_LINES = 20          # progress in a log: about 20 lines per run, not one per step
 
 
 @dataclass
@@ -74,7 +76,7 @@ def train(model: Model, params, x, y, optimizer: Optimizer, steps: int, *,
           clip_norm: Optional[float] = None, clip_value: Optional[float] = None,
           max_norm: Optional[float] = None, probe: Optional[np.ndarray] = None,
           precision: Optional[Precision] = None,
-          scaler: Optional[GradScaler] = None) -> TrainResult:
+          scaler: Optional[GradScaler] = None, progress=None) -> TrainResult:
     """Full-batch training for ``steps`` steps; see the module docstring for what is recorded.
 
     ``max_norm``: the max-norm constraint on the regularized weights after every step.
@@ -82,7 +84,10 @@ def train(model: Model, params, x, y, optimizer: Optimizer, steps: int, *,
     held as float32 master weights (autocast) or in the storage format (half), and the optimizer
     set to compute in that dtype (``optimizer.bk``). ``scaler``: loss scaling with
     ``GradScaler``'s rules — unscale before clipping, skip the step on inf/NaN, update the scale;
-    each record then has ``loss_scale`` and ``skipped``."""
+    each record then has ``loss_scale`` and ``skipped``. ``progress``: a
+    ``refnet.progress.Reporter`` told of every step (default silent). Ctrl-C raises
+    ``refnet.progress.Interrupted`` whose ``partial`` is the TrainResult of the steps finished:
+    their history and the parameters after the last of them, ``stopped`` saying so."""
     from ..regularize import max_norm_constraint
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"train: steps must be a positive integer, got {steps!r}")
@@ -102,61 +107,81 @@ def train(model: Model, params, x, y, optimizer: Optimizer, steps: int, *,
         optimizer.bk = (FLOAT32 if precision.policy == "autocast"
                         else StorageArithmetic(precision.storage))
     history = []
-    for step in range(steps):
-        state = ForwardState(train=train_mode, rng=rng, outputs=[])
-        low = None
-        with np.errstate(all="ignore"):
-            if emulate:
-                scale = scaler.scale if scaler is not None else 1.0
-                low = run(model, precision, params, x, y, state, loss_scale=scale, cast=False)
-                loss = low.loss
-                grads = (scaler.unscale(low.scaled_grads) if scaler is not None
-                         else dict(low.grads))
-            else:
-                g = model.loss_and_grads(FLOAT64, params, x, y, state)
-                loss = float(g.loss)
-                grads = {k: np.asarray(v) for k, v in g.params.items()}
-            outputs = state.outputs
-            if probe is not None:       # a separate probe batch: one more forward pass
-                probe_state = ForwardState(train=train_mode, rng=np.random.default_rng(0),
-                                           outputs=[])
-                model.forward(FLOAT64, _float64(params), probe_x, probe_y, probe_state)
-                outputs = probe_state.outputs
-        record = {"step": step, "loss": loss, "dead_fraction": dead_fractions(outputs)}
-        record["grad_norm"] = {k: tensor_norm(np.asarray(v, dtype=np.float64), 2)
-                               for k, v in grads.items()}
-        record["total_grad_norm"] = tensor_norm(np.array(list(record["grad_norm"].values())), 2)
-        record["nonfinite"] = [k for k, v in grads.items() if not np.all(np.isfinite(v))]
-        if not math.isfinite(loss):
-            history.append(record)
-            where = (low.first_nonfinite() if low is not None
-                     else first_nonfinite(model, params, x, y, state))
-            return TrainResult(_float64(params), history, f"non-finite loss ({loss}) at step "
-                                                          f"{step}: first non-finite value in "
-                                                          f"{where}", step)
-        if scaler is not None:
-            record["loss_scale"], record["skipped"] = scale, scaler.found_inf
-            skipped = scaler.found_inf
-            scaler.update()
-            if skipped:                  # GradScaler.step skips the optimizer step
-                record["update_ratio"] = {k: 0.0 for k in learnable}
+    pending = params       # the parameters after the step being recorded (see below)
+    progress = SILENT if progress is None else progress
+    progress.start(steps, "steps", lines=LOG_LINES)
+    step = 0
+    try:
+        for step in range(steps):
+            state = ForwardState(train=train_mode, rng=rng, outputs=[])
+            low = None
+            with np.errstate(all="ignore"):
+                if emulate:
+                    scale = scaler.scale if scaler is not None else 1.0
+                    low = run(model, precision, params, x, y, state, loss_scale=scale, cast=False)
+                    loss = low.loss
+                    grads = (scaler.unscale(low.scaled_grads) if scaler is not None
+                             else dict(low.grads))
+                else:
+                    g = model.loss_and_grads(FLOAT64, params, x, y, state)
+                    loss = float(g.loss)
+                    grads = {k: np.asarray(v) for k, v in g.params.items()}
+                outputs = state.outputs
+                if probe is not None:       # a separate probe batch: one more forward pass
+                    probe_state = ForwardState(train=train_mode, rng=np.random.default_rng(0),
+                                               outputs=[])
+                    model.forward(FLOAT64, _float64(params), probe_x, probe_y, probe_state)
+                    outputs = probe_state.outputs
+            record = {"step": step, "loss": loss, "dead_fraction": dead_fractions(outputs)}
+            record["grad_norm"] = {k: tensor_norm(np.asarray(v, dtype=np.float64), 2)
+                                   for k, v in grads.items()}
+            record["total_grad_norm"] = tensor_norm(np.array(list(record["grad_norm"].values())), 2)
+            record["nonfinite"] = [k for k, v in grads.items() if not np.all(np.isfinite(v))]
+            if not math.isfinite(loss):
                 history.append(record)
-                continue
-        if clip_value is not None:
-            grads = clip_grad_value(grads, clip_value)
-        if clip_norm is not None:
-            grads, _ = clip_grad_norm(grads, clip_norm)
-        with np.errstate(all="ignore"):
-            new = optimizer.step(params, {k: grads[k] for k in learnable})
-        if max_norm is not None:
-            new = max_norm_constraint(new, model.regularized, max_norm)
-        new.update(state.updates)                       # running statistics of batchnorm
-        before, after = _float64(params), _float64(new)
-        record["update_ratio"] = {
-            k: tensor_norm(after[k] - before[k], 2) / (tensor_norm(before[k], 2) or math.inf)
-            for k in learnable}
-        history.append(record)
-        params = new if emulate else _float64(new)
+                where = (low.first_nonfinite() if low is not None
+                         else first_nonfinite(model, params, x, y, state))
+                return TrainResult(_float64(params), history, f"non-finite loss ({loss}) at step "
+                                                              f"{step}: first non-finite value in "
+                                                              f"{where}", step)
+            if scaler is not None:
+                record["loss_scale"], record["skipped"] = scale, scaler.found_inf
+                skipped = scaler.found_inf
+                scaler.update()
+                if skipped:                  # GradScaler.step skips the optimizer step
+                    record["update_ratio"] = {k: 0.0 for k in learnable}
+                    pending = params
+                    history.append(record)
+                    progress.update(step + 1, f"loss {loss:.6g}, step skipped")
+                    continue
+            if clip_value is not None:
+                grads = clip_grad_value(grads, clip_value)
+            if clip_norm is not None:
+                grads, _ = clip_grad_norm(grads, clip_norm)
+            with np.errstate(all="ignore"):
+                new = optimizer.step(params, {k: grads[k] for k in learnable})
+            if max_norm is not None:
+                new = max_norm_constraint(new, model.regularized, max_norm)
+            new.update(state.updates)                       # running statistics of batchnorm
+            before, after = _float64(params), _float64(new)
+            record["update_ratio"] = {
+                k: tensor_norm(after[k] - before[k], 2) / (tensor_norm(before[k], 2) or math.inf)
+                for k in learnable}
+            # A step is done when its record is in the history; Ctrl-C between the two lines
+            # below still returns the parameters that go with the history (``pending``).
+            pending = new if emulate else _float64(new)
+            history.append(record)
+            params = pending
+            progress.update(step + 1, f"loss {loss:.6g}")
+    except KeyboardInterrupt as stop:
+        done = len(history)
+        if done > step:        # this step's record made it in: so did its update
+            params = pending
+        message = f"interrupted after {done} of {steps} steps"
+        raise Interrupted(message, TrainResult(_float64(params), history, message, done), done,
+                          steps).with_traceback(stop.__traceback__) from None
+    finally:
+        progress.close()
     return TrainResult(_float64(params), history, None, steps)
 
 

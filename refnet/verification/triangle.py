@@ -38,6 +38,7 @@ from ..numerics.backend import FLOAT64, MPBackend
 from ..numerics.errorbound import BOUND, LAMBDA
 from ..layers.base import ForwardState
 from ..model import Model
+from ..progress import SILENT, Interrupted
 
 U64 = 2.0**-53
 FD_STEP = 1e-15          # high-precision FD step (for |L| ~ |g|; smaller for steep directions)
@@ -83,9 +84,15 @@ class Report:
     train: bool
     tensors: List[TensorReport]
     kinks: List[str]
+    # None for a finished run; after Ctrl-C, what was left unchecked (``passed`` is then False,
+    # whatever the finished tensors say). Left out of to_dict() when None, so that the JSON of a
+    # finished run is what it always was.
+    incomplete: Optional[str] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["incomplete"] is None:
+            del d["incomplete"]
         for t in d["tensors"]:
             for key, value in t.items():
                 if isinstance(value, float) and not math.isfinite(value):
@@ -169,13 +176,17 @@ def _fd_vectors(mode, shape, count, rng):
 
 def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: float = 20,
            mode: str = "auto", directions: int = 2, seed: int = 0,
-           max_elementwise: int = 100, train: Optional[bool] = None) -> Report:
+           max_elementwise: int = 100, train: Optional[bool] = None,
+           progress=None) -> Report:
     """Check every gradient of ``model`` at (params, x, y) three ways; see the module docstring.
 
     mode: "element" (every element gets its own FD), "direction" (``directions`` random unit
     directions per tensor), or "auto" (element when the model has at most ``max_elementwise``
     parameters and inputs in all, direction otherwise). ``train``: the mode (default: the
     spec's); in train mode dropout masks are drawn once and every pass uses the same ones.
+    ``progress``: a ``refnet.progress.Reporter`` told of every tensor checked (default silent).
+    Ctrl-C raises ``refnet.progress.Interrupted`` whose ``partial`` is the Report of the tensors
+    finished, marked ``incomplete`` and not passed (None if none was).
     """
     if mode not in ("auto", "element", "direction"):
         raise ValueError(f"verify: mode must be auto, element or direction, got {mode!r}")
@@ -185,35 +196,57 @@ def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: 
     if mode == "auto":
         mode = "element" if total <= max_elementwise else "direction"
 
-    first = model.default_state(train)
-    g64 = model.loss_and_grads(FLOAT64, params, x, y, first)     # draws the dropout masks
-    problem = _Problem(model, params, x, y, first)
-    gb = model.loss_and_grads(BOUND, params, x, y, problem.replay())
-    mp = MPBackend(dps)
-    gm = model.loss_and_grads(mp, params, x, y, problem.replay())
-
-    loss_mp = gm.loss
-    global_kinks = []
-    branch = _signature_difference(g64.forward.kink_signatures, gm.forward.kink_signatures,
-                                   problem.labels)
-    if branch:
-        global_kinks.append(f"float64 and exact take different branches at {branch}")
-
-    rng = np.random.default_rng(seed)
-    tensors = []
+    progress = SILENT if progress is None else progress
     names = learnable + ["x"]
-    for name in names:
-        f64 = np.asarray(g64.params[name] if name != "x" else g64.x, dtype=np.float64)
-        # The bound is computed by the BoundBackend, whose values are those of float64 bit for
-        # bit (a test checks); the result held to it is the float64 backend's own.
-        bound_arr = gb.params[name] if name != "x" else gb.x
-        exact = gm.params[name] if name != "x" else gm.x
-        bound = np.minimum(bound_arr.e, bound_arr.probabilistic_bound(LAMBDA))
-        tensors.append(_check_tensor(name, f64, bound, bound_arr.e, bound_arr.sigma, exact, mp,
-                                     problem, loss_mp,
-                                     float(g64.loss), mode, directions, rng, digits,
-                                     ulp_kink=bool(branch),
-                                     base_signatures=gm.forward.kink_signatures))
+    tensors = []
+    progress.start(len(names), "tensors")
+    try:
+        progress.update(0, "the float64 and error-bound passes")
+        first = model.default_state(train)
+        g64 = model.loss_and_grads(FLOAT64, params, x, y, first)     # draws the dropout masks
+        problem = _Problem(model, params, x, y, first)
+        gb = model.loss_and_grads(BOUND, params, x, y, problem.replay())
+        progress.update(0, f"the {dps}-digit pass")
+        mp = MPBackend(dps)
+        gm = model.loss_and_grads(mp, params, x, y, problem.replay())
+
+        loss_mp = gm.loss
+        global_kinks = []
+        branch = _signature_difference(g64.forward.kink_signatures, gm.forward.kink_signatures,
+                                       problem.labels)
+        if branch:
+            global_kinks.append(f"float64 and exact take different branches at {branch}")
+
+        rng = np.random.default_rng(seed)
+        for name in names:
+            f64 = np.asarray(g64.params[name] if name != "x" else g64.x, dtype=np.float64)
+            # The bound is computed by the BoundBackend, whose values are those of float64 bit
+            # for bit (a test checks); the result held to it is the float64 backend's own.
+            bound_arr = gb.params[name] if name != "x" else gb.x
+            exact = gm.params[name] if name != "x" else gm.x
+            bound = np.minimum(bound_arr.e, bound_arr.probabilistic_bound(LAMBDA))
+            tensors.append(_check_tensor(name, f64, bound, bound_arr.e, bound_arr.sigma, exact,
+                                         mp, problem, loss_mp,
+                                         float(g64.loss), mode, directions, rng, digits,
+                                         ulp_kink=bool(branch),
+                                         base_signatures=gm.forward.kink_signatures))
+            progress.update(len(tensors), f"{name} {'ok' if tensors[-1].passed else 'FAIL'}")
+    except KeyboardInterrupt as stop:
+        # Keep the tensors finished; the one being checked is dropped. Before the first one
+        # there is nothing to report.
+        done = len(tensors)
+        if not done:
+            raise Interrupted(f"interrupted before the first of {len(names)} gradient tensors "
+                              f"was checked", None, 0, len(names)
+                              ).with_traceback(stop.__traceback__) from None
+        message = f"interrupted after {done} of {len(names)} gradient tensors"
+        partial = Report(False, float(g64.loss), dps, digits, mode, first.train, tensors,
+                         global_kinks,
+                         incomplete=f"{message}; not checked: {', '.join(names[done:])}")
+        raise Interrupted(message, partial, done, len(names)
+                          ).with_traceback(stop.__traceback__) from None
+    finally:
+        progress.close()
 
     passed = all(t.passed for t in tensors)
     return Report(passed, float(g64.loss), dps, digits, mode, first.train, tensors, global_kinks)
