@@ -9,6 +9,13 @@ finished, marked partial).
 
 Progress goes to stderr, and only once a run has lasted REFNET_PROGRESS_AFTER seconds (default
 2; refnet.progress); stdout is the report alone.
+
+Bad input is one line on stderr, ``refnet CMD: error: ...``, naming the option or file, what was
+expected and what was found; no traceback. Every option is checked before any work starts —
+ranges (``MAX_DPS``, ``MAX_PREC``, ...), options that would be ignored in the combination given
+(``--policy`` with a float precision, ``--prec`` without ``--certify``), and every output path
+(``refnet.io.check_output_file`` / ``check_output_dir``): a bad one is reported before the
+minutes of work it would otherwise follow, and nothing is written.
 """
 
 from __future__ import annotations
@@ -18,16 +25,18 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .numerics.backend import get_backend
-from .io import load_data, load_params, save_gradients
+from .io import (check_input_dir, check_output_dir, check_output_file, load_data, load_params,
+                 save_gradients)
 from .model import Model
+from .numerics.backend import get_backend
 from .numerics.errorbound import LAMBDA
 from .progress import Interrupted, Reporter, after_from_env
-from .verification.triangle import verify
+from .verification.triangle import FD_TARGET_DIGITS, verify
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130          # 128 + SIGINT, what a shell reports for a Ctrl-C'd program
@@ -43,13 +52,100 @@ def _interrupted(args, stop, kept: str) -> int:
     print(f"refnet {args.command}: {stop}; {kept}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
+# Limits of the options, and why (each is named in its error message):
+MIN_DPS = 16              # MPBackend's floor: below float64's own ~16 digits it is no reference
+MAX_DPS = 1000            # digits of the mp reference. The float64 gradients it is compared with
+#                           need ~16 plus the digits lost to cancellation; 1000 covers losing 980,
+#                           and the cost grows with the precision (the 20-layer sigmoid example:
+#                           0.5 s at 50 digits, 12 s at 1000, 34 s at 10000 on one core).
+MIN_PREC = 53             # IntervalBackend's floor: float64's 53 bits
+MAX_PREC = 3322           # bits: 1000 digits (MAX_DPS · log2(10)), the same ceiling in bits
+MAX_DIGITS = FD_TARGET_DIGITS   # the high-precision FD are set up to be good to 30 digits
+#                           (truncation ~h² with h = 1e-15): more cannot be demanded of them.
+# A static loss scale is held in float32, as torch's GradScaler holds it, and the gradients are
+# multiplied by its float32 inverse: outside [2^-126, 2^126] one of the two would be inf, 0 or
+# subnormal (1e300 became inf, with a numpy overflow warning).
+LOSS_SCALE_RANGE = (2.0 ** -126, 2.0 ** 126)
+FLOAT_PRECISIONS = ("float32", "float64")   # plain backends: no policy, no accumulation choice
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (the usage is one ``--help`` away)."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_option(args, dest, low, high=None, why=""):
+    """args.<dest> (already an int, or None: not given) lies in [low, high]."""
+    value = getattr(args, dest)
+    if value is None:
+        return
+    option = "--" + dest.replace("_", "-")
+    if value < low or (high is not None and value > high):
+        expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise ValueError(f"{option} must be {expected}{why}, got {value}")
+
+
+def _real_option(args, dest, *, low=None, high=None, low_open=False, high_open=False, why=""):
+    """args.<dest> (a float, or None: not given) is finite and lies in the interval given;
+    argparse's float() accepts 'nan' and 'inf', so this is where they are refused."""
+    value = getattr(args, dest)
+    if value is None:
+        return
+    option = "--" + dest.replace("_", "-")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not math.isfinite(value) or too_low or too_high:
+        if low is not None and high is not None:
+            expected = (f"a number in {'(' if low_open else '['}{low:g}, {high:g}"
+                        f"{')' if high_open else ']'}")
+        elif low is not None:
+            expected = f"a finite number {'>' if low_open else '>='} {low:g}"
+        else:
+            expected = "a finite number"
+        raise ValueError(f"{option} must be {expected}{why}, got {value!r}")
+
+
+def _only_with(args, dests, condition, needs):
+    """Options that mean nothing unless ``condition``: given without it they are an error
+    (they would be silently ignored)."""
+    if condition:
+        return
+    for dest in dests:
+        if getattr(args, dest) is not None:
+            raise ValueError(f"--{dest.replace('_', '-')} {needs}")
+
+
+def _check_dps(args):
+    _int_option(args, "dps", MIN_DPS, MAX_DPS,
+                f" (mp digits: fewer than {MIN_DPS} are no reference for float64; more than "
+                f"{MAX_DPS} only cost time, a float64 gradient's error is resolved with far fewer)")
+
+
+def _load_params(model, path):
+    """Parameters from ``path``, checked against the model now, so that a message names the
+    file (the work that follows checks them again)."""
+    if path is None:
+        return None
+    return model.check_params(load_params(path), source=f"params {path}")
+
+
+def _load_data(model, path):
+    if path is None:
+        return None, None
+    x, y = load_data(path)
+    try:
+        model.loss.check_target(y, model.check_input(x).shape[0])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"data {path}: {e}") from None
+    return x, y
+
 
 def _inputs(args):
     model = Model.load(args.spec)
-    params = load_params(args.params) if args.params else None
-    x = y = None
-    if args.data:
-        x, y = load_data(args.data)
+    params = _load_params(model, args.params)
+    x, y = _load_data(model, args.data)
     return model, params, x, y
 
 
@@ -115,7 +211,41 @@ def format_report(report, model: Model) -> str:
     return "\n".join(lines)
 
 
+VERIFY_DEFAULTS = {"dps": 50, "digits": 20.0, "mode": "auto", "directions": 2, "seed": 0,
+                   "prec": 150}
+
+
+def _check_verify(args):
+    """verify's options, before any work: ranges, and none that the mode given would ignore
+    (--certify computes its own reference precision from --prec and runs no finite
+    differences; --mode element differentiates along unit vectors, drawing no directions)."""
+    fd_options = ("dps", "digits", "mode", "directions", "seed")
+    _only_with(args, fd_options, not args.certify,
+               "has no effect with --certify (it runs interval arithmetic at --prec bits, with "
+               "a reference precision of its own and no finite differences)")
+    _only_with(args, ("prec",), args.certify, "applies to --certify only")
+    _only_with(args, ("directions", "seed"), args.mode != "element",
+               "has no effect with --mode element (every element gets its own unit vector; no "
+               "random directions are drawn)")
+    _check_dps(args)
+    _int_option(args, "prec", MIN_PREC, MAX_PREC,
+                f" bits ({MIN_PREC}: float64's own; {MAX_PREC} bits = {MAX_DPS} digits, the "
+                f"--dps limit)")
+    _int_option(args, "directions", 1, why=" (random directions per tensor)")
+    _int_option(args, "seed", 0, why=" (a numpy seed)")
+    _real_option(args, "digits", low=0, high=MAX_DIGITS, low_open=True,
+                 why=f" (the high-precision finite differences are set up to be good to "
+                     f"{MAX_DIGITS} digits, refnet.verification.FD_TARGET_DIGITS)")
+    for key, value in VERIFY_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not args.certify and args.digits >= args.dps:
+        raise ValueError(f"--digits {args.digits:g} must be below --dps {args.dps} (the exact "
+                         f"analytic gradient is only good to --dps digits)")
+
+
 def cmd_verify(args) -> int:
+    _check_verify(args)
     model, params, x, y = _inputs(args)
     if args.certify:
         from dataclasses import asdict
@@ -145,6 +275,10 @@ def cmd_verify(args) -> int:
 
 
 def cmd_grads(args) -> int:
+    _only_with(args, ("dps",), args.precision == "mp", "applies to --precision mp only")
+    _check_dps(args)
+    args.dps = 50 if args.dps is None else args.dps
+    check_output_file(args.out, "--out")
     model, params, x, y = _inputs(args)
     params, x, y = model.prepare(params, x, y)
     bk = get_backend(args.precision, args.dps)
@@ -164,6 +298,7 @@ def cmd_train(args) -> int:
     from .io import save_params
     from .training.optim import make_optimizer
     from .training.loop import train
+    _check_train(args)
     model = Model.load(args.spec)
     if args.l1 is not None or args.l2 is not None:
         spec = copy.deepcopy(model.spec)
@@ -171,10 +306,8 @@ def cmd_train(args) -> int:
         reg.update({k: v for k, v in (("l1", args.l1), ("l2", args.l2)) if v is not None})
         spec["regularization"] = reg
         model = Model(spec)
-    params = load_params(args.params) if args.params else None
-    x = y = None
-    if args.data:
-        x, y = load_data(args.data)
+    params = _load_params(model, args.params)
+    x, y = _load_data(model, args.data)
     options = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
     optimizer = make_optimizer(args.optimizer, args.lr, **options)
     precision = scaler = None
@@ -186,9 +319,6 @@ def cmd_train(args) -> int:
             scaler = GradScaler()
         elif args.loss_scale is not None:
             scaler = GradScaler(init_scale=args.loss_scale, dynamic=False)
-    elif args.loss_scale is not None:
-        raise ValueError("--loss-scale needs --precision fp16 or bf16 (float64 gradients do "
-                         "not underflow to need one)")
     stop = None
     try:
         result = train(model, params, x, y, optimizer, args.steps, clip_norm=args.clip_norm,
@@ -225,6 +355,33 @@ def cmd_train(args) -> int:
     return EXIT_FAIL if result.stopped else EXIT_OK
 
 
+def _check_train(args):
+    """train's options, before any work."""
+    _int_option(args, "steps", 1)
+    _real_option(args, "lr", low=0, low_open=True, why=" (the learning rate)")
+    _only_with(args, ("momentum",), args.optimizer == "sgd",
+               f"applies to --optimizer sgd only (got --optimizer {args.optimizer})")
+    # torch accepts any momentum >= 0; at 1 and above the velocity never decays (it grows
+    # geometrically above 1), which is no setting anyone means: refused.
+    _real_option(args, "momentum", low=0, high=1, high_open=True, why=" (SGD momentum)")
+    _real_option(args, "clip_norm", low=0, low_open=True,
+                 why=" (clip_grad_norm's max_norm)")
+    _real_option(args, "clip_value", low=0, low_open=True, why=" (clip_grad_value's bound)")
+    _real_option(args, "l1", low=0, why=" (a penalty weight)")
+    _real_option(args, "l2", low=0, why=" (a penalty weight)")
+    emulated = args.precision not in FLOAT_PRECISIONS
+    _only_with(args, ("policy",), emulated,
+               f"applies to --precision fp16 or bf16 only (--precision {args.precision} runs "
+               f"the plain {args.precision} backend, which has no mixed-precision policy)")
+    _only_with(args, ("loss_scale",), emulated,
+               f"needs --precision fp16 or bf16 ({args.precision} gradients do not underflow "
+               f"to need one)")
+    args.policy = "autocast" if args.policy is None else args.policy
+    args.momentum = 0.0 if args.momentum is None else args.momentum
+    if args.save_params:
+        check_output_file(args.save_params, "--save-params")
+
+
 def _loss_scale(text):
     if text == "dynamic":
         return text
@@ -232,23 +389,54 @@ def _loss_scale(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number or 'dynamic', got {text!r}")
+    low, high = LOSS_SCALE_RANGE
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(
+            f"must lie in [2^-126, 2^126] (the scale and its inverse are held in float32, as "
+            f"torch's GradScaler holds them; outside, one would be inf, 0 or subnormal), "
+            f"got {text!r}")
     return value
+
+
+def _check_diagnose(args):
+    """diagnose's options, before any work."""
+    if (args.spec is None) == (args.preset is None):
+        raise ValueError("give either a spec file or --preset NAME (refnet presets lists them)")
+    _real_option(args, "lr", low=0, low_open=True,
+                 why=" (the learning rate of the weight-update rows)")
+    _only_with(args, ("policy", "accumulate"), args.precision not in FLOAT_PRECISIONS,
+               f"applies to the emulated formats only (--precision {args.precision} runs the "
+               f"plain {args.precision} backend, which has no mixed-precision policy or "
+               f"accumulation choice)")
+    args.policy = "autocast" if args.policy is None else args.policy
+    args.accumulate = "float32" if args.accumulate is None else args.accumulate
+    if args.plot:
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:
+            raise ValueError("--plot needs matplotlib (pip install 'refnet[plot]')") from None
+        check_output_file(args.plot, "--plot")
+        # matplotlib picks the format from the extension, and appends ".png" to a name without
+        # one: the file written would not be the one named. A known extension is required.
+        formats = FigureCanvasBase.get_supported_filetypes()
+        suffix = Path(args.plot).suffix.lower().lstrip(".")
+        if suffix not in formats:
+            raise ValueError(f"--plot {args.plot}: expected a file name ending in a figure format "
+                             f"({', '.join('.' + f for f in sorted(formats))}), got "
+                             f"{'no extension' if not suffix else '.' + suffix}")
 
 
 def cmd_diagnose(args) -> int:
     from .lowp.diagnose import diagnose, format_table
     from .lowp.emulation import Precision
     from .study.presets import preset
-    if (args.spec is None) == (args.preset is None):
-        raise ValueError("give either a spec file or --preset NAME (refnet presets lists them)")
+    _check_diagnose(args)
     if args.preset is not None:
         model = Model(preset(args.preset))
-        params = load_params(args.params) if args.params else None
-        x = y = None
-        if args.data:
-            x, y = load_data(args.data)
+        params = _load_params(model, args.params)
+        x, y = _load_data(model, args.data)
     else:
         model, params, x, y = _inputs(args)
     precision = Precision(args.precision, args.policy, args.accumulate)
@@ -270,6 +458,7 @@ def cmd_diagnose(args) -> int:
 
 def cmd_vectors(args) -> int:
     from .interop.vectors import check, write
+    (check_output_dir if args.action == "write" else check_input_dir)(args.dir, "DIR")
     if args.action == "write":
         written = write(args.dir)
         print(f"wrote {len(written)} vectors to {args.dir}/")
@@ -287,6 +476,7 @@ def cmd_vectors(args) -> int:
 def cmd_conformance(args) -> int:
     from dataclasses import asdict
     from .interop.conformance import conformance, format_results
+    check_input_dir(args.dir, "--dir")
     results = conformance(args.dir, args.framework, args.dtype)
     if args.json:
         print(json.dumps({"framework": args.framework, "dtype": args.dtype,
@@ -307,6 +497,7 @@ def cmd_presets(args) -> int:
 def cmd_study(args) -> int:
     from pathlib import Path
     from .study.grid import format_table, run_study, summary
+    check_output_dir(args.out, "--out")
     out = Path(args.out)
     try:
         results = run_study(quick=args.quick, out=out, check=not args.no_check,
@@ -325,39 +516,48 @@ def cmd_study(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refnet", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="refnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"refnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, optional_spec=False):
+    # Options whose default is None are filled in by the command's check (_check_verify, ...):
+    # None tells "not given" from "given", so that an option the other options make
+    # meaningless is refused rather than ignored.
+    def common(p, optional_spec=False, dps_help=None):
         p.add_argument("spec", nargs="?" if optional_spec else None,
                        help="model spec (JSON, see spec/model-format.md)")
         p.add_argument("--params", help=".npz of parameters by torch name (default: the spec's inits)")
         p.add_argument("--data", help=".npz with x and y (default: a seeded batch)")
-        p.add_argument("--dps", type=int, default=50, help="mp significant digits (default 50)")
+        if dps_help:
+            p.add_argument("--dps", type=int, default=None, help=dps_help)
         p.add_argument("--eval", action="store_true",
                        help="eval mode: running statistics in batchnorm, no dropout "
                             "(default: the spec's mode, train unless it says eval)")
 
     v = sub.add_parser("verify", help="prove every gradient three ways")
-    common(v)
+    common(v, dps_help=f"mp significant digits of the exact run, {MIN_DPS} to {MAX_DPS} "
+                       f"(default 50)")
     v.add_argument("--json", action="store_true", help="the report as JSON")
-    v.add_argument("--digits", type=float, default=20.0,
-                   help="digits of agreement required between mp analytic and mp FD (default 20)")
-    v.add_argument("--mode", choices=["auto", "element", "direction"], default="auto",
+    v.add_argument("--digits", type=float, default=None,
+                   help=f"digits of agreement required between mp analytic and mp FD, above 0, "
+                        f"at most {MAX_DIGITS} and below --dps (default 20)")
+    v.add_argument("--mode", choices=["auto", "element", "direction"], default=None,
                    help="FD per element or along random directions (default: auto by size)")
-    v.add_argument("--directions", type=int, default=2, help="random directions per tensor")
-    v.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    v.add_argument("--directions", type=int, default=None,
+                   help="random directions per tensor, >= 1 (default 2)")
+    v.add_argument("--seed", type=int, default=None,
+                   help="seed of the random directions, >= 0 (default 0)")
     v.add_argument("--certify", action="store_true",
                    help="instead: enclose every gradient element in a proven interval "
                         "(interval arithmetic; exit 1 only if an enclosure excludes the "
                         "high-precision value, 0 when certified or not certifiable at a kink)")
-    v.add_argument("--prec", type=int, default=150,
-                   help="interval precision in bits for --certify (default 150)")
+    v.add_argument("--prec", type=int, default=None,
+                   help=f"interval precision in bits for --certify, {MIN_PREC} to {MAX_PREC} "
+                        f"(default 150)")
     v.set_defaults(func=cmd_verify)
 
     g = sub.add_parser("grads", help="write the loss and every gradient to an .npz")
-    common(g)
+    common(g, dps_help=f"digits of --precision mp, {MIN_DPS} to {MAX_DPS} (default 50)")
     g.add_argument("--precision", choices=["float64", "float32", "mp"], default="float64")
     g.add_argument("--out", required=True, help="output .npz")
     g.set_defaults(func=cmd_grads)
@@ -369,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, required=True)
     t.add_argument("--lr", type=float, required=True)
     t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
-    t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    t.add_argument("--momentum", type=float, default=None,
+                   help="SGD momentum, in [0, 1) (default 0; --optimizer sgd only)")
     t.add_argument("--clip-norm", type=float, help="clip the global gradient norm to this")
     t.add_argument("--clip-value", type=float, help="clip every gradient element to ±this")
     t.add_argument("--l1", type=float, help="L1 penalty α (α·Σ|w| over weights)")
@@ -377,9 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-params", help="write the final parameters (torch names) here")
     t.add_argument("--precision", choices=["float64", "float32", "fp16", "bf16"],
                    default="float64", help="train under the fp16/bf16 emulation (refnet.lowp.emulation)")
-    t.add_argument("--policy", choices=["autocast", "half"], default="autocast")
+    t.add_argument("--policy", choices=["autocast", "half"], default=None,
+                   help="with fp16/bf16: autocast (default) or half")
     t.add_argument("--loss-scale", type=_loss_scale, default=None,
-                   help="GradScaler: a static scale S, or 'dynamic' (2^16, torch's rules)")
+                   help="GradScaler: a static scale S in [2^-126, 2^126], or 'dynamic' "
+                        "(2^16, torch's rules)")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -387,17 +590,19 @@ def build_parser() -> argparse.ArgumentParser:
                                         "float64 shadow run")
     common(d, optional_spec=True)
     d.add_argument("--preset", help="a named model instead of a spec file (refnet presets)")
-    d.add_argument("--plot", help="write a per-layer figure to this PNG (needs matplotlib)")
+    d.add_argument("--plot", help="write a per-layer figure to this file, in the format its "
+                                  "extension names (.png, .pdf, .svg, ...; needs matplotlib)")
     d.add_argument("--precision", choices=["fp16", "bf16", "fp8_e5m2", "fp8_e4m3fn", "float32",
                                            "float64"], default="fp16")
-    d.add_argument("--policy", choices=["autocast", "half"], default="autocast",
+    d.add_argument("--policy", choices=["autocast", "half"], default=None,
                    help="autocast: float32 master weights, float32 loss (default); "
                         "half: everything in the storage format (model.half())")
-    d.add_argument("--accumulate", choices=["float32", "storage"], default="float32",
+    d.add_argument("--accumulate", choices=["float32", "storage"], default=None,
                    help="float32 accumulation as tensor cores (default), or every partial sum "
                         "rounded to the storage format")
     d.add_argument("--loss-scale", type=_loss_scale, default=1.0,
-                   help="static loss scale S, or 'dynamic' (GradScaler: 2^16, halved until clean)")
+                   help="static loss scale S in [2^-126, 2^126], or 'dynamic' (GradScaler: "
+                        "2^16, halved until clean)")
     d.add_argument("--lr", type=float, default=0.01,
                    help="SGD learning rate of the weight-update rows (default 0.01)")
     d.add_argument("--json", action="store_true",
@@ -440,11 +645,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as e:
-        print(f"refnet {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:
-        print(f"refnet {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as e:
+        # One line, whatever the message (numpy's carry newlines).
+        message = " ".join(str(e).split())
+        print(f"refnet {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:      # Ctrl-C where nothing partial is kept
         print(f"refnet {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)

@@ -62,6 +62,16 @@ def _shape_of(value, key):
     return tuple(value)
 
 
+def _leaves(layer):
+    """The leaf layers under ``layer`` (containers — sequential, residual — have children)."""
+    children = getattr(layer, "children", None)
+    if children is None:
+        yield layer
+        return
+    for _, child in children():
+        yield from _leaves(child)
+
+
 class Model:
     """A sequential model built from a spec dict (``Model(spec)``) or file (``Model.load``)."""
 
@@ -96,11 +106,25 @@ class Model:
 
     @classmethod
     def load(cls, path) -> "Model":
+        """Read a JSON model spec. A file that is not one (binary, a directory, missing) is
+        named as the model spec, with what was found."""
+        what = f"model spec {path}"
         try:
-            with open(path) as f:
-                spec = json.load(f)
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise ValueError(f"{what}: no such file") from None
+        except IsADirectoryError:
+            raise ValueError(f"{what}: is a directory; expected a JSON file") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{what}: not a JSON text file (byte {e.object[e.start]:#04x} at "
+                             f"offset {e.start} is not UTF-8)") from None
+        except OSError as e:
+            raise ValueError(f"{what}: cannot be read ({e.strerror})") from None
+        try:
+            spec = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"spec {path}: not valid JSON: {e}") from None
+            raise ValueError(f"{what}: not valid JSON: {e}") from None
         return cls(spec)
 
     # parameters -----------------------------------------------------------------------------
@@ -132,17 +156,20 @@ class Model:
         train = (self.mode == "train") if train is None else train
         return ForwardState(train=train, rng=self._rngs()[2])
 
-    def check_params(self, params: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def check_params(self, params: Dict[str, np.ndarray],
+                     source: str = "params") -> Dict[str, np.ndarray]:
         """Exactly the expected names, shapes and finite values; returns float64 copies.
 
         Every parameter must be present; buffers (a torch state_dict has them) are optional and
-        default to their initial values."""
+        default to their initial values; a given buffer must hold a value its layer can use
+        (``check_buffers``: a running variance is >= 0, a batch count a whole number).
+        ``source`` begins every message (the CLI passes "params FILE")."""
         expected = self.param_shapes()
         buffers = self.buffer_shapes()
         missing = sorted(set(expected) - set(params))
         extra = sorted(set(params) - set(expected) - set(buffers))
         if missing or extra:
-            raise ValueError(f"params: names do not match the spec: missing {missing}, "
+            raise ValueError(f"{source}: names do not match the spec: missing {missing}, "
                              f"unexpected {extra}; expected {sorted(expected)}"
                              + (f" (and optionally the buffers {sorted(buffers)})" if buffers else ""))
         checked = dict(self.net.init_buffers())
@@ -150,9 +177,16 @@ class Model:
         for name, shape in expected.items():
             value = np.asarray(params[name])
             if value.shape != shape:
-                raise ValueError(f"params: {name} ({self._owner(name)}) must have shape {shape}, "
+                raise ValueError(f"{source}: {name} ({self._owner(name)}) must have shape {shape}, "
                                  f"got {value.shape}")
-            checked[name] = finite_float64(value, f"params: {name}")
+            checked[name] = finite_float64(value, f"{source}: {name}")
+        for layer in _leaves(self.net):
+            check = getattr(layer, "check_buffers", None)
+            prefix = f"{layer.name}."
+            given = {k[len(prefix):]: checked[k] for k in buffers
+                     if k in params and k.startswith(prefix)}
+            if check is not None and given:
+                check(given, source)
         return checked
 
     def _owner(self, name):

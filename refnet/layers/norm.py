@@ -95,6 +95,23 @@ class BatchNorm(Layer):
         return {"running_mean": np.zeros(self.channels), "running_var": np.ones(self.channels),
                 "num_batches_tracked": np.zeros(())}
 
+    def check_buffers(self, buffers, source):
+        """Loaded buffers (float64, finite, shapes checked) hold values this layer can use: a
+        running variance is >= 0 (> 0 when eps = 0: eval divides by √(running_var + ε)), and
+        num_batches_tracked counts batches, a whole number >= 0 (torch stores it as int64)."""
+        var = buffers.get("running_var")
+        if var is not None:
+            bad = (var <= 0) if self.config["eps"] == 0 else (var < 0)
+            if np.any(bad):
+                i = tuple(int(j) for j in np.argwhere(bad)[0])
+                need = "> 0 (a variance; eps is 0)" if self.config["eps"] == 0 else ">= 0 (a variance)"
+                raise ValueError(f"{source}: {self.name}.running_var ({self.where}) must be "
+                                 f"{need}, got {float(var[i])!r} at index {i}")
+        count = buffers.get("num_batches_tracked")
+        if count is not None and not (count >= 0 and count == np.floor(count)):
+            raise ValueError(f"{source}: {self.name}.num_batches_tracked ({self.where}) must be "
+                             f"a whole number >= 0 (a count of batches), got {float(count)!r}")
+
     def forward(self, bk, params, x, state):
         ndim, eps = len(x.shape), self.config["eps"]
         axes = self._axes(ndim)
