@@ -6,7 +6,7 @@ Check 1 of the triangle (``spec/verification.md``) holds every float64 gradient 
     bound = min(e, λσ),   λ = 8,   passed  ⇔  |g₆₄ − g_exact| ≤ bound for every element,
 
 with ``e`` the rigorous running error bound and ``σ`` the probabilistic scale of
-``refnet/errorbound.py``. A checker is only as good as the errors it is shown to catch, and a bound
+``refnet/numerics/errorbound.py``. A checker is only as good as the errors it is shown to catch, and a bound
 is only as good as it is tight: a bound loosened 10⁶× would still pass a float32 leak test (10⁸
 ulps). So this file
 
@@ -33,9 +33,9 @@ import pytest
 
 from conftest import small_spec
 from refnet import BOUND, FLOAT64, BoundArray, BoundBackend, Model, MPBackend, verify
-from refnet.backend import fraction_of
-from refnet.interval import IntervalBackend
-from refnet.verify import spot_check
+from refnet.numerics.backend import fraction_of
+from refnet.numerics.interval import IntervalBackend
+from refnet.verification.triangle import spot_check
 
 SPEC_LAMBDA = 8.0        # spec/verification.md: bound = min(e, λσ) with λ = 8 (a spec value)
 REQUIRED_DIGITS = 20     # verify's default FD agreement
@@ -300,7 +300,7 @@ def _gamma(k):
 
 def _linear_ceilings(run):
     """The a-priori error bound of dense + MSE, written out by hand from the rules of
-    ``refnet/errorbound.py`` with magnitudes in place of computed values.
+    ``refnet/numerics/errorbound.py`` with magnitudes in place of computed values.
 
     x (N, n), W (m, n), b (m,), y (N, m), D = N·m; every ½ ulp(v) is ≤ u|v|:
 
@@ -362,7 +362,7 @@ CEILING_NETS = {"tanh MLP": _tanh_mlp_spec, "small CNN": _cnn_spec,
 def _interval_radii(run):
     """Half the width of each gradient element's enclosure by 53-bit interval arithmetic
     (mpmath's, outward rounding: an implementation of error propagation independent of
-    ``refnet/errorbound.py``), computed exactly from its endpoints."""
+    ``refnet/numerics/errorbound.py``), computed exactly from its endpoints."""
     ib = IntervalBackend(INTERVAL_PREC)
     gi = run.model.loss_and_grads(ib, run.params, run.x, run.y, run.model.default_state())
 
