@@ -338,7 +338,10 @@ def cmd_train(args) -> int:
         print(f"{'step':>5} {'loss':>12} {'|grad|':>9} {'first/last layer |grad|':>24} "
               f"{'dead relu':>9}")
         every = max(1, len(result.history) // 20)
-        for h in result.history[::every] + ([result.history[-1]] if every > 1 else []):
+        shown = result.history[::every]
+        if shown and shown[-1] is not result.history[-1]:      # the last step, once
+            shown.append(result.history[-1])
+        for h in shown:
             first, last = h["grad_norm"][names[0]], h["grad_norm"][names[-1]]
             ratio = first / last if last else math.inf
             dead = np.mean(list(h["dead_fraction"].values())) if h["dead_fraction"] else 0.0

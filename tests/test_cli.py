@@ -123,3 +123,13 @@ def test_python_dash_m_refnet_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "refnet", "--version"], capture_output=True,
                          text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.startswith("refnet ")
+
+
+@pytest.mark.parametrize("steps", [45, 40, 3])
+def test_train_table_shows_each_sampled_step_once_and_always_the_last(spec_file, capsys, steps):
+    """The text table samples about 20 steps and ends on the last one, never printing a step twice
+    (45 steps sample every 2nd: 0, 2, …, 44 — the last is already among them)."""
+    assert main(["train", str(spec_file), "--steps", str(steps), "--lr", "0.01"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:-1]]
+    assert len(rows) == len(set(rows)), f"a step printed twice: {rows}"
+    assert rows[-1] == str(steps - 1), f"the table should end on step {steps - 1}: {rows}"
