@@ -92,6 +92,11 @@ class Model:
         self.loss: Loss = make_loss(spec["loss"], self.output_shape)
         self.l1, self.l2, self.regularized = parse_regularization(
             spec.get("regularization", {}), self.net.weight_names(), self.net.param_shapes())
+        if not self.regularized:
+            # A penalty over no parameter is a sum of nothing: exactly 0 whatever α. The
+            # coefficients in effect are then 0, so that no backend (the fp16/bf16 emulation,
+            # which models no penalty, included) sees a penalty term at all.
+            self.l1 = self.l2 = 0.0
 
     @classmethod
     def load(cls, path) -> "Model":
