@@ -185,7 +185,7 @@ def test_values_and_derivatives_match_torch_float64(name):
 SOFTPLUS_EDGES = [
     (3.0, 1.0, "0x1.5555555555556p-2", "float64", False),   # z > 1/3, but 3z rounds to 1
     (1.7, 7.0, "0x1.0787878787879p+2", "float64", True),    # z < 7/1.7, but 1.7z rounds above 7
-    (3.0, 1.0, "0x1.555556p-2", "float32", False),          # float32 3z rounds to 1; float64's is > 1
+    (3.0, 1.0, "0x1.555556p-2", "float32", False),          # float32 3z is 1, float64 3z > 1
 ]
 
 
