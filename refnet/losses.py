@@ -10,7 +10,10 @@ softmax_cross_entropy       (1/N) Σ_n −log softmax(z_n)[y_n],                
                             so logits of ±1e4 are exact and a loss of 1e-107
                             is 1e-107, not 0
 bce_with_logits             (1/M) Σ max(z, 0) − z·y + log1p(exp(−|z|))      (σ(z) − y)/M
-                            (torch's overflow-free form); y ∈ [0, 1]
+                            (overflow-free, and a tiny loss keeps its        (torch's form)
+                            digits: z = −40, y = 0 gives 4.25e-18; torch's
+                            (1 − y)·z − log_sigmoid(z) cancels to 0 there);
+                            y ∈ [0, 1]
 ==========================  ==============================================  =====================
 
 Targets are validated here: shapes, integer labels in range, finite values.

@@ -9,8 +9,9 @@ Spec (see ``spec/model-format.md``)::
      "loss": {"type": "softmax_cross_entropy", "reduction": "mean"}}
 
 Layer ``i``'s parameter ``weight`` is named ``"i.weight"``, as in a torch ``nn.Sequential`` of the
-same layers. ``seed`` seeds two independent streams (``numpy.random.SeedSequence(seed).spawn(2)``):
-the first draws the parameters, layer by layer in order; the second draws the default batch.
+same layers. ``seed`` seeds three independent streams (``numpy.random.SeedSequence(seed).spawn(3)``):
+the first draws the parameters, layer by layer in order; the second draws the default batch; the
+third draws the dropout masks (spec/operations.md gives their exact order).
 """
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ class Model:
         self.loss: Loss = make_loss(spec["loss"], self.output_shape)
         self.l1, self.l2, self.regularized = parse_regularization(
             spec.get("regularization", {}), self.net.weight_names(), self.net.param_shapes())
+        if not self.regularized:
+            # A penalty over no parameter is a sum of nothing: exactly 0 whatever α. The
+            # coefficients in effect are then 0, so that no backend (the fp16/bf16 emulation,
+            # which models no penalty, included) sees a penalty term at all.
+            self.l1 = self.l2 = 0.0
 
     @classmethod
     def load(cls, path) -> "Model":

@@ -11,6 +11,11 @@ whatever it is given). In a model spec::
 
     "regularization": {"l1": 0.0, "l2": 1e-4, "params": "weights" | "all" | [names]}
 
+The penalty is added to the reduced data loss, once (it is not divided by the batch size):
+L = L_data + R, R = Σ over the selected names, in order, of α₁·Σ|w| then (α₂/2)·Σw². A
+selection of no parameter (a model without dense/conv layers, or ``"params": []``) makes R a sum
+of nothing: exactly 0 in every backend, whatever α (torch adds 0 too).
+
 Decoupled weight decay (AdamW) and coupled weight decay (SGD/Adam ``weight_decay``) live in the
 optimizers (:mod:`refnet.training.optim`). The max-norm constraint (Srivastava et al. 2014) is applied
 after a step: each output unit's incoming weight vector w_o (a row of a dense weight, or the
@@ -47,9 +52,16 @@ def parse_regularization(config, weight_names, all_names, where="regularization"
     elif selection == "all":
         names = list(all_names)
     elif isinstance(selection, list):
+        odd = [n for n in selection if not isinstance(n, str)]
+        if odd:
+            raise ValueError(f"{where}: params must list parameter names (strings), got "
+                             f"{odd[:3]!r}")
         missing = sorted(set(selection) - set(all_names))
         if missing:
             raise ValueError(f"{where}: params {missing} are not parameters of the model")
+        repeated = sorted({n for n in selection if selection.count(n) > 1})
+        if repeated:       # a repeated name would be penalized twice: a typo, not a weighting
+            raise ValueError(f"{where}: params lists {repeated} more than once")
         names = list(selection)
     else:
         raise ValueError(f"{where}: params must be 'weights', 'all' or a list of names, "
@@ -58,7 +70,8 @@ def parse_regularization(config, weight_names, all_names, where="regularization"
 
 
 def penalty(bk, tensors: Dict[str, object], names: Iterable[str], l1: float, l2: float):
-    """(R, {name: ∂R/∂w}) in backend ``bk``."""
+    """(R, {name: ∂R/∂w}) in backend ``bk``. With no term (no name, or α₁ = α₂ = 0) R is the
+    backend's exact 0, so that ``loss + R`` is the loss unchanged."""
     total, grads = None, {}
     for name in names:
         w = tensors[name]
@@ -74,6 +87,8 @@ def penalty(bk, tensors: Dict[str, object], names: Iterable[str], l1: float, l2:
             total = t if total is None else total + t
         if grad is not None:
             grads[name] = grad
+    if total is None:
+        total = bk.zeros(())
     return total, grads
 
 

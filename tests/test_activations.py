@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, strategies as st
 
 from conftest import HAVE_TORCH
-from refnet import BOUND, FLOAT64, MPBackend
+from refnet import BOUND, FLOAT32, FLOAT64, MPBackend
 from refnet.layers.activations import ACTIVATIONS
 
 KINKED = {"relu", "leaky_relu", "prelu", "elu", "selu", "softplus"}
@@ -176,3 +176,102 @@ def test_values_and_derivatives_match_torch_float64(name):
     ref_h, ref_d = out.detach().numpy(), t.grad.numpy()
     assert np.all(np.abs(h[0] - ref_h) <= tol(ref_h)), name
     assert np.all(np.abs(dz[0] - ref_d) <= tol(ref_d)), name
+
+
+# --- softplus: torch's branch test, βz > threshold, on the product in the working precision ---
+# Points an ulp from the kink where that test disagrees with another plausible one — the
+# quotient test z > threshold/β (float64), or the product formed in float64 instead of float32
+# (found by search): (β, threshold, z as hex, dtype, does fl(βz) > threshold hold in that dtype).
+SOFTPLUS_EDGES = [
+    (3.0, 1.0, "0x1.5555555555556p-2", "float64", False),   # z > 1/3, but 3z rounds to 1
+    (1.7, 7.0, "0x1.0787878787879p+2", "float64", True),    # z < 7/1.7, but 1.7z rounds above 7
+    (3.0, 1.0, "0x1.555556p-2", "float32", False),          # float32 3z is 1, float64 3z > 1
+]
+
+
+def other_rule(beta, threshold, z, dtype):
+    """The rule each edge tells apart from torch's: float64 z > threshold/β; for float32, the
+    product and comparison done in float64."""
+    if dtype == "float64":
+        return bool(np.float64(z) > threshold / beta)
+    return bool(np.float64(z) * beta > threshold)
+
+
+def softplus_at(bk, beta, threshold, z):
+    layer = make("softplus", shape=(1,), beta=beta, threshold=threshold)
+    h, dz, _ = forward_backward(layer, bk, np.array([[z]]))
+    return float(bk.to_numpy(h)[0, 0]), float(bk.to_numpy(dz)[0, 0])
+
+
+@pytest.mark.parametrize("beta, threshold, z_hex, dtype, linear", SOFTPLUS_EDGES)
+def test_softplus_takes_the_linear_branch_exactly_where_beta_z_exceeds_threshold_in_its_dtype(
+        beta, threshold, z_hex, dtype, linear):
+    """At each edge the working-precision test fl(βz) > threshold and the other rule disagree
+    (checked here, so the test can tell the two apart); refnet follows the first: h = z and
+    f' = 1 exactly on the linear branch, h ≠ z and f' = σ(βz) < 0.99 on the smooth one
+    (threshold ≤ 7: the branches are far apart)."""
+    np_dtype = np.dtype(dtype).type
+    z = np_dtype(float.fromhex(z_hex))
+    assert bool(z * np_dtype(beta) > np_dtype(threshold)) == linear
+    assert other_rule(beta, threshold, z, dtype) != linear
+    bk = FLOAT64 if dtype == "float64" else FLOAT32
+    h, d = softplus_at(bk, beta, threshold, float(z))
+    if linear:
+        assert h == float(z) and d == 1.0
+    else:
+        assert h != float(z) and d < 0.99
+
+
+def test_softplus_in_mp_decides_by_its_own_product():
+    """mp forms βz at its digits: at z = 0x1.5555555555556p-2, β = 3, threshold = 1 the exact
+    product exceeds 1, so mp takes the linear branch where float64 (3z rounds to 1) does not: the
+    two runs lie on different sides of the kink, which the kink signatures show."""
+    z = float.fromhex("0x1.5555555555556p-2")
+    h, d = softplus_at(MPBackend(40), 3.0, 1.0, z)
+    assert h == z and d == 1.0
+    layer = make("softplus", shape=(1,), beta=3.0, threshold=1.0)
+    sides = [layer.kink_signature(layer.forward(bk, {}, bk.asarray(np.array([[z]])))[1])[0][0, 0]
+             for bk in (FLOAT64, MPBackend(40))]
+    assert sides == [False, True]
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+@pytest.mark.parametrize("beta, threshold, z_hex, dtype, linear", SOFTPLUS_EDGES)
+def test_softplus_matches_torch_forward_and_backward_at_the_kink_edges(beta, threshold, z_hex,
+                                                                       dtype, linear):
+    """Where the two rules disagree, refnet's value and derivative are torch's F.softplus (same
+    dtype): the same branch, and on the smooth one the same function to 8 ulps (each side rounds
+    exp, log1p and a division, or sigmoid's form, a few times; the branches differ by > 0.1)."""
+    import torch
+    import torch.nn.functional as F
+    z = float(np.dtype(dtype).type(float.fromhex(z_hex)))
+    t = torch.tensor([z], dtype=getattr(torch, dtype), requires_grad=True)
+    out = F.softplus(t, beta=beta, threshold=threshold)
+    out.backward(torch.ones_like(out))
+    h, d = softplus_at(FLOAT64 if dtype == "float64" else FLOAT32, beta, threshold, z)
+    spacing = lambda v: np.spacing(np.abs(np.dtype(dtype).type(v)))    # noqa: E731
+    for ours, theirs in ((h, out.item()), (d, t.grad.item())):
+        assert abs(ours - theirs) <= 8 * spacing(theirs), (ours, theirs)
+    assert (t.grad.item() == 1.0) == linear
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+@given(beta=st.floats(0.05, 20), threshold=st.floats(-3, 15), k=st.integers(-3, 3))
+def test_softplus_branch_matches_torch_an_ulp_or_three_from_the_kink(beta, threshold, k):
+    """z = threshold/β moved k ulps: refnet float64 takes torch's branch (torch's derivative is
+    exactly 1 on its linear branch and σ(βz) ≤ σ(15 + ulps) < 1 − 3e-7 on its smooth one), and
+    the value and derivative agree to 8 ulps, as above."""
+    import torch
+    import torch.nn.functional as F
+    z = threshold / beta
+    for _ in range(abs(k)):
+        z = float(np.nextafter(z, np.inf if k > 0 else -np.inf))
+    t = torch.tensor([z], dtype=torch.float64, requires_grad=True)
+    out = F.softplus(t, beta=beta, threshold=threshold)
+    out.backward(torch.ones_like(out))
+    h, d = softplus_at(FLOAT64, beta, threshold, z)
+    assert (d == 1.0) == (t.grad.item() == 1.0) == (z * beta > threshold)
+    for ours, theirs in ((h, out.item()), (d, t.grad.item())):
+        assert abs(ours - theirs) <= 8 * np.spacing(abs(theirs)), (z, ours, theirs)

@@ -1,5 +1,6 @@
 """Dropout (p = probability of dropping, inverted scaling) and residual blocks."""
 
+import json
 import math
 
 import numpy as np
@@ -181,3 +182,132 @@ def test_residual_block_matches_a_torch_module_with_body_and_shortcut():
         allowed = np.minimum(b.e, b.probabilistic_bound(8.0))   # the bound verify uses
         assert np.all(np.abs(p.grad.numpy() - ref) <= allowed), name
         assert np.all(np.abs(g.params[name] - ref) <= allowed), name
+
+
+# --- the mask draw order, implemented from spec/operations.md's words ----------------------------
+
+def _sample_shape_after(layer, shape):
+    """The sample shape after ``layer``, for the layer types the mask tests use (a tiny shape
+    rule, independent of refnet's layers: enough to know each dropout layer's input shape)."""
+    kind = layer["type"]
+    if kind == "dense":
+        return (layer["out"],)
+    if kind == "conv2d":
+        assert layer.get("padding") == "same" and layer.get("stride", 1) == 1, layer
+        return (layer["out_channels"],) + shape[1:]
+    if kind in ("maxpool2d", "avgpool2d"):
+        k = layer["kernel_size"]
+        s, pad = layer.get("stride", k), layer.get("padding", 0)
+        return (shape[0],) + tuple((n + 2 * pad - k) // s + 1 for n in shape[1:])
+    if kind == "global_avgpool":
+        return (shape[0], 1, 1)
+    if kind == "flatten":
+        return (int(np.prod(shape)),)
+    return shape          # activations, dropout, batchnorm, layernorm
+
+
+def spec_masks(spec, batch, train=True, *, body_first=True, p0_draws=False, p1_draws=True):
+    """The dropout masks spec/operations.md prescribes, {layer name: keep mask}, drawn here from
+    its text alone: (1) one Generator, default_rng(SeedSequence(seed).spawn(3)[2]); (2) layers in
+    forward order, depth first, a residual body before its shortcut; (3) one call
+    rng.random(shape) per dropout layer, kept where u >= p, shape (N, *sample) for dropout and
+    (N, C, 1, 1) for dropout2d; (4) p = 0 and eval draw nothing, p = 1 draws. The keywords
+    switch single rules off, for the test that shows the comparison can fail."""
+    masks = {}
+    if not train:
+        return masks
+    rng = np.random.default_rng(np.random.SeedSequence(spec.get("seed", 0)).spawn(3)[2])
+
+    def walk(layers, prefix, shape):
+        for j, layer in enumerate(layers):
+            name, kind = f"{prefix}{j}", layer["type"]
+            if kind == "residual":
+                branches = [("body", layer["body"])]
+                if isinstance(layer.get("shortcut", "identity"), list):
+                    branches.append(("shortcut", layer["shortcut"]))
+                outs = [walk(branch, f"{name}.{label}.", shape)
+                        for label, branch in (branches if body_first else branches[::-1])]
+                shape = outs[0]                  # the body's and the shortcut's are equal
+                continue
+            p = layer.get("p", 0.5)
+            draws = (p > 0 or p0_draws) and (p < 1 or p1_draws)
+            if kind in ("dropout", "dropout2d") and draws:
+                draw = (batch,) + shape if kind == "dropout" else (batch, shape[0], 1, 1)
+                masks[name] = rng.random(draw) >= p
+            shape = _sample_shape_after(layer, shape)
+        return shape
+
+    walk(spec["layers"], "", tuple(spec["input_shape"]))
+    return masks
+
+
+NESTED_DROPOUT = {
+    "input_shape": [2, 4, 4], "seed": 7, "batch": 3, "loss": {"type": "mse"},
+    "layers": [
+        {"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": "same"},
+        {"type": "dropout2d", "p": 0.3},
+        {"type": "residual",
+         "body": [{"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": "same"},
+                  {"type": "dropout", "p": 0.0},
+                  {"type": "relu"},
+                  {"type": "residual",
+                   "body": [{"type": "dropout", "p": 0.5},
+                            {"type": "conv2d", "out_channels": 3, "kernel_size": 1,
+                             "padding": "same"}],
+                   "shortcut": [{"type": "dropout2d", "p": 0.25}]},
+                  {"type": "dropout", "p": 0.4}],
+         "shortcut": [{"type": "conv2d", "out_channels": 3, "kernel_size": 1, "padding": "same"},
+                      {"type": "dropout", "p": 0.2}]},
+        {"type": "maxpool2d", "kernel_size": 2},
+        {"type": "flatten"},
+        {"type": "residual", "body": [{"type": "dense", "out": 12}, {"type": "dropout", "p": 1.0}]},
+        {"type": "dropout", "p": 0.6},
+        {"type": "dense", "out": 2}]}
+
+
+def refnet_masks(spec, train=True):
+    model = Model(spec)
+    params, x, y = model.prepare()
+    state = model.default_state(train)
+    model.forward(FLOAT64, params, x, y, state)
+    return state
+
+
+def test_an_implementation_of_the_written_draw_order_draws_refnets_masks():
+    """Nested residual blocks (body before shortcut, a projection shortcut with its own dropout,
+    a residual inside a body), dropout p = 0 (no draw), p = 1 (a draw), dropout2d ((N, C, 1, 1)):
+    the masks drawn from spec/operations.md's text alone equal refnet's, name for name and bit
+    for bit."""
+    ours = spec_masks(NESTED_DROPOUT, NESTED_DROPOUT["batch"])
+    theirs = refnet_masks(NESTED_DROPOUT).masks
+    assert list(ours) == ["1", "2.body.3.body.0", "2.body.3.shortcut.0", "2.body.4",
+                          "2.shortcut.1", "5.body.1", "6"]
+    assert set(theirs) == set(ours)
+    for name in ours:
+        assert theirs[name].dtype == bool and np.array_equal(theirs[name], ours[name]), name
+    assert ours["1"].shape == (3, 3, 1, 1) and ours["2.body.4"].shape == (3, 3, 4, 4)
+
+
+@pytest.mark.parametrize("rule", [{"body_first": False}, {"p0_draws": True},
+                                  {"p1_draws": False}], ids=lambda r: next(iter(r)))
+def test_the_draw_order_check_fails_when_one_rule_is_broken(rule):
+    """The comparison above can fail: drawing the shortcut before the body, drawing for p = 0,
+    or not drawing for p = 1 gives, for some layer both drawers draw for, a different mask."""
+    right = spec_masks(NESTED_DROPOUT, 3)
+    wrong = spec_masks(NESTED_DROPOUT, 3, **rule)
+    common = set(right) & set(wrong)
+    assert common and any(not np.array_equal(right[n], wrong[n]) for n in common)
+
+
+def test_eval_mode_draws_nothing_and_a_second_pass_reuses_the_masks():
+    """Eval: no mask at all. Train: a second pass on the same state draws nothing (the
+    generator's state is unchanged) and returns the same output."""
+    assert refnet_masks(NESTED_DROPOUT, train=False).masks == {}
+    model = Model(NESTED_DROPOUT)
+    params, x, y = model.prepare()
+    state = model.default_state(True)
+    first = model.forward(FLOAT64, params, x, y, state).output
+    before = json.dumps(state.rng.bit_generator.state)
+    again = model.forward(FLOAT64, params, x, y, state).output
+    assert json.dumps(state.rng.bit_generator.state) == before
+    assert np.array_equal(first, again)

@@ -115,3 +115,33 @@ def test_a_confident_predictions_tiny_loss_and_gradient_keep_full_relative_accur
     assert abs(float(value) - exact) <= 4 * np.spacing(exact)
     assert np.all(np.abs(grad - exact_grad) <= 4 * np.spacing(np.abs(exact_grad)))
     assert grad[0, 0] < 0
+
+
+def test_a_confident_bce_predictions_tiny_loss_keeps_full_relative_accuracy():
+    """z = −40, y = 0 and z = 40, y = 1: L = log1p(e^−40) = 4.25e-18, not 0. max(z, 0) − z·y is
+    exactly 0 for a hard target on the confident side, so the float64 loss is log1p(exp(−40))
+    alone: exp and log1p each within an ulp or two of their exact values, 4 ulps in all."""
+    mp = MPBackend(60)
+    for z, y in ((-40.0, 0.0), (40.0, 1.0)):
+        zz, yy = np.array([[z]]), np.array([[y]])
+        value, _ = run("bce_with_logits", zz, yy)
+        exact = mp.to_numpy(run("bce_with_logits", zz, yy, mp)[0])
+        assert 4.2e-18 < exact < 4.3e-18
+        assert abs(float(value) - exact) <= 4 * np.spacing(exact), (z, y, float(value), exact)
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+def test_torchs_bce_returns_0_for_the_tiny_loss_refnet_keeps():
+    """The documented difference (spec/operations.md, Losses): torch's (1 − y)·z − log_sigmoid(z)
+    at z = −40, y = 0 is −40 − (−40) = 0, since log_sigmoid(−40) = −40 − 4.2e-18 rounds to −40;
+    refnet's value there is the exact 4.25e-18 (previous test). The gradient σ(z) − y is the same
+    form in both, so both give σ(−40) there."""
+    import torch
+    import torch.nn.functional as F
+    t = torch.tensor([[-40.0]], dtype=torch.float64, requires_grad=True)
+    loss = F.binary_cross_entropy_with_logits(t, torch.zeros((1, 1), dtype=torch.float64))
+    loss.backward()
+    value, grad = run("bce_with_logits", np.array([[-40.0]]), np.array([[0.0]]))
+    assert loss.item() == 0.0 and float(value) > 4.2e-18
+    assert t.grad.item() == grad[0, 0]

@@ -2,8 +2,13 @@
 ``benchmarks/`` and for ``refnet conformance``. Needs torch (imported here, not by refnet).
 
 Same layers, same parameter names (``state_dict`` keys equal refnet's), same parameter values.
-Covers dense, conv2d, pools, flatten, batchnorm, layernorm, dropout, residual and the activations
-torch has (sigmoid, tanh, relu, leaky_relu, prelu, elu, selu, gelu, softplus).
+Covers dense, conv2d, pools, flatten, batchnorm, layernorm, dropout, dropout2d, residual and the
+activations torch has (sigmoid, tanh, relu, leaky_relu, prelu, elu, selu, gelu, softplus).
+
+Dropout: with ``masks`` (layer name -> boolean keep mask, as a refnet ``ForwardState`` holds them
+after a train-mode pass, or as ``spec/operations.md`` says to draw them) every dropout layer uses
+its given mask in torch's own arithmetic, so the twin computes the same function as refnet.
+Without, they are ``nn.Dropout``/``nn.Dropout2d`` drawing torch's masks (for timings only).
 """
 
 from __future__ import annotations
@@ -31,7 +36,30 @@ class Residual(nn.Module):
         return s + self.scale * self.body(h)
 
 
-def _module(layer):
+class FixedMaskDropout(nn.Module):
+    """torch's dropout (``torch.nn.functional.dropout``'s CPU path, ``at::native::_dropout``) with
+    its Bernoulli draw replaced by a given keep mask: train: noise = mask in the input's dtype,
+    ``noise.div_(1 − p)``, ``input * noise``; p = 1: ``input * 0``; p = 0 or eval: the input.
+    A dropout2d mask has shape (N, C, 1, 1) and broadcasts over H×W, as torch's feature noise."""
+
+    def __init__(self, p, mask, where):
+        super().__init__()
+        self.p, self.where = p, where
+        self.mask = None if mask is None else torch.from_numpy(np.asarray(mask, dtype=bool))
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return x * torch.zeros((), dtype=x.dtype)
+        if self.mask is None:
+            raise ValueError(f"{self.where}: no dropout mask was given for this layer")
+        noise = self.mask.to(x.dtype)
+        noise.div_(1 - self.p)
+        return x * noise
+
+
+def _module(layer, masks=None):
     kind, c = layer.type, layer.config
     if kind == "dense":
         return nn.Linear(layer.in_shape[0], c["out"], bias=c["bias"])
@@ -63,22 +91,25 @@ def _module(layer):
         return nn.Softplus(c["beta"], c["threshold"])
     if kind == "prelu":
         return nn.PReLU(c["num_parameters"])
-    if kind == "dropout":
-        return nn.Dropout(c["p"])
+    if kind in ("dropout", "dropout2d"):
+        if masks is not None:
+            return FixedMaskDropout(float(c["p"]), masks.get(layer.name), layer.where)
+        return nn.Dropout(c["p"]) if kind == "dropout" else nn.Dropout2d(c["p"])
     if kind == "residual":
-        shortcut = None if layer.shortcut is None else _sequential(layer.shortcut.layers)
-        return Residual(_sequential(layer.body.layers), shortcut, c["scale"])
+        shortcut = None if layer.shortcut is None else _sequential(layer.shortcut.layers, masks)
+        return Residual(_sequential(layer.body.layers, masks), shortcut, c["scale"])
     if kind in _ACTIVATIONS:
         return _ACTIVATIONS[kind]()
     raise NotImplementedError(f"no torch twin for layer type {kind!r}")
 
 
-def _sequential(layers):
-    return nn.Sequential(*[_module(layer) for layer in layers])
+def _sequential(layers, masks=None):
+    return nn.Sequential(*[_module(layer, masks) for layer in layers])
 
 
-def torch_twin(model: Model, params, dtype=torch.float64):
-    net = _sequential(model.layers).to(dtype)
+def torch_twin(model: Model, params, dtype=torch.float64, masks=None):
+    """The torch module of ``model`` holding ``params``; ``masks``: see the module docstring."""
+    net = _sequential(model.layers, masks).to(dtype)
     state = {k: torch.tensor(np.asarray(v)) for k, v in params.items()}
     net.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v.long()
                          for k, v in state.items()}, strict=False)

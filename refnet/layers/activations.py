@@ -20,6 +20,7 @@ elu             z if z > 0 else α·expm1(z)            1 if z > 0 else α·exp(
 selu            λ·elu_α(z)                            λ·elu_α'(z)
 gelu            z/2 · erfc(-z/√2)  (= z·Φ(z))         Φ(z) + z·φ(z)
 softplus        log1p(exp(βz))/β; z if βz > threshold  σ(βz); 1 if βz > threshold
+                (βz formed and compared in the working precision, as torch)
 scaled_sigmoid  4σ(z) - 2 = 2·tanh(z/2)               4σ'(z) = sech²(z/2)
 ==============  ====================================  =========================================
 
@@ -243,11 +244,16 @@ class GELU(Activation):
 class Softplus(Activation):
     """torch.nn.Softplus: log1p(exp(βz))/β, and z itself where βz > threshold (a kink).
 
-    β must be positive. The linear branch is taken where z > threshold/β (the same set as
-    βz > threshold in exact arithmetic; in float64 the two can differ by an ulp at the kink).
-    Inputs below −1e30/max(β, 1) enter the smooth branch clamped there, so that βz cannot
-    overflow (float32 included): softplus there is below exp(−1e30) in every backend (only mp
-    could tell the two apart).
+    The branch test is torch's, evaluated as torch evaluates it: β and threshold rounded to the
+    working precision, βz formed by one multiplication in it, then compared (float64: the
+    double product; float32, and the fp16/bf16 emulation's float32 kernels: the float32 product;
+    mp: the product at its digits). It is not z > threshold/β, which differs from it in float64
+    an ulp from the kink (β = 3, threshold = 1, z = 0x1.5555555555556p-2: z > 1/3 but βz rounds
+    to 1, and torch takes the smooth branch). β must be positive. For β > 1, z is first clamped
+    to ±1e30/β so that βz cannot overflow (float32 included): beyond it softplus is z (kept
+    as is) or below exp(−1e30), and the test is unchanged for |threshold| < 1e29; for β ≤ 1,
+    |βz| ≤ |z| cannot overflow. The smooth branch's exp sees min(βz, threshold): equal to βz
+    wherever that branch is taken, and no overflow where it is not.
     """
 
     autocast = "float32"
@@ -263,23 +269,30 @@ class Softplus(Activation):
         require_number(where, "threshold", self.config["threshold"])
 
     def _scaled(self, bk, z):
-        """βz on the smooth branch: z clamped to [−1e30/max(β, 1), threshold/β] (no overflow)."""
-        beta, threshold = self.config["beta"], self.config["threshold"]
-        return beta * bk.maximum(bk.minimum(z, threshold / beta), -1e30 / max(beta, 1.0))
+        """(βz, threshold) in the working precision, as torch's kernel forms them."""
+        beta = self.config["beta"]
+        if beta > 1:
+            limit = 1e30 / beta
+            z = bk.maximum(bk.minimum(z, limit), -limit)
+        return z * bk.const(float(beta)), bk.const(float(self.config["threshold"]))
 
     def f(self, bk, z):
-        beta, threshold = self.config["beta"], self.config["threshold"]
-        smooth = bk.log1p(bk.exp(self._scaled(bk, z))) / beta
-        return bk.where(z > threshold / beta, z, smooth), None
+        scaled, threshold = self._scaled(bk, z)
+        linear = np.asarray(scaled > threshold, dtype=bool)
+        smooth = bk.log1p(bk.exp(bk.minimum(scaled, threshold))) / bk.const(
+            float(self.config["beta"]))
+        return bk.where(linear, z, smooth), (scaled, threshold)
 
     def df(self, bk, z, saved):
-        beta, threshold = self.config["beta"], self.config["threshold"]
-        s, _ = stable_sigmoid(bk, self._scaled(bk, z))
-        return bk.where(z > threshold / beta, 1, s)
+        scaled, threshold = saved
+        s, _ = stable_sigmoid(bk, scaled)
+        return bk.where(np.asarray(scaled > threshold, dtype=bool), 1, s)
 
     def kink_signature(self, cache):
-        beta, threshold = self.config["beta"], self.config["threshold"]
-        return (np.asarray(cache[0] > threshold / beta, dtype=bool),)
+        # The comparison itself, on the backend's values (the interval certificate records an
+        # undecidable one here as a straddled kink).
+        scaled, threshold = cache[1]
+        return (np.asarray(scaled > threshold, dtype=bool),)
 
 
 class ScaledSigmoid(Activation):

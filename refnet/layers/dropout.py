@@ -8,7 +8,10 @@
 
 The mask is drawn once per layer from the ``ForwardState``'s generator (``rng.random(shape) >= p``)
 and kept there, so every pass of a verification sees the same mask and the gradient is exact
-for it. 1 − p is formed in the backend (exact in mp, one rounding in float64).
+for it. p = 0 and eval mode draw nothing; p = 1 draws (and drops everything). Layers draw in the
+order the forward pass runs them (a residual body before its shortcut): ``spec/operations.md``
+gives the whole rule, for implementations that must draw the same masks. 1 − p is formed in the
+backend (exact in mp, one rounding in float64).
 """
 
 from __future__ import annotations
