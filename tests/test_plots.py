@@ -123,7 +123,7 @@ def _diagnosis(tensors, first=None):
     return Diagnosis(Precision("fp16", "autocast"), 1.0, 1.0, 1.0, 0, first, tensors)
 
 
-def test_diagnose_plot_draws_weights_and_biases_as_separate_series_with_notes_where_none_is_finite():
+def test_diagnose_plot_draws_weights_and_biases_apart_with_a_note_where_none_is_drawable():
     """Layer 0's bias underflows in fp16 and layer 2 has no bias at all: the fp16 bias series
     has no drawable value, and the note says why (0, not inf/NaN: the absent bias of layer 2 is
     not counted as inf/NaN)."""
