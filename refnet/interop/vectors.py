@@ -1,8 +1,8 @@
 """Golden gradient vectors: language-agnostic JSON that any framework can check itself against.
 
 ``refnet vectors write DIR`` writes one file per case; ``refnet vectors check DIR`` recomputes
-every case from the inputs stored in its file and fails on any drift. Files are read with plain
-``json`` (never pickle). The format (``spec/vectors.md``)::
+every case from the inputs stored in its file and fails on any drift of any field. Files are
+read with plain ``json`` (never pickle). The format (``spec/vectors.md``)::
 
     {"format": "refnet-vectors/1", "name": "...", "description": "...",
      "model": {...a refnet model spec...}, "mode": "train" | "eval",
@@ -25,6 +25,8 @@ element if |got − ref_d| ≤ ulps·ulp_d(ref) + abs. ``abs`` is the float64 er
 same computation (``refnet.numerics.errorbound``: 8σ, the verifier's probabilistic bound, taken at the
 tensor's worst element) scaled by u_d/u_64: an algorithm with the same structure in dtype d
 makes rounding errors of that size; ``ulps`` = 2 leaves room for the final rounding of each side.
+``abs`` is stored rounded up to ``TOLERANCE_DIGITS`` significant digits (``round_up`` says why:
+the same files on every machine).
 A ``kink`` element is one where the derivative is taken exactly at a kink (relu at 0, a tie in a
 max-pool window): its value follows torch's convention, and a framework may differ there.
 """
@@ -49,6 +51,7 @@ FORMAT = "refnet-vectors/1"
 DPS = 50
 DIGITS = 30
 ULPS = 2
+TOLERANCE_DIGITS = 2      # significant digits of a tolerance's "abs", rounded up (round_up)
 UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "fp16": 2.0 ** -11}
 ROUNDED = ("float64", "float32", "fp16")
 # (precision bits, exponent of the smallest normal, largest finite) of each rounded format
@@ -148,6 +151,27 @@ def round_exact(value: Fraction, fmt: str) -> float:
     return float(rounded)
 
 
+def round_up(value: float, digits: int = TOLERANCE_DIGITS) -> float:
+    """``value`` rounded up to ``digits`` significant decimal digits (exactly, in rationals).
+
+    The error analysis behind a tolerance runs in float64 through numpy's matmul, whose order of
+    summation is the BLAS kernel's (OpenBLAS picks one per CPU): its last bits differ between
+    machines (measured: ``OPENBLAS_CORETYPE=Prescott`` against SkylakeX changes two of the
+    23 files). Two digits, rounded up, keep a tolerance a bound (loosened by at most 10 %) and make
+    it the same number on every machine, but for a value within ~1e-15 of a two-digit boundary.
+    """
+    if not math.isfinite(value) or value <= 0:
+        return value
+    exact = Fraction(value)
+    exponent = math.floor(math.log10(value)) - (digits - 1)
+    while exact >= Fraction(10) ** (exponent + digits):      # log10 rounded across a power of 10
+        exponent += 1
+    while exact < Fraction(10) ** (exponent + digits - 1):
+        exponent -= 1
+    quantum = Fraction(10) ** exponent
+    return float(math.ceil(exact / quantum) * quantum)
+
+
 def _decimal(v, ctx) -> str:
     return ctx.nstr(v, DIGITS, min_fixed=1, max_fixed=0, strip_zeros=False) if v != 0 else "0"
 
@@ -169,8 +193,9 @@ def _reference(exact, bound, ctx, kink=None) -> dict:
     for fmt in ROUNDED:
         record[fmt] = [round_exact(f, fmt).hex() for f in fractions]
     sigma = float(np.max(bound.sigma)) if bound is not None and bound.v.size else 0.0
-    record["tolerance"] = {fmt: {"ulps": ULPS, "abs": LAMBDA * sigma * UNIT_ROUNDOFF[fmt] /
-                                 UNIT_ROUNDOFF["float64"]} for fmt in ROUNDED}
+    record["tolerance"] = {fmt: {"ulps": ULPS, "abs": round_up(LAMBDA * sigma * UNIT_ROUNDOFF[fmt]
+                                                               / UNIT_ROUNDOFF["float64"])}
+                           for fmt in ROUNDED}
     if kink is not None and np.any(kink):
         record["kink"] = [bool(k) for k in np.asarray(kink).ravel()]
     return record
@@ -300,23 +325,75 @@ def records(directory):
 
 
 def check(directory) -> List[str]:
-    """Recompute every vector in ``directory`` from its stored inputs; the list of drifts
-    (empty: all agree to every stored digit and every rounded value)."""
+    """Recompute every vector in ``directory`` from its stored inputs and compare the whole
+    record, field by field: the list of drifts (empty: every stored field — digits, rounded
+    values, tolerances, kink flags, shapes, the model, the inputs as hex — is what ``compute``
+    gives now). One line per drifted leaf, naming the file, the field and both values."""
+    generator = {c.name: c for c in cases()}
     problems = []
     for path, record in records(directory):
-        params, x, y, dy = stored_inputs(record)
-        again = compute(case_of(record), params, x, y, dy)
-        for group in ("outputs", "grads"):
-            for name, ref in record[group].items():
-                new = again[group].get(name)
-                if new is None:
-                    problems.append(f"{path.name}: {group}/{name} no longer computed")
-                    continue
-                for key in ("value",) + ROUNDED:
-                    if ref[key] != new[key]:
-                        i = next(i for i, (a, b) in enumerate(zip(ref[key], new[key])) if a != b) \
-                            if len(ref[key]) == len(new[key]) else 0
-                        problems.append(f"{path.name}: {group}/{name} {key}[{i}] stored "
-                                        f"{ref[key][i]} recomputed {new[key][i]}")
-                        break
+        try:
+            params, x, y, dy = stored_inputs(record)
+            again = compute(case_of(record), params, x, y, dy)
+        except KeyError as e:
+            raise ValueError(f"vectors: {path}: the field {e} is missing") from None
+        case = generator.get(record["name"])
+        if case is not None:
+            # A committed case: its description, model, mode and upstream are the generator's
+            # (recomputing from the file alone would take an edited model as given).
+            for key, value in (("description", case.description), ("model", case.spec),
+                               ("mode", case.mode), ("upstream", case.upstream)):
+                again[key] = value
+        problems += [f"{path.name}: {where} {what}" for where, what in _drifts(record, again)]
     return problems
+
+
+def _drifts(stored, again, where=()):
+    """(field, description) of every leaf where ``stored`` and ``again`` differ; a list is one
+    leaf (its first differing element is named), so a drifted tensor is one line."""
+    if isinstance(stored, dict) and isinstance(again, dict):
+        out = []
+        for key in list(stored) + [k for k in again if k not in stored]:
+            if key not in again:
+                out.append((_field(where + (key,)), "is stored but no longer computed"))
+            elif key not in stored:
+                out.append((_field(where + (key,)), f"is computed ({_short(again[key])}) but "
+                                                    f"not stored"))
+            else:
+                out += _drifts(stored[key], again[key], where + (key,))
+        return out
+    if isinstance(stored, list) and isinstance(again, list) and len(stored) == len(again):
+        for i, (a, b) in enumerate(zip(stored, again)):
+            if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
+                inner = _drifts(a, b, where + (i,))
+                if inner:
+                    return inner
+            elif not _same(a, b):
+                return [(f"{_field(where)}[{i}]", f"stored {a!r} recomputed {b!r}")]
+        return []
+    if _same(stored, again):
+        return []
+    return [(_field(where), f"stored {_short(stored)} recomputed {_short(again)}")]
+
+
+def _same(a, b) -> bool:
+    """Equal as JSON values: 2 == 2.0 (json writes an integral float back as it was given), but
+    True is not 1 and "1" is not 1."""
+    number = lambda v: type(v) in (int, float)          # noqa: E731 (bool excluded)
+    if number(a) and number(b):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def _field(where) -> str:
+    """``grads/0.weight tolerance/fp16/abs``: the tensor, then the field inside it."""
+    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in where]
+    if len(parts) >= 2 and where[0] in ("inputs", "params", "outputs", "grads"):
+        head, rest = f"{parts[0]}/{parts[1]}", parts[2:]
+        return head + (" " + "/".join(rest).replace("/[", "[") if rest else "")
+    return "/".join(parts).replace("/[", "[")
+
+
+def _short(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."

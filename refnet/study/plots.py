@@ -2,13 +2,19 @@
 
 Importing this module without matplotlib raises ImportError; callers treat the figures as
 optional. The Agg backend is used: no display needed.
+
+Each figure is built in two steps: a function that computes what is drawn (``*_data``/``*_panels``,
+plain Python and numpy, tested without pixels) and one that draws it. A value a log axis cannot
+show is never left out silently: a tensor whose values are all 0 (it underflowed entirely) gets a
+marker on the panel's bottom edge, one holding inf/NaN a marker on the top edge, and the legend
+says which is which — only for what the figure actually draws.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import matplotlib
 
@@ -20,34 +26,137 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 VERDICT_COLORS = {"healthy": "#4caf50", "vanishing": "#2196f3", "exploding": "#f44336",
                   "nonfinite": "#212121"}
 ARCH_STYLES = {"plain": "-", "batchnorm": "--", "residual": ":"}
+# Line widths: float64 wide and pale, the low precision narrow and dark on top of it, so where
+# the two coincide both stay visible (a pale band with a dark core).
+PRECISION_STYLE = {"float64": {"lw": 2.4, "alpha": 0.45, "zorder": 2},
+                   "low": {"lw": 0.9, "alpha": 1.0, "zorder": 3}}
+# Edge markers, in axes coordinates: zero at the bottom, inf/NaN at the top, just inside the axes.
+ZERO_LABEL, NONFINITE_LABEL = "all zero (underflow)", "inf/NaN"
+EDGE = {"zero": ("v", 0.03, ZERO_LABEL), "nonfinite": ("X", 0.97, NONFINITE_LABEL)}
+MAX_LAYER_TICKS = 8
 
 
-def _log_profile(norms):
-    """log10 norms; 0 and non-finite become NaN (a gap in the line)."""
-    return [math.log10(v) if v is not None and v > 0 and math.isfinite(v) else math.nan
-            for v in norms]
+def split_profile(values):
+    """A per-layer series as a log axis can draw it: (log10 of each value, NaN where it cannot
+    be drawn; indices of exact zeros; indices of inf/NaN). ``None`` is how results.json writes
+    inf/NaN."""
+    logs, zero, nonfinite = [], [], []
+    for i, v in enumerate(values):
+        if v is None or not math.isfinite(v):
+            logs.append(math.nan)
+            nonfinite.append(i)
+        elif v == 0:
+            logs.append(math.nan)
+            zero.append(i)
+        else:
+            logs.append(math.log10(abs(v)))
+    return logs, zero, nonfinite
 
 
-def grad_norm_figure(results, path: Path) -> Path:
-    """Per-layer gradient norms on a log scale: one panel per (activation, init), one line per
-    architecture and precision at the grid's greatest depth."""
+def layer_ticks(n: int) -> List[int]:
+    """Integer ticks for layers 1..n: every layer up to ``MAX_LAYER_TICKS``, else every k-th
+    from 1 (and n itself, the output layer)."""
+    step = max(1, math.ceil(n / MAX_LAYER_TICKS))
+    ticks = list(range(1, n + 1, step))
+    if ticks[-1] != n and n - ticks[-1] >= step / 2:
+        ticks.append(n)
+    return ticks
+
+
+def _edge_markers(ax, xs, which, color, size=5):
+    marker, y, _ = EDGE[which]
+    ax.plot(xs, [y] * len(xs), marker, color=color, ms=size, ls="none", clip_on=False,
+            transform=ax.get_xaxis_transform(), zorder=4)
+
+
+def _edge_room(ax, zero: bool, nonfinite: bool, room=0.12):
+    """Widen the y range by ``room`` of it at the bottom (zero markers) or top (inf/NaN), so the
+    edge markers sit apart from the lines."""
+    lo, hi = ax.get_ylim()
+    span = hi - lo
+    ax.set_ylim(lo - room * span if zero else lo, hi + room * span if nonfinite else hi)
+
+
+def _order(values):
+    """Unique values in the order they first appear."""
+    return list(dict.fromkeys(values))
+
+
+# --- the study's per-layer gradient norms -------------------------------------------------
+
+def grad_norm_panels(results) -> dict:
+    """What ``grad_norm_figure`` draws: the greatest depth of the grid, the activations (rows),
+    the inits (columns), and per panel (activation, init) the series of that depth, each
+    ``{"arch", "precision", "verdict", "layers" (1-based), "logs", "zero", "nonfinite"}`` with
+    ``zero``/``nonfinite`` the layers marked on the bottom/top edge."""
     depth = max(r.depth for r in results)
-    acts = sorted({r.activation for r in results}, key=[r.activation for r in results].index)
-    inits = sorted({r.init for r in results}, key=[r.init for r in results].index)
+    acts = _order(r.activation for r in results)
+    inits = _order(r.init for r in results)
+    panels: Dict[tuple, list] = {(a, i): [] for a in acts for i in inits}
+    for r in results:
+        if r.depth != depth:
+            continue
+        logs, zero, nonfinite = split_profile(r.grad_norms)
+        panels[(r.activation, r.init)].append({
+            "arch": r.arch, "precision": r.precision, "verdict": r.verdict,
+            "layers": list(range(1, len(logs) + 1)), "logs": logs,
+            "zero": [i + 1 for i in zero], "nonfinite": [i + 1 for i in nonfinite]})
+    return {"depth": depth, "activations": acts, "inits": inits, "panels": panels}
+
+
+def grad_norm_legend(data) -> List[dict]:
+    """The legend entries of ``grad_norm_figure``, one per thing drawn and only for those:
+    architectures (line style), verdicts (color), precisions (line width), and the edge
+    markers. Each entry: ``{"label", "ls", "color", "lw", "marker"}``."""
+    series = [s for panel in data["panels"].values() for s in panel]
+    drawn = lambda s: any(v == v for v in s["logs"])                       # noqa: E731
+    archs = _order(s["arch"] for s in series if drawn(s))
+    verdicts = [v for v in VERDICT_COLORS if any(s["verdict"] == v for s in series)]
+    precisions = _order(s["precision"] for s in series if drawn(s))
+    entries = [{"label": a, "ls": ARCH_STYLES[a], "color": "gray", "lw": 1.2, "marker": None}
+               for a in ARCH_STYLES if a in archs]
+    entries += [{"label": v, "ls": "-", "color": VERDICT_COLORS[v], "lw": 1.2, "marker": None}
+                for v in verdicts]
+    if len(precisions) > 1:
+        entries += [{"label": p, "ls": "-", "color": "gray", "marker": None,
+                     "lw": PRECISION_STYLE["float64" if p == "float64" else "low"]["lw"]}
+                    for p in precisions]
+    for which in ("zero", "nonfinite"):
+        if any(s[which] for s in series):
+            marker, _, label = EDGE[which]
+            entries.append({"label": label, "ls": "none", "color": "gray", "lw": 0,
+                            "marker": marker})
+    return entries
+
+
+def _legend_handles(entries):
+    return [plt.Line2D([], [], ls=e["ls"], color=e["color"], lw=e["lw"], marker=e["marker"],
+                       label=e["label"]) for e in entries]
+
+
+def draw_grad_norms(results):
+    """The figure of ``grad_norm_figure`` (a matplotlib Figure, not saved)."""
+    data = grad_norm_panels(results)
+    acts, inits, depth = data["activations"], data["inits"], data["depth"]
     fig, axes = plt.subplots(len(acts), len(inits), figsize=(2.6 * len(inits), 2.1 * len(acts)),
                              sharex=True, squeeze=False)
+    n_layers = max((len(s["layers"]) for p in data["panels"].values() for s in p), default=1)
+    low = sorted({s["precision"] for p in data["panels"].values() for s in p} - {"float64"})
     for i, act in enumerate(acts):
         for j, init in enumerate(inits):
             ax = axes[i][j]
-            for r in results:
-                if (r.activation, r.init, r.depth) != (act, init, depth):
-                    continue
-                color = VERDICT_COLORS[r.verdict]
-                ax.plot(range(1, len(r.grad_norms) + 1), _log_profile(r.grad_norms),
-                        ARCH_STYLES[r.arch], color=color, lw=1.2 if r.precision == "float64" else 0.7,
-                        alpha=1.0 if r.precision == "float64" else 0.6,
-                        label=f"{r.arch} {r.precision}")
+            for s in data["panels"][(act, init)]:
+                color = VERDICT_COLORS[s["verdict"]]
+                style = PRECISION_STYLE["float64" if s["precision"] == "float64" else "low"]
+                ax.plot(s["layers"], s["logs"], ARCH_STYLES[s["arch"]], color=color, **style)
+                for which in ("zero", "nonfinite"):
+                    if s[which]:
+                        _edge_markers(ax, s[which], which, color)
             ax.axhspan(-6, 3, color="#eeeeee", zorder=0)
+            panel = data["panels"][(act, init)]
+            _edge_room(ax, any(s["zero"] for s in panel), any(s["nonfinite"] for s in panel))
+            ax.set_xticks(layer_ticks(n_layers))
+            ax.set_xlim(0.5, n_layers + 0.5)
             if i == 0:
                 ax.set_title(init, fontsize=9)
             if j == 0:
@@ -55,16 +164,27 @@ def grad_norm_figure(results, path: Path) -> Path:
             if i == len(acts) - 1:
                 ax.set_xlabel("layer (input → output)", fontsize=8)
             ax.tick_params(labelsize=7)
-    handles = [plt.Line2D([], [], ls=s, color="gray", label=a) for a, s in ARCH_STYLES.items()]
-    handles += [plt.Line2D([], [], color=c, label=v) for v, c in VERDICT_COLORS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(f"Per-layer gradient norms at depth {depth} (grey band: [1e-6, 1e3]; thin lines "
-                 f"fp16)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    entries = grad_norm_legend(data)
+    fig.legend(handles=_legend_handles(entries), loc="lower center", ncol=len(entries),
+               fontsize=8, frameon=False, handlelength=2.5, columnspacing=1.2)
+    lows = " and ".join(low)
+    fig.suptitle(f"Per-layer gradient norms at depth {depth} (grey band: [1e-6, 1e3]; wide pale "
+                 f"lines float64" + (f", narrow dark lines {lows}" if low else "") + ")",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.035, 1, 0.97))
+    return fig
+
+
+def grad_norm_figure(results, path: Path) -> Path:
+    """Per-layer gradient norms on a log scale: one panel per (activation, init), one line per
+    architecture and precision at the grid's greatest depth."""
+    fig = draw_grad_norms(results)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
+
+# --- verdicts -------------------------------------------------------------------------------
 
 def verdict_heatmap(results, path: Path) -> Path:
     """The verdict of every configuration: rows activation × init, columns arch × precision ×
@@ -93,31 +213,87 @@ def verdict_heatmap(results, path: Path) -> Path:
     return path
 
 
-def fp16_map(results, path: Path) -> Path:
-    """Per-layer fp16 underflow and overflow fractions (gradients of each weight, and each
-    activation), one row per fp16 configuration at the greatest depth."""
+# --- the fp16 map -----------------------------------------------------------------------------
+
+NO_TENSOR_COLOR, ZERO_COLOR = "#cccccc", "#ffffff"
+# A nonzero fraction, however small (one element of thousands), gets at least this far into the
+# colormap, so that it never looks like the white of "exactly 0".
+LIGHTEST = 0.2
+
+
+def fp16_map_data(results) -> dict:
+    """What ``fp16_map`` draws: one row per fp16 configuration at the greatest depth (label
+    "activation/init/arch"), columns the forward tensors (layer outputs) from column 0 and the
+    backward ones (weight and bias gradients) from column ``n_forward``, so one line separates
+    them in every row. ``under``/``over``: the fraction of each tensor's elements that underflow
+    / overflow (inf or NaN); NaN where a row has no tensor in that column."""
     depth = max(r.depth for r in results)
     chosen = [r for r in results if r.precision == "fp16" and r.depth == depth]
     if not chosen:
         chosen = [r for r in results if r.precision == "fp16"]
-    width = max((len(r.fp16_layers) for r in chosen), default=1)
-    under = np.full((len(chosen), width), np.nan)
-    over = np.full((len(chosen), width), np.nan)
+    forward = lambda r: [t for t in r.fp16_layers if t["kind"] == "activation"]     # noqa: E731
+    backward = lambda r: [t for t in r.fp16_layers if t["kind"] != "activation"]    # noqa: E731
+    n_forward = max((len(forward(r)) for r in chosen), default=0)
+    n_backward = max((len(backward(r)) for r in chosen), default=0)
+    under = np.full((len(chosen), n_forward + n_backward), np.nan)
+    over = np.full_like(under, np.nan)
     for i, r in enumerate(chosen):
-        for j, layer in enumerate(r.fp16_layers):
-            under[i, j], over[i, j] = layer["underflow"], layer["overflow"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, max(3, 0.18 * len(chosen) + 1.5)), sharey=True)
-    for ax, data, title, cmap in ((axes[0], under, "underflow (0 in fp16, not in float64)",
-                                   "Blues"), (axes[1], over, "overflow (inf/NaN in fp16)", "Reds")):
-        im = ax.imshow(data, aspect="auto", cmap=cmap, vmin=0, vmax=1)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("tensor: layer outputs (forward), then weight/bias gradients", fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.04)
-    axes[0].set_yticks(range(len(chosen)), [f"{r.activation}/{r.init}/{r.arch}" for r in chosen],
-                       fontsize=6)
-    fig.suptitle(f"fp16 (autocast, no loss scaling) at depth {depth}: fraction of each tensor",
-                 fontsize=10)
-    fig.tight_layout()
+        for offset, tensors in ((0, forward(r)), (n_forward, backward(r))):
+            for j, t in enumerate(tensors):
+                under[i, offset + j], over[i, offset + j] = t["underflow"], t["overflow"]
+    return {"depth": depth, "labels": [f"{r.activation}/{r.init}/{r.arch}" for r in chosen],
+            "under": under, "over": over, "n_forward": n_forward}
+
+
+def fraction_colormap(name: str):
+    """A matplotlib colormap for a fraction in [0, 1] where 0 is white (``set_under``), any
+    nonzero fraction at least ``LIGHTEST`` into ``name``, and "no tensor" (NaN) grey."""
+    base = plt.get_cmap(name)
+    cmap = ListedColormap(base(np.linspace(LIGHTEST, 1.0, 256)), name=f"{name}-nonzero")
+    return cmap.with_extremes(under=ZERO_COLOR, bad=NO_TENSOR_COLOR)
+
+
+# Fractions below this are drawn as exactly 0 (the white of set_under): smaller than one element
+# of the largest tensor a study net has (10⁶ elements would be far beyond its width 32).
+ZERO_FRACTION = 1e-9
+
+
+def draw_fp16_map(results):
+    data = fp16_map_data(results)
+    labels, n_forward = data["labels"], data["n_forward"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, max(3.5, 0.2 * len(labels) + 2.2)))
+    for ax, grid, title, cmap_name in (
+            (axes[0], data["under"], "underflow: 0 in fp16, not in float64", "Blues"),
+            (axes[1], data["over"], "overflow: inf/NaN in fp16", "Reds")):
+        im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=fraction_colormap(cmap_name),
+                       vmin=ZERO_FRACTION, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=9, pad=16)
+        ax.axvline(n_forward - 0.5, color="black", lw=1.5)
+        above = ax.get_xaxis_transform()             # x in columns, y in axes fractions
+        ax.text(n_forward / 2 - 0.5, 1.004, "forward: layer outputs", ha="center", va="bottom",
+                fontsize=7, transform=above)
+        ax.text(n_forward + (grid.shape[1] - n_forward) / 2 - 0.5, 1.004,
+                "backward: weight and bias gradients", ha="center", va="bottom", fontsize=7,
+                transform=above)
+        ax.set_xlabel("tensor: layer outputs in layer order | gradients, input side first",
+                      fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.04, label="fraction of the tensor's elements")
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=ZERO_COLOR, edgecolor="black", lw=0.5,
+                             label="exactly 0"),
+               plt.Rectangle((0, 0), 1, 1, facecolor=NO_TENSOR_COLOR, label="no such tensor")]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(f"fp16 (autocast, no loss scaling) at depth {data['depth']}: fraction of each "
+                 f"tensor", fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.98))
+    return fig
+
+
+def fp16_map(results, path: Path) -> Path:
+    """Per-layer fp16 underflow and overflow fractions (each layer's output, then the gradients
+    of each weight and bias), one row per fp16 configuration at the greatest depth."""
+    fig = draw_fp16_map(results)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -130,30 +306,95 @@ def study_figures(results, out: Path) -> List[Path]:
             fp16_map(results, out / "fp16_map.png")]
 
 
-def diagnose_figure(d, path) -> Path:
-    """``refnet diagnose --plot``: per layer, the gradient norm in float64 and in the emulated
-    precision (log scale), and the underflow/overflow fraction of each tensor."""
+# --- refnet diagnose --plot ----------------------------------------------------------------
+
+def diagnose_data(d) -> dict:
+    """What ``diagnose_figure`` draws on top: the layers holding parameters (in order), and per
+    parameter kind ("weight", "bias", ...) and run (float64, the emulated precision) one series
+    over those layers: ``{"label", "kind", "run", "logs" (NaN where not drawable or where the
+    layer has no such parameter), "zero", "nonfinite" (layer indices)}``; ``notes``: one line per
+    series with no value the log axis can show."""
+    grads = [t for t in d.tensors if t.kind == "param_grad"]
+    owner = lambda t: t.name.rsplit(".", 1)[0]                              # noqa: E731
+    kind = lambda t: t.name.rsplit(".", 1)[-1]                              # noqa: E731
+    layers = _order(owner(t) for t in grads)
+    series, notes = [], []
+    for k in _order(kind(t) for t in grads):
+        by_layer = {owner(t): t for t in grads if kind(t) == k}
+        for run, attr in (("float64", "norm_float64"), (str(d.precision), "norm")):
+            values = [getattr(by_layer[layer], attr) if layer in by_layer else math.nan
+                      for layer in layers]
+            logs, zero, nonfinite = split_profile(values)
+            nonfinite = [i for i in nonfinite if layers[i] in by_layer]   # absent: not inf/NaN
+            label = f"{k} {run}"
+            series.append({"label": label, "kind": k, "run": run, "logs": logs, "zero": zero,
+                           "nonfinite": nonfinite})
+            if not any(v == v for v in logs):
+                what = ("every one 0 (underflow), on the bottom edge" if not nonfinite else
+                        "every one inf/NaN, on the top edge" if not zero else
+                        "each 0 (bottom edge) or inf/NaN (top edge)")
+                notes.append(f"{label}: no finite nonzero norm ({what})")
+    return {"layers": layers, "series": series, "notes": notes}
+
+
+DIAGNOSE_STYLE = {"weight": ("o", "-"), "bias": ("s", "--")}
+
+
+def draw_diagnose(d):
+    data = diagnose_data(d)
     grads = [t for t in d.tensors if t.kind == "param_grad"]
     acts = [t for t in d.tensors if t.kind == "activation"]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6))
-    x = range(len(grads))
-    top.plot(x, _log_profile([t.norm_float64 for t in grads]), "o-", label="float64", lw=1.2)
-    top.plot(x, _log_profile([t.norm for t in grads]), "s--", label=str(d.precision), lw=1)
-    top.set_xticks(list(x), [t.name for t in grads], rotation=90, fontsize=6)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5))
+    x = list(range(len(data["layers"])))
+    colors = {"float64": "#1565c0"}
+    low_color = "#ef6c00"
+    markers_drawn = set()
+    kinds = _order(s["kind"] for s in data["series"])
+    for s in data["series"]:
+        marker, ls = DIAGNOSE_STYLE.get(s["kind"], ("^", ":"))
+        color = colors.get(s["run"], low_color)
+        wide = s["run"] == "float64"        # wide and pale under the narrow low precision
+        top.plot(x, s["logs"], marker=marker, ls=ls, color=color, label=s["label"],
+                 ms=6 if wide else 3, **PRECISION_STYLE["float64" if wide else "low"])
+        # The edge markers of a layer's weight and bias side by side, not on top of each other.
+        shift = 0.25 * (kinds.index(s["kind"]) - (len(kinds) - 1) / 2)
+        for which in ("zero", "nonfinite"):
+            if s[which]:
+                _edge_markers(top, [i + shift for i in s[which]], which, color, size=6)
+                markers_drawn.add(which)
+    _edge_room(top, "zero" in markers_drawn, "nonfinite" in markers_drawn)
+    top.set_xticks(x, data["layers"], rotation=90, fontsize=6)
+    top.set_xlabel("layer", fontsize=8)
     top.set_ylabel("log10 ‖gradient‖")
-    top.legend(fontsize=8)
-    top.set_title(f"{d.precision}, loss scale {d.loss_scale:g}; first inf/NaN: "
-                  f"{d.first_nonfinite or 'none'}", fontsize=9)
+    handles, _ = top.get_legend_handles_labels()
+    handles += [plt.Line2D([], [], marker=EDGE[w][0], ls="none", color="gray", label=EDGE[w][2])
+                for w in ("zero", "nonfinite") if w in markers_drawn]
+    top.legend(handles=handles, fontsize=7, ncol=2)
+    top.set_title("\n".join([f"{d.precision}, loss scale {d.loss_scale:g}; first inf/NaN: "
+                             f"{d.first_nonfinite or 'none'}"] + data["notes"]), fontsize=8)
     rows = acts + grads
     idx = range(len(rows))
-    bottom.bar(idx, [t.underflow / t.numel for t in rows], color="#2196f3", label="underflow")
+    under = [t.underflow / t.numel for t in rows]
+    bottom.bar(idx, under, color="#2196f3", label="underflow")
     bottom.bar(idx, [(t.overflow + t.nan) / t.numel for t in rows], color="#f44336",
-               bottom=[t.underflow / t.numel for t in rows], label="overflow + NaN")
+               bottom=under, label="overflow + NaN")
+    if acts and grads:
+        bottom.axvline(len(acts) - 0.5, color="black", lw=1)
+        bottom.text(len(acts) - 0.5, 1.02, "forward ← │ → backward ", ha="center",
+                    fontsize=7, transform=bottom.get_xaxis_transform())
     bottom.set_xticks(list(idx), [t.name for t in rows], rotation=90, fontsize=6)
     bottom.set_ylabel("fraction of elements")
     bottom.set_ylim(0, 1)
     bottom.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def diagnose_figure(d, path) -> Path:
+    """``refnet diagnose --plot``: per layer, the gradient norm of its weight and of its bias in
+    float64 and in the emulated precision (log scale; all-zero and inf/NaN tensors on the edges),
+    and the underflow/overflow fraction of each tensor, forward then backward."""
+    fig = draw_diagnose(d)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return Path(path)
