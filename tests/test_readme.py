@@ -89,7 +89,7 @@ def test_the_exit_status_table_has_a_row_for_every_command_and_names_2_and_130()
         assert re.search(rf"^\| `{name}[` ]", table, re.M), f"no exit-status row for {name}"
     flat = _flat(table)
     assert "exits 2 on bad input" in flat
-    assert "130 when interrupted (Ctrl-C), keeping what is done" in flat
+    assert "exits 130 when interrupted (Ctrl-C), keeping what is done" in flat
 
 
 def test_refnet_help_opens_with_a_whole_sentence(capsys):
