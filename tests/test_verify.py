@@ -214,3 +214,24 @@ def test_every_example_spec_passes_verification(example):
     with a projection shortcut) each pass the whole triangle (sigmoid-deep-20: its own test)."""
     report = verify(Model.load(EXAMPLES / example))
     assert report.passed, [t.name for t in report.tensors if not t.passed]
+
+
+def test_a_gradient_that_is_exactly_zero_reports_an_infinite_ulp_bound_instead_of_overflowing():
+    """Found by hypothesis: an exactly-zero gradient (the bias of a conv feeding a LayerNorm
+    without affine) has a subnormal ulp, so its bound counted in ulps exceeds float64's range.
+    verify reports that bound as inf (the element is held to the absolute bound) and passes;
+    before, the division raised an overflow error."""
+    spec = {"input_shape": [1, 2, 3], "seed": 0, "batch": 2, "mode": "eval",
+            "layers": [{"type": "residual", "shortcut": "identity", "scale": 1.0, "body": [
+                {"type": "conv2d", "out_channels": 2, "kernel_size": 1, "padding": "same"},
+                {"type": "batchnorm", "affine": False}, {"type": "elu"},
+                {"type": "dropout", "p": 0.0},
+                {"type": "conv2d", "out_channels": 1, "kernel_size": 1}]},
+                {"type": "flatten"}, {"type": "layernorm", "elementwise_affine": False},
+                {"type": "dense", "out": 3}],
+            "loss": {"type": "bce_with_logits"}}
+    report = verify(Model(spec), directions=1)
+    by_name = {t.name: t for t in report.tensors}
+    assert by_name["0.body.4.bias"].grad_max_abs == 0.0
+    assert by_name["0.body.4.bias"].ulp_bound == float("inf")
+    assert report.passed

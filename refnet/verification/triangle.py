@@ -300,27 +300,34 @@ def _check_tensor(name, f64, bound, rigorous, sigma, exact, mp, problem, loss_mp
         an64 = float(np.sum(f64 * v))
         s64 = float(np.sum(np.abs(f64 * v)))
         if s64 > 0:
-            fd64_rel = max(fd64_rel, abs(fd64 - an64) / s64)
-            fd64_noise = max(fd64_noise, U64 * abs(loss64) / (h64 * s64))
+            # s64 can be subnormal (a gradient that cancels to ~0 along v): the relative error
+            # and the noise then exceed float64's range, and are reported as inf — float64 FD
+            # cannot resolve such a direction at all (the high-precision leg above still does).
+            with np.errstate(over="ignore"):
+                fd64_rel = max(fd64_rel, float(np.float64(abs(fd64 - an64)) / s64))
+                fd64_noise = max(fd64_noise, float(np.float64(U64 * abs(loss64)) / h64 / s64))
         elif fd64 != 0:
             fd64_rel = math.inf
     fd_passed = fd_digits >= required
     ulp_ok = ulp_passed is not False
     exact_abs = np.abs(exact_f)
-    return TensorReport(
-        name=name, shape=list(f64.shape), numel=int(f64.size),
-        grad_norm=float(np.linalg.norm(exact_f)),
-        grad_max_abs=float(exact_abs.max()) if exact_abs.size else 0.0,
-        max_abs_err=float(err.max()) if err.size else 0.0,
-        max_rel_err=float(rel.max()) if rel.size else 0.0,
-        max_ulp=float(ulps[worst]) if ulps.size else 0.0,
-        ulp_bound=float(bound[worst] / ulp[worst]) if ulps.size else 0.0,
-        rigorous_ulp_bound=float(rigorous[worst] / ulp[worst]) if ulps.size else 0.0,
-        bound_use=float(use.max()) if use.size else 0.0,
-        worst_index=[int(i) for i in worst],
-        ulp_passed=ulp_passed, fd_mode=mode, fd_checks=checks, fd_kinks=fd_kinks,
-        fd_digits=float(fd_digits), fd_dps=int(fd_dps), fd64_rel_err=float(fd64_rel),
-        fd64_noise=float(fd64_noise), passed=bool(ulp_ok and fd_passed), kinks=kink_notes)
+    # Where the exact value is ~0 its ulp is subnormal and a bound counted in ulps can exceed
+    # float64's range: it is reported as inf (the element is held to the bound, not to ulps).
+    with np.errstate(over="ignore"):
+        return TensorReport(
+            name=name, shape=list(f64.shape), numel=int(f64.size),
+            grad_norm=float(np.linalg.norm(exact_f)),
+            grad_max_abs=float(exact_abs.max()) if exact_abs.size else 0.0,
+            max_abs_err=float(err.max()) if err.size else 0.0,
+            max_rel_err=float(rel.max()) if rel.size else 0.0,
+            max_ulp=float(ulps[worst]) if ulps.size else 0.0,
+            ulp_bound=float(bound[worst] / ulp[worst]) if ulps.size else 0.0,
+            rigorous_ulp_bound=float(rigorous[worst] / ulp[worst]) if ulps.size else 0.0,
+            bound_use=float(use.max()) if use.size else 0.0,
+            worst_index=[int(i) for i in worst],
+            ulp_passed=ulp_passed, fd_mode=mode, fd_checks=checks, fd_kinks=fd_kinks,
+            fd_digits=float(fd_digits), fd_dps=int(fd_dps), fd64_rel_err=float(fd64_rel),
+            fd64_noise=float(fd64_noise), passed=bool(ulp_ok and fd_passed), kinks=kink_notes)
 
 
 def _fd_check(problem, name, base, v, analytic, scale, loss_mp, base_signatures):
