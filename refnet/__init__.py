@@ -20,8 +20,18 @@ __version__ = "0.1.0"
 from .init import calculate_gain, initialize
 from .lowp import Diagnosis, GradScaler, Precision, diagnose
 from .model import Model
-from .numerics import (BOUND, FLOAT32, FLOAT64, BoundArray, BoundBackend, IntervalBackend,
-                       MPBackend, NumpyBackend, get_backend, round_to)
+from .numerics import (
+                       BOUND,
+                       FLOAT32,
+                       FLOAT64,
+                       BoundArray,
+                       BoundBackend,
+                       IntervalBackend,
+                       MPBackend,
+                       NumpyBackend,
+                       get_backend,
+                       round_to,
+)
 from .study import run_study
 from .training import clip_grad_norm, clip_grad_value, make_optimizer, train
 from .verification import Certificate, Report, TensorReport, certify, spot_check, verify

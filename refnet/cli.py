@@ -30,8 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .io import (check_input_dir, check_output_dir, check_output_file, load_data, load_params,
-                 save_gradients)
+from .io import (
+    check_input_dir,
+    check_output_dir,
+    check_output_file,
+    load_data,
+    load_params,
+    save_gradients,
+)
 from .model import Model
 from .numerics.backend import get_backend
 from .numerics.errorbound import LAMBDA
@@ -249,6 +255,7 @@ def cmd_verify(args) -> int:
     model, params, x, y = _inputs(args)
     if args.certify:
         from dataclasses import asdict
+
         from .verification.certify import certify, format_certificate
         c = certify(model, params, x, y, prec=args.prec, train=_train(args))
         if args.json:
@@ -295,9 +302,10 @@ def cmd_grads(args) -> int:
 
 def cmd_train(args) -> int:
     import copy
+
     from .io import save_params
-    from .training.optim import make_optimizer
     from .training.loop import train
+    from .training.optim import make_optimizer
     _check_train(args)
     model = Model.load(args.spec)
     if args.l1 is not None or args.l2 is not None:
@@ -312,8 +320,8 @@ def cmd_train(args) -> int:
     optimizer = make_optimizer(args.optimizer, args.lr, **options)
     precision = scaler = None
     if args.precision != "float64":
-        from .lowp.gradscaler import GradScaler
         from .lowp.emulation import Precision
+        from .lowp.gradscaler import GradScaler
         precision = Precision(args.precision, args.policy)
         if args.loss_scale == "dynamic":
             scaler = GradScaler()
@@ -478,6 +486,7 @@ def cmd_vectors(args) -> int:
 
 def cmd_conformance(args) -> int:
     from dataclasses import asdict
+
     from .interop.conformance import conformance, format_results
     check_input_dir(args.dir, "--dir")
     results = conformance(args.dir, args.framework, args.dtype)
@@ -499,6 +508,7 @@ def cmd_presets(args) -> int:
 
 def cmd_study(args) -> int:
     from pathlib import Path
+
     from .study.grid import format_table, run_study, summary
     check_output_dir(args.out, "--out")
     out = Path(args.out)

@@ -99,8 +99,10 @@ def calculate_gain(nonlinearity: str, param: Optional[float] = None) -> float:
         return 3.0 / 4
     if nonlinearity in ("elu", "gelu", "softplus", "scaled_sigmoid"):
         return _second_moment_gain(nonlinearity, None if param is None else float(param))
+    known = _LINEAR_NAMES + ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "selu", "elu",
+                             "gelu", "softplus", "scaled_sigmoid")
     raise ValueError(f"calculate_gain: unknown nonlinearity {nonlinearity!r}; expected one of "
-                     f"{sorted(_LINEAR_NAMES + ('sigmoid', 'tanh', 'relu', 'leaky_relu', 'prelu', 'selu', 'elu', 'gelu', 'softplus', 'scaled_sigmoid'))}")
+                     f"{sorted(known)}")
 
 
 def fans(shape: Tuple[int, ...], where: str = "init") -> Tuple[int, int]:

@@ -20,7 +20,6 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-
 # The first bytes of the files numpy writes: an .npz is a zip archive (numpy.savez), an .npy
 # a single array (numpy.save). Checked before numpy sees the file, so that a file of the wrong
 # kind is named as such rather than reported as whatever numpy's loader trips over (np.load

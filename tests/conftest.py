@@ -33,7 +33,8 @@ def global_mpmath_precision_untouched():
 
 @pytest.fixture(autouse=True)
 def numpy_errors_are_loud():
-    """Inside tests overflow, invalid and divide-by-zero are errors: no silent inf/NaN (underflow is legitimate)."""
+    """Inside tests overflow, invalid and divide-by-zero are errors: no silent inf/NaN
+    (underflow is legitimate)."""
     with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
         yield
 

@@ -42,10 +42,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_dropout_residual import spec_masks                  # noqa: E402
+from test_dropout_residual import spec_masks  # noqa: E402
 
-from refnet import BOUND, FLOAT64, Model, MPBackend          # noqa: E402
-from refnet.verification.triangle import LAMBDA                              # noqa: E402
+from refnet import BOUND, FLOAT64, Model, MPBackend  # noqa: E402
+from refnet.verification.triangle import LAMBDA  # noqa: E402
 
 ACTS = ["relu", "tanh", "sigmoid", "gelu", "selu", "identity", "leaky_relu", "elu", "prelu",
         "softplus"]
@@ -341,6 +341,7 @@ def compare(spec: dict, x=None, y=None, dps: int = 50, with_torch: bool = True,
 def _torch_run(model, spec, params, x, y, train, masks, accurate_forms):
     """torch's float64 loss (with the spec's penalty) and gradients: {"loss", "x", names...}."""
     import torch
+
     from refnet.interop.torch_twin import torch_loss, torch_twin
 
     net = torch_twin(model, params, torch.float64, masks=masks)

@@ -3,9 +3,10 @@
 import mpmath
 import numpy as np
 import pytest
-from hypothesis import assume, given, strategies as st
-
 from conftest import HAVE_TORCH
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
 from refnet import BOUND, FLOAT32, FLOAT64, MPBackend
 from refnet.layers.activations import ACTIVATIONS
 

@@ -3,9 +3,10 @@
 import mpmath
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
-
 from conftest import small_spec
+from hypothesis import given
+from hypothesis import strategies as st
+
 from refnet import BOUND, FLOAT32, FLOAT64, Model, MPBackend, get_backend, verify
 from refnet.layers.activations import ACTIVATIONS
 from refnet.losses import LOSSES

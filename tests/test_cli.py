@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import small_spec
+
 from refnet import FLOAT32, FLOAT64, Model, MPBackend
-from refnet.layers.activations import ACTIVATIONS
 from refnet.cli import main
+from refnet.layers.activations import ACTIVATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 

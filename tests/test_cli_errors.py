@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import small_spec
+
 from refnet import Model
 from refnet.cli import MAX_DPS, MAX_PREC, MIN_DPS, MIN_PREC, main
 

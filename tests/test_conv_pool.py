@@ -2,14 +2,13 @@
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, strategies as st
-
 from conftest import HAVE_TORCH
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
 from refnet import BOUND, FLOAT64, Model, MPBackend, verify
-from refnet.layers.base import ForwardState
 from refnet.layers.conv import Conv2d
 from refnet.layers.pool import AvgPool2d, GlobalAvgPool, MaxPool2d
-
 
 # --- the readable specification: naive loops ---------------------------------------------------
 
@@ -228,9 +227,11 @@ def test_conv_and_pool_gradients_pass_the_verification_triangle(h, w, groups, ke
 
 @pytest.mark.parametrize("config, in_shape, match", [
     ({"out_channels": 4, "kernel_size": 5}, (2, 3, 3), r"kernel \(5x5.*larger than the padded input \(3x3\)"),
-    ({"out_channels": 4, "kernel_size": 3, "groups": 2}, (3, 5, 5), r"groups = 2 must divide both in_channels \(3\)"),
+    ({"out_channels": 4, "kernel_size": 3, "groups": 2}, (3, 5, 5),
+     r"groups = 2 must divide both in_channels \(3\)"),
     ({"out_channels": 3, "kernel_size": 3, "groups": 2}, (4, 5, 5), r"out_channels \(3\)"),
-    ({"out_channels": 4, "kernel_size": 3, "padding": "same", "stride": 2}, (2, 5, 5), "'same' needs stride 1"),
+    ({"out_channels": 4, "kernel_size": 3, "padding": "same", "stride": 2}, (2, 5, 5),
+     "'same' needs stride 1"),
     ({"out_channels": 4}, (2, 5, 5), "needs 'kernel_size'"),
     ({"out_channels": 4, "kernel_size": 3}, (5, 5), r"expects input \(N, C, H, W\)"),
 ])

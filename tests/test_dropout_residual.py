@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import HAVE_TORCH
+
 from refnet import BOUND, FLOAT64, Model, MPBackend, verify
 from refnet.layers.base import ForwardState
 from refnet.layers.dropout import Dropout, Dropout2d

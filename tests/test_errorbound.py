@@ -5,7 +5,8 @@ import operator
 import mpmath
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from refnet import BOUND, BoundArray
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from refnet import FLOAT64
-from refnet.verification.fdsweep import U64, _step, fd_sweep
 from refnet.layers.base import ForwardState
 from refnet.model import Model
+from refnet.verification.fdsweep import U64, _step, fd_sweep
 
 
 def one_at_a_time(model, params, x, y, name, index):

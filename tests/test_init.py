@@ -4,8 +4,8 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import HAVE_TORCH
+
 from refnet.init import INITIALIZERS, calculate_gain, fans, initialize
 
 SHAPE = (64, 48)          # (out, in): fan_in 48, fan_out 64
@@ -92,8 +92,8 @@ def test_calculate_gain_matches_torch_values(key):
 def test_gains_torch_lacks_keep_the_second_moment_like_relus_sqrt2(name):
     """For activations torch has no gain for, g = 1/√E[f(z)²], z ~ N(0,1): then E[(g·f(z))²] = 1,
     which is the property √2 has for relu. Checked by Monte Carlo within 5 standard errors."""
-    from refnet.layers.activations import ACTIVATIONS
     from refnet import FLOAT64
+    from refnet.layers.activations import ACTIVATIONS
     g = calculate_gain(name)
     z = np.random.default_rng(0).standard_normal(200_000)
     layer = ACTIVATIONS[name]({"type": name}, (z.size,), "test")

@@ -1,7 +1,8 @@
 """Every layer type, in every mode, inside the verification triangle (hypothesis over shapes)."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from refnet import Model, verify
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import HAVE_TORCH
+
 from refnet import BOUND, FLOAT64, MPBackend
 from refnet.losses import make_loss
 

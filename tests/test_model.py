@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import small_spec
+
 from refnet import FLOAT64, Model
 
 SPEC = {"input_shape": [6], "seed": 0,

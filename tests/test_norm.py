@@ -7,9 +7,10 @@ could not fail.
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
-
 from conftest import HAVE_TORCH
+from hypothesis import given
+from hypothesis import strategies as st
+
 from refnet import BOUND, FLOAT64, Model, MPBackend, verify
 from refnet.layers.base import ForwardState
 from refnet.layers.norm import BatchNorm, LayerNorm
@@ -180,7 +181,6 @@ def test_batchnorm_fused_backward_equals_the_composition_of_primitives():
         mu = ctx.fsum(xs) / m
         var = ctx.fsum((v - mu) ** 2 for v in xs) / m
         s = ctx.sqrt(var + ctx.mpf(1e-5))
-        xh = [(v - mu) / s for v in xs]
         dxh = [g * ctx.mpf(d) for d in dy[:, c]]
         dvar = ctx.fsum(d * (v - mu) for d, v in zip(dxh, xs)) * (-ctx.mpf(1) / 2) * s ** -3
         dmu = ctx.fsum(-d / s for d in dxh) + dvar * ctx.fsum(-2 * (v - mu) for v in xs) / m

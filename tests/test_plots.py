@@ -11,9 +11,9 @@ pytest.importorskip("matplotlib")
 
 from matplotlib.colors import Normalize, to_rgba  # noqa: E402
 
-from refnet.study import plots  # noqa: E402
 from refnet.lowp.diagnose import Diagnosis, TensorHealth  # noqa: E402
 from refnet.lowp.emulation import Precision  # noqa: E402
+from refnet.study import plots  # noqa: E402
 from refnet.study.grid import Result  # noqa: E402
 
 

@@ -6,16 +6,17 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
-
 from conftest import HAVE_TORCH
-from refnet.numerics.backend import FLOAT64
+from hypothesis import given
+from hypothesis import strategies as st
+
 from refnet.cli import main
 from refnet.lowp.diagnose import diagnose
-from refnet.numerics.formats import round_to
+from refnet.lowp.emulation import Precision, StoredArray, plain, round_float32, run, store
 from refnet.lowp.gradscaler import GradScaler
 from refnet.model import Model
-from refnet.lowp.emulation import Precision, StoredArray, plain, round_float32, run, store
+from refnet.numerics.backend import FLOAT64
+from refnet.numerics.formats import round_to
 
 try:
     import ml_dtypes
@@ -470,8 +471,8 @@ def test_training_loop_with_dynamic_loss_scaling_skips_overflowing_steps():
     """GradScaler in the training loop: an overflowing start (2³⁰ on a net whose logits gradient
     is ~0.1/64·S, > 65504 for S ≳ 2²⁵) is skipped and halved, then training proceeds on the
     float32 master weights."""
-    from refnet.training.optim import make_optimizer
     from refnet.training.loop import train
+    from refnet.training.optim import make_optimizer
     model = mlp([32, 32], 32, "tanh", 0.3)
     result = train(model, None, None, None, make_optimizer("sgd", 0.1), 16,
                    precision=Precision("fp16"), scaler=GradScaler(init_scale=2.0 ** 30))

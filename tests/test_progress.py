@@ -19,15 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import small_spec
+
 from refnet import Model, verify
 from refnet.cli import EXIT_INTERRUPTED, main
 from refnet.io import load_params
-from refnet.training.optim import make_optimizer
-from refnet.progress import (ENV_AFTER, REDRAW_S, SHOW_AFTER_S, SILENT, Interrupted, Reporter,
-                             after_from_env)
+from refnet.progress import (
+    ENV_AFTER,
+    REDRAW_S,
+    SHOW_AFTER_S,
+    SILENT,
+    Interrupted,
+    Reporter,
+    after_from_env,
+)
 from refnet.training.loop import LOG_LINES, train
+from refnet.training.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "spec" / "examples"

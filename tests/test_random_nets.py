@@ -3,10 +3,11 @@ within its bound of the exact values, and torch agrees — on every net the gene
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from conftest import HAVE_TORCH
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from random_nets import check_one, compare, random_data
+
 from refnet import BOUND, FLOAT64, Model
 from refnet.layers.base import ForwardState
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from refnet.study import grid as study
 from refnet.cli import DESCRIPTION, build_parser, main
+from refnet.study import grid as study
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -125,6 +125,7 @@ def test_the_readme_has_python_examples():
 
 def test_the_verify_json_keys_the_readme_lists_are_in_the_report():
     from conftest import small_spec
+
     from refnet import Model, verify
     paragraph = README[README.index("`refnet verify --json`"):]
     paragraph = paragraph[:paragraph.index("\n\n")]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from refnet import BOUND, FLOAT32, FLOAT64, Model, MPBackend, verify
-from refnet.numerics.interval import IntervalBackend
 from refnet.lowp.emulation import Precision, run
+from refnet.numerics.interval import IntervalBackend
 from refnet.regularize import penalty
 
 # A net with a parameter (PReLU's slope) but no dense/conv weight: "weights" selects nothing.

@@ -8,8 +8,16 @@ import struct
 import pytest
 
 from refnet.cli import main
-from refnet.study.grid import (NORM_RANGE, RATIO_RANGE, Config, Progress, judge, measure, run_study,
-                          sparkline)
+from refnet.study.grid import (
+    NORM_RANGE,
+    RATIO_RANGE,
+    Config,
+    Progress,
+    judge,
+    measure,
+    run_study,
+    sparkline,
+)
 
 DEPTH = 12
 

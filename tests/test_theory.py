@@ -9,11 +9,12 @@ from itertools import combinations
 import mpmath
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refnet import FLOAT64, MPBackend
-from refnet.layers.activations import ACTIVATIONS
 from refnet.init import initialize
+from refnet.layers.activations import ACTIVATIONS
 from refnet.layers.base import ForwardState
 from refnet.layers.dropout import Dropout
 from refnet.model import Model
@@ -227,8 +228,8 @@ def test_10_with_constant_init_the_units_of_a_layer_stay_identical_through_train
     """With every weight of the network constant, the units of a hidden layer compute the same
     function and get the same gradient, so after 20 full-batch SGD steps they are still
     identical (to rounding: BLAS may order a row's sum differently, 1e-14 relative)."""
-    from refnet.training.optim import make_optimizer
     from refnet.training.loop import train
+    from refnet.training.optim import make_optimizer
     layers = [{"type": "dense", "out": 6, "init": {"name": "constant", "val": 0.3},
                "bias_init": {"name": "constant", "val": 0.1}}, {"type": "tanh"},
               {"type": "dense", "out": 6, "init": {"name": "constant", "val": -0.2},
@@ -347,7 +348,7 @@ def test_14_with_glorot_init_the_weight_gradients_are_equal_in_size_across_layer
         params, x, _ = model.prepare()
         _, caches = model.net.forward(FLOAT64, params, x, ForwardState(train=False))
         _, grads = model.net.backward(FLOAT64, params, rng.standard_normal((1, n)), caches)
-        per_layer.append([np.sum(grads[f"{l}.weight"] ** 2) for l in range(depth)])
+        per_layer.append([np.sum(grads[f"{k}.weight"] ** 2) for k in range(depth)])
     for column in np.array(per_layer).T:
         mean, band = mean_band(column)
         assert abs(mean - n * n) <= band, (mean, band)

@@ -5,9 +5,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from refnet import BOUND, FLOAT64, Model, MPBackend          # noqa: E402
-from refnet.io import load_params                             # noqa: E402
-from refnet.verification.triangle import LAMBDA                              # noqa: E402
+from refnet import BOUND, FLOAT64, Model, MPBackend  # noqa: E402
+from refnet.io import load_params  # noqa: E402
+from refnet.verification.triangle import LAMBDA  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refnet import FLOAT64, MPBackend, Model, verify
+from refnet import Model, MPBackend, verify
 from refnet.cli import main
-from refnet.training.optim import SGD
 from refnet.regularize import max_norm_constraint
 from refnet.training.loop import train
+from refnet.training.optim import SGD
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "spec" / "examples"
 

@@ -30,8 +30,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import small_spec
+
 from refnet import BOUND, FLOAT64, BoundArray, BoundBackend, Model, MPBackend, verify
 from refnet.numerics.backend import fraction_of
 from refnet.numerics.interval import IntervalBackend

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import HAVE_TORCH
+
 from refnet.cli import main
 from refnet.interop.vectors import Fraction, check, load, round_exact, round_up, write
 

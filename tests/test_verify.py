@@ -6,13 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
-
 from conftest import small_spec
+from hypothesis import given
+from hypothesis import strategies as st
+
 from refnet import FLOAT64, Model, verify
 from refnet.layers.activations import ACTIVATIONS
-from refnet.numerics.backend import NumpyBackend
 from refnet.losses import LOSSES
+from refnet.numerics.backend import NumpyBackend
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "spec" / "examples"
 REQUIRED_DIGITS = 20

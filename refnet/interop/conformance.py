@@ -69,6 +69,7 @@ def compare(name, got, reference: dict, dtype: str) -> TensorResult:
 def run_torch(record: dict, dtype: str):
     """(outputs, grads) of one vector computed by torch on the CPU, as float64 numpy arrays."""
     import torch
+
     from .torch_twin import torch_loss, torch_twin
     tdtype = getattr(torch, dtype)
     model = Model(record["model"])

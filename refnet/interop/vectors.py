@@ -42,10 +42,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..numerics.backend import MPBackend, fraction_of
-from ..numerics.errorbound import BOUND, LAMBDA
 from ..layers.base import ForwardState
 from ..model import Model
+from ..numerics.backend import MPBackend, fraction_of
+from ..numerics.errorbound import BOUND, LAMBDA
 
 FORMAT = "refnet-vectors/1"
 DPS = 50

@@ -36,8 +36,6 @@ SELU's constants are torch's (and the paper's) 32-digit decimals, taken as exact
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .base import Layer, require_number

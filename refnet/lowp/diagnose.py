@@ -37,13 +37,21 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
+from ..layers.base import ForwardState
 from ..numerics.backend import FLOAT64
 from ..numerics.formats import get_format
-from .gradscaler import GradScaler
-from ..layers.base import ForwardState
-from .emulation import (LowPrecisionRun, Precision, check_loss_scale, dtype_name, format_of,
-                        plain, run, store)
 from ..progress import SILENT
+from .emulation import (
+    LowPrecisionRun,
+    Precision,
+    check_loss_scale,
+    dtype_name,
+    format_of,
+    plain,
+    run,
+    store,
+)
+from .gradscaler import GradScaler
 
 PERCENTILES = (50, 90, 99, 100)
 DEFAULT_LR = 0.01

@@ -45,11 +45,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..numerics.backend import FLOAT32, FLOAT64, NumpyBackend, float_constant
-from ..numerics.formats import round_to
 from ..layers.base import ForwardState
 from ..layers.sequential import Container
 from ..losses import SoftmaxCrossEntropy
+from ..numerics.backend import FLOAT32, FLOAT64, NumpyBackend, float_constant
+from ..numerics.formats import round_to
 
 STORAGES = ("fp16", "bf16", "fp8_e5m2", "fp8_e4m3fn", "float32", "float64")
 POLICIES = ("autocast", "half")

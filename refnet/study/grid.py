@@ -55,13 +55,13 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..numerics.backend import FLOAT64
 from ..lowp.diagnose import diagnose, l2_norm
-from ..model import Model
 from ..lowp.emulation import Precision
+from ..model import Model
+from ..numerics.backend import FLOAT64
+from ..progress import SHOW_AFTER_S, SILENT, Interrupted, Reporter
 from ..training.loop import dead_fractions
 from ..verification.triangle import spot_check
-from ..progress import SHOW_AFTER_S, SILENT, Interrupted, Reporter
 
 WIDTH, BATCH, CLASSES = 32, 64, 10
 NORM_RANGE = (1e-6, 1e3)

@@ -26,14 +26,14 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..numerics.backend import FLOAT32, FLOAT64
-from .clip import clip_grad_norm, clip_grad_value, tensor_norm
 from ..layers.base import ForwardState
-from ..model import Model
-from ..lowp.gradscaler import GradScaler
-from .optim import Optimizer
 from ..lowp.emulation import Precision, StorageArithmetic, cast_params, run
+from ..lowp.gradscaler import GradScaler
+from ..model import Model
+from ..numerics.backend import FLOAT32, FLOAT64
 from ..progress import SILENT, Interrupted
+from .clip import clip_grad_norm, clip_grad_value, tensor_norm
+from .optim import Optimizer
 
 DEAD_TYPES = ("relu", "leaky_relu", "prelu")
 LOG_LINES = 20          # progress in a log: about 20 lines per run, not one per step

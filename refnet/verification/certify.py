@@ -28,11 +28,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..layers.base import ForwardState
+from ..model import Model
 from ..numerics.backend import FLOAT64, MPBackend, fraction_of
 from ..numerics.errorbound import BOUND, LAMBDA
 from ..numerics.interval import IntervalBackend
-from ..layers.base import ForwardState
-from ..model import Model
 
 INFLATE_RELATIVE = 2.0 ** -120       # the box around each input and parameter: r = 2⁻¹²⁰|x| +
 INFLATE_ABSOLUTE = 2.0 ** -140       # 2⁻¹⁴⁰ (small against the 1e-25 widths asked of a certificate)

@@ -24,10 +24,10 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from ..numerics.backend import FLOAT64
 from ..layers.base import ForwardState
 from ..layers.sequential import split
 from ..model import Model
+from ..numerics.backend import FLOAT64
 
 U64 = 2.0 ** -53
 CHUNK = 256                     # perturbed copies per stacked batch

@@ -34,10 +34,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..numerics.backend import FLOAT64, MPBackend
-from ..numerics.errorbound import BOUND, LAMBDA
 from ..layers.base import ForwardState
 from ..model import Model
+from ..numerics.backend import FLOAT64, MPBackend
+from ..numerics.errorbound import BOUND, LAMBDA
 from ..progress import SILENT, Interrupted
 
 U64 = 2.0**-53
