@@ -327,13 +327,15 @@ def test_an_unmodeled_torch_cpu_order_is_a_clear_error(order):
 
 def test_the_fused_tail_rounds_once_where_the_unfused_one_rounds_twice():
     """The tail probe by hand: t = 1 + 2^-52 and x = 1 + 2^-27 sum to 2 + 2^-26 + 2^-51 fused
-    and to the tie-to-even 2 + 2^-26 unfused (one ulp apart), and an FMA past the largest double
-    is inf (the model's exact FMA must not raise)."""
+    and to the tie-to-even 2 + 2^-26 unfused (both sums exact in float64 as written; their
+    square roots one ulp apart), and an FMA past the largest double is inf, as in hardware (the
+    model's exact FMA must not raise)."""
     x = tail_probe(4)
-    fused = torch_cpu_norm(x, 2.0, TorchCpuOrder(4, True)) ** 2
-    assert math.sqrt(2 + 2.0 ** -26 + 2.0 ** -51) == math.sqrt(fused)
-    assert math.sqrt(2 + 2.0 ** -26) == torch_cpu_norm(x, 2.0, TorchCpuOrder(4, False))
-    assert torch_cpu_norm(np.full(5, 1e154), 2.0, TorchCpuOrder(4, True)) == math.inf
+    fused, unfused = math.sqrt(2 + 2.0 ** -26 + 2.0 ** -51), math.sqrt(2 + 2.0 ** -26)
+    assert fused == np.nextafter(unfused, np.inf)
+    assert torch_cpu_norm(x, 2.0, TorchCpuOrder(4, True)) == fused
+    assert torch_cpu_norm(x, 2.0, TorchCpuOrder(4, False)) == unfused
+    # 4 lanes hold 1, 0, 0, 0; the tail's 1.5e154² = 2.25e308 overflows only inside the FMA
     assert torch_cpu_norm(np.array([1.0, 0.0, 0.0, 0.0, 1.5e154]), 2.0) == math.inf
 
 
