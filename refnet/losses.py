@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .layers.activations import stable_sigmoid
+from .numerics.backend import scalar_like
 from .validate import finite_float64
 
 REDUCTIONS = ("mean", "sum")
@@ -45,7 +46,8 @@ class Loss:
 
     def _reduce(self, total, count):
         # Divide by the count (not multiply by a rounded 1/count): exact in every backend's sense.
-        return total / count if self.reduction == "mean" else total
+        # scalar_like: a float32 loss stays float32 under numpy 1.x too (see its docstring).
+        return total / scalar_like(total, count) if self.reduction == "mean" else total
 
     def _divisor(self, count):
         return count if self.reduction == "mean" else 1

@@ -29,6 +29,8 @@ from typing import Dict, Iterable
 
 import numpy as np
 
+from .numerics.backend import scalar_like
+
 KEYS = {"l1", "l2", "params"}
 
 
@@ -78,10 +80,12 @@ def penalty(bk, tensors: Dict[str, object], names: Iterable[str], l1: float, l2:
         terms = []
         grad = None
         if l1:
-            terms.append(bk.sum(bk.abs(w)) * l1)
+            s = bk.sum(bk.abs(w))                   # scalar_like: float32 stays float32
+            terms.append(s * scalar_like(s, l1))    # under numpy 1.x too
             grad = bk.where(w > 0, l1, bk.where(w < 0, -l1, 0))
         if l2:
-            terms.append(bk.sum(w * w) * (l2 / 2))          # l2/2 is exact in binary
+            s = bk.sum(w * w)
+            terms.append(s * scalar_like(s, l2 / 2))        # l2/2 is exact in binary
             grad = w * l2 if grad is None else grad + w * l2
         for t in terms:
             total = t if total is None else total + t

@@ -77,6 +77,24 @@ def test_float32_backend_keeps_float32_through_every_layer_and_loss():
             assert all(v.dtype == np.float32 for v in g.params.values()), (activation, loss)
 
 
+def test_float32_backend_keeps_float32_through_the_regularization_penalty():
+    """The loss with an L1 + L2 penalty, and the penalty alone, stay float32. Both are 0-d
+    values times a Python number: numpy 1.x promoted exactly that to float64 (CI runs the
+    suite under numpy 1.26 and 2.x)."""
+    from refnet.regularize import penalty
+    spec = small_spec("tanh", loss="mse")
+    spec["regularization"] = {"l1": 0.01, "l2": 0.1, "params": "all"}
+    model = Model(spec)
+    params, x, y = model.prepare()
+    g = model.loss_and_grads(FLOAT32, params, x, y)
+    assert np.asarray(g.loss).dtype == np.float32
+    assert all(v.dtype == np.float32 for v in g.params.values())
+    w = {k: FLOAT32.asarray(v) for k, v in params.items()}
+    r, grads = penalty(FLOAT32, w, list(w), 0.01, 0.1)
+    assert np.asarray(r).dtype == np.float32
+    assert all(np.asarray(v).dtype == np.float32 for v in grads.values())
+
+
 def test_float32_gradients_are_close_to_float64_at_float32_precision():
     """float32 runs the same code: its gradients agree with float64 to ~1e-5 relative (a
     depth-2 net of width 4: a few dozen roundings of u32 = 6e-8 each, with margin)."""

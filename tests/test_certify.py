@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from refnet.numerics.backend import fraction_of
-from refnet.verification.certify import certify
 from refnet.cli import main
-from refnet.numerics.interval import IntervalBackend
 from refnet.model import Model
+from refnet.numerics.backend import fraction_of
+from refnet.numerics.interval import IntervalBackend
+from refnet.verification.certify import certify
 
 TANH_MLP = {"input_shape": [4], "seed": 0, "batch": 3, "loss": {"type": "softmax_cross_entropy"},
             "layers": [{"type": "dense", "out": 5}, {"type": "tanh"}, {"type": "dense", "out": 5},
@@ -47,6 +47,64 @@ def test_a_relu_input_exactly_at_a_kink_is_not_certifiable_and_not_a_failure(cap
     assert not c.certified and not c.failed
     assert c.straddles == {"layer 1 (relu)": 4}
     assert "not certifiable" in c.status and "layer 1 (relu)" in c.status
+
+
+def test_verify_certify_cli_on_a_kink_reports_not_certifiable_and_exits_0(tmp_path, capsys):
+    """The same kink through the CLI (--data with x = 0): the report, not an error, under any
+    mpmath version (1.4 raises where 1.3 returned None; this once printed an empty error)."""
+    spec = {"input_shape": [3], "seed": 0, "batch": 2, "loss": {"type": "mse"},
+            "layers": [{"type": "dense", "out": 4, "bias_init": "zeros"}, {"type": "relu"},
+                       {"type": "dense", "out": 2}]}
+    path, data = tmp_path / "m.json", tmp_path / "d.npz"
+    path.write_text(json.dumps(spec))
+    np.savez(data, x=np.zeros((2, 3)), y=np.ones((2, 2)))
+    assert main(["verify", str(path), "--certify", "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert "not certifiable" in captured.out and "layer 1 (relu)" in captured.out
+    assert captured.err == ""
+
+
+# Intervals z against 0 and what each operator must answer: (answer, undecidable). Decidable
+# means one answer for every point of z (touching counts: [0, 1] >= 0 holds everywhere, [0, 1] > 0
+# does not); undecidable ones answer the midpoint's side. ±t, t = 2^-100 at 100 bits, puts an
+# endpoint as close to 0 as an endpoint other than 0 itself gets in these tests: apart from 0
+# by t the comparison is decided, across 0 by t it is not.
+T = 2.0 ** -100
+COMPARISONS = [
+    ((-1, 1), {"gt": (False, True), "ge": (True, True), "lt": (False, True), "le": (True, True)}),
+    ((-1, 3), {"gt": (True, True), "ge": (True, True), "lt": (False, True), "le": (False, True)}),
+    ((0, 1), {"gt": (True, True), "ge": (True, False), "lt": (False, False), "le": (False, True)}),
+    ((-1, 0), {"gt": (False, False), "ge": (False, True), "lt": (True, True), "le": (True, False)}),
+    ((T, 1), {"gt": (True, False), "ge": (True, False), "lt": (False, False), "le": (False, False)}),
+    ((-T, 1), {"gt": (True, True), "ge": (True, True), "lt": (False, True), "le": (False, True)}),
+    ((-1, -T), {"gt": (False, False), "ge": (False, False), "lt": (True, False),
+                "le": (True, False)}),
+    ((-1, T), {"gt": (False, True), "ge": (False, True), "lt": (True, True), "le": (True, True)}),
+]
+REFLECTED = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge"}
+
+
+@pytest.mark.parametrize("op", ["gt", "ge", "lt", "le"])
+def test_interval_comparisons_are_decided_exactly_or_take_the_midpoints_side_and_record_it(op):
+    """Every ordering operator, both operand orders (0 < z is z > 0 reflected), against a plain
+    0 and a point interval 0, with straddle recording on and off: decided comparisons answer
+    exactly and record nothing; undecidable ones answer the midpoint's side and record one
+    straddle each, while recording. mpmath 1.3 reports an undecidable comparison as None and
+    1.4 raises ValueError: the backend gives the same answers under both (CI runs this under
+    each)."""
+    import operator
+    ib = IntervalBackend(100)
+    ctx, cmp, reflected = ib.ctx, getattr(operator, op), getattr(operator, REFLECTED[op])
+    for (lo, hi), answers in COMPARISONS:
+        z = ctx.mpf([lo, hi])                          # exact: both endpoints are floats
+        expected, undecidable = answers[op]
+        for recording in (False, True):
+            ib.recording, ib.straddles = recording, {}
+            assert cmp(z, 0) is expected, (op, lo, hi)
+            assert reflected(0, z) is expected, (op, lo, hi)
+            assert cmp(z, ctx.mpf(0)) is expected, (op, lo, hi)
+            counted = 3 if recording and undecidable else 0
+            assert ib.straddles == ({"the loss": counted} if counted else {}), (op, lo, hi)
 
 
 def test_interval_tanh_and_expm1_enclose_the_exact_values():

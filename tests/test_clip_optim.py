@@ -5,12 +5,25 @@ import math
 import mpmath
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
-
 from conftest import HAVE_TORCH, small_spec
+from hypothesis import given
+from hypothesis import strategies as st
+
 from refnet import BOUND, FLOAT64, Model
-from refnet.training.clip import (clip_grad_norm, clip_grad_norm_per_tensor, clip_grad_value,
-                         normalize_grads, scale_by_norm, total_norm)
+from refnet.training.clip import (
+    LANE_PROBE,
+    TORCH_CPU_ORDERS,
+    TorchCpuOrder,
+    clip_grad_norm,
+    clip_grad_norm_per_tensor,
+    clip_grad_value,
+    normalize_grads,
+    probe_torch_cpu_order,
+    scale_by_norm,
+    tail_probe,
+    torch_cpu_norm,
+    total_norm,
+)
 from refnet.training.optim import SGD, Adam, AdamW, make_optimizer
 
 U = 2.0**-53
@@ -20,6 +33,22 @@ def random_grads(seed, scale=1.0, shapes=((3, 4), (4,), (2, 2, 3))):
     rng = np.random.default_rng(seed)
     return {f"{i}.weight": rng.standard_normal(s) * scale * 10.0 ** rng.integers(-3, 3)
             for i, s in enumerate(shapes)}
+
+
+@pytest.fixture(scope="module")
+def torch_order():
+    """The order the installed torch sums float64 2-norms in, probed once per module from two
+    crafted vectors (refnet.training.clip.probe_torch_cpu_order) instead of read from the CPU's name:
+    on x86-64 an AVX-512 CPU runs the same AVX2 kernel as an AVX2 CPU. If torch follows none of
+    the modeled orders, the bit-for-bit tests do not apply on this machine, and say why."""
+    if not HAVE_TORCH:
+        pytest.skip("torch not installed")
+    import torch
+    try:
+        return probe_torch_cpu_order(
+            lambda x: torch.linalg.vector_norm(torch.tensor(x, dtype=torch.float64)).item())
+    except ValueError as e:
+        pytest.skip(f"torch on this machine: {e}")
 
 
 @given(seed=st.integers(0, 10**6), max_norm=st.floats(1e-3, 1e3),
@@ -212,7 +241,7 @@ def test_ten_steps_on_a_small_model_match_torch_optim_float64(case):
 @pytest.mark.torch
 @pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
 @pytest.mark.parametrize("p", [2.0, 1.0, math.inf])
-def test_clipping_matches_torch_bit_for_bit_given_the_same_norm(p):
+def test_clipping_matches_torch_bit_for_bit_given_the_same_norm(p, torch_order):
     """clip_grad_value_ bit for bit; clip_grad_norm_: torch's norm is within a few ulps of the
     correctly rounded one refnet computes by default, given torch's norm the scaling is bit for
     bit, and with reduction="torch_cpu" norm and clipped gradients are bit for bit."""
@@ -228,8 +257,8 @@ def test_clipping_matches_torch_bit_for_bit_given_the_same_norm(p):
     for g, t in zip(same.values(), tensors):
         assert np.array_equal(g, t.grad.numpy())
     # and with torch's own summation order, everything bit for bit
-    lanes = 8 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 4
-    exact_clipped, exact_norm = clip_grad_norm(grads, 0.5, p, reduction="torch_cpu", lanes=lanes)
+    exact_clipped, exact_norm = clip_grad_norm(grads, 0.5, p, reduction="torch_cpu",
+                                               order=torch_order)
     assert exact_norm == torch_norm
     for g, t in zip(exact_clipped.values(), tensors):
         assert np.array_equal(g, t.grad.numpy())
@@ -244,14 +273,81 @@ def test_clipping_matches_torch_bit_for_bit_given_the_same_norm(p):
 @pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
 @given(st.integers(1, 5000), st.floats(-30, 30), st.sampled_from([2.0, 1.0, math.inf]),
        st.integers(0, 2 ** 32 - 1))
-def test_torch_cpu_norm_is_torchs_vector_norm_bit_for_bit(n, log_scale, p, seed):
-    """torch's CPU float64 vector_norm order (4 lanes of x², an FMA tail, on AVX2): bit for bit
-    on any length and scale."""
+def test_torch_cpu_norm_is_torchs_vector_norm_bit_for_bit(torch_order, n, log_scale, p, seed):
+    """In the order the probe finds (4 lanes, fused tail on x86-64 with AVX2 or AVX-512 alike):
+    bit for bit on any length up to 5000 and scales e^±30. Every CPU-dependent choice comes from
+    the probe, none from the CPU's name."""
     import torch
-    from refnet.training.clip import torch_cpu_norm
-    lanes = 8 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 4
     x = np.random.default_rng(seed).standard_normal(n) * math.exp(log_scale)
-    assert torch_cpu_norm(x, p, lanes) == torch.linalg.vector_norm(torch.tensor(x), p).item()
+    assert torch_cpu_norm(x, p, torch_order) == torch.linalg.vector_norm(torch.tensor(x), p).item()
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+def test_torch_cpu_two_norm_is_bit_for_bit_on_long_vectors_with_one_or_two_threads(torch_order):
+    """p = 2 is one kernel call per vector whatever its length (ATen parallelizes this kernel
+    over output elements only), so 100 000 elements agree with 1 and with 2 torch threads; p = 1
+    is only promised up to 32768 elements and is not checked here beyond that."""
+    import torch
+    x = np.random.default_rng(5).standard_normal(100_000)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch_cpu_norm(x, 2.0, torch_order) == \
+                torch.linalg.vector_norm(torch.tensor(x), 2.0).item(), threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_probe_names_every_modeled_order_from_that_orders_own_results():
+    """The probe vectors tell all six modeled orders apart: fed refnet's own model of each order
+    as the norm, the probe names that order (no torch needed: this is the probe's correctness)."""
+    for order in TORCH_CPU_ORDERS:
+        assert probe_torch_cpu_order(lambda x: torch_cpu_norm(x, 2.0, order)) == order
+    results = {(torch_cpu_norm(LANE_PROBE, 2.0, o), torch_cpu_norm(tail_probe(o.lanes), 2.0, o))
+               for o in TORCH_CPU_ORDERS}
+    assert len(results) == len(TORCH_CPU_ORDERS)
+
+
+@pytest.mark.parametrize("probe_name, fused, ulps", [
+    ("lanes", True, 1), ("lanes", True, -1), ("lanes", False, 1), ("lanes", False, -1),
+    ("tail", True, 1), ("tail", False, -1)])
+def test_the_probe_rejects_a_norm_one_ulp_off_any_modeled_order(probe_name, fused, ulps):
+    """A norm that follows a 4-lane order except for one ulp on one probe vector matches no
+    modeled order, and the probe says so (ValueError) instead of naming the nearest: one ulp is
+    the smallest error there is. (On the tail probe the fused and unfused results are one ulp
+    apart, so fused − 1 ulp *is* the unfused order: the probe names it, checked below.)"""
+    order = TorchCpuOrder(4, fused)
+    off = LANE_PROBE if probe_name == "lanes" else tail_probe(4)
+
+    def norm2(x, ulps=ulps):
+        value = torch_cpu_norm(x, 2.0, order)
+        return np.nextafter(value, ulps * np.inf) if np.array_equal(x, off) else value
+    with pytest.raises(ValueError, match="order refnet does not model|neither"):
+        probe_torch_cpu_order(norm2)
+    if probe_name == "tail":
+        assert probe_torch_cpu_order(lambda x: norm2(x, -ulps)) == TorchCpuOrder(4, not fused)
+
+
+@pytest.mark.parametrize("order", [(3, True), (4, 1), (True, True), 4, "x86-64"])
+def test_an_unmodeled_torch_cpu_order_is_a_clear_error(order):
+    with pytest.raises(ValueError, match=r"order must be a TorchCpuOrder\(lanes, fused_tail\)"):
+        clip_grad_norm(random_grads(0), 1.0, reduction="torch_cpu", order=order)
+
+
+def test_the_fused_tail_rounds_once_where_the_unfused_one_rounds_twice():
+    """The tail probe by hand: t = 1 + 2^-52 and x = 1 + 2^-27 sum to 2 + 2^-26 + 2^-51 fused
+    and to the tie-to-even 2 + 2^-26 unfused (both sums exact in float64 as written; their
+    square roots one ulp apart), and an FMA past the largest double is inf, as in hardware (the
+    model's exact FMA must not raise)."""
+    x = tail_probe(4)
+    fused, unfused = math.sqrt(2 + 2.0 ** -26 + 2.0 ** -51), math.sqrt(2 + 2.0 ** -26)
+    assert fused == np.nextafter(unfused, np.inf)
+    assert torch_cpu_norm(x, 2.0, TorchCpuOrder(4, True)) == fused
+    assert torch_cpu_norm(x, 2.0, TorchCpuOrder(4, False)) == unfused
+    # 4 lanes hold 1, 0, 0, 0; the tail's 1.5e154² = 2.25e308 overflows only inside the FMA
+    assert torch_cpu_norm(np.array([1.0, 0.0, 0.0, 0.0, 1.5e154]), 2.0) == math.inf
 
 
 def test_clipping_thresholds_are_kinks_the_verifier_can_compare():

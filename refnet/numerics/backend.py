@@ -55,6 +55,20 @@ def float_constant(value: Constant) -> float:
     return float_constant_and_error(value)[0]
 
 
+def scalar_like(value, number):
+    """``number`` (a Python int or float) converted to ``value``'s dtype where ``value`` is a
+    numpy float scalar or array (the float backends' values); unchanged otherwise (mp, interval).
+
+    Why: a float backend's loss is a 0-d value, and numpy < 2 promotes float32 scalar ⊗ Python
+    number to float64 (value-based casting treats the Python number as float64 when every
+    operand is a scalar), so a float32 run's loss came out float64; numpy >= 2 (NEP 50) converts
+    the Python number to float32 and stays in float32. Converting first gives numpy 2's result
+    under both (a count is exact in float32 below 2^24, as it is under numpy 2)."""
+    if isinstance(value, (np.floating, np.ndarray)) and np.asarray(value).dtype.kind == "f":
+        return np.asarray(value).dtype.type(number)
+    return number
+
+
 @functools.lru_cache(maxsize=None)
 def float_constant_and_error(value: Constant):
     """(the constant rounded to float64, |rounded − exact| as a float). Cached: layers ask for

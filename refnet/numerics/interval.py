@@ -61,9 +61,27 @@ class IntervalBackend:
         backend, cls = self, self.ctx.mpf
         base = {name: getattr(cls, name) for name in ("__gt__", "__ge__", "__lt__", "__le__")}
 
+        def decided(name, a, b):
+            """True or False where mpmath can decide a <op> b; None where it cannot (the
+            intervals overlap); NotImplemented where b is no number mpmath converts.
+
+            mpmath's versions say "cannot decide" differently (libmp.libmpi.mpi_lt/mpi_le, which
+            the four operators call): 1.3 returns None, 1.4 raises a bare ValueError. Both
+            are read here as the one answer None, so that a straddle is recorded and the
+            midpoints decide under either version (tests/test_certify.py checks the operators
+            directly). No other ValueError can come out of these operators: converting b is
+            done inside a bare ``except`` in mpmath, which turns any failure into
+            NotImplemented."""
+            try:
+                return base[name](a, b)
+            except ValueError:            # mpmath >= 1.4: undecidable
+                return None               # (mpmath 1.3 returns None itself)
+
         def make(name):
             def compare(a, b):
-                result = base[name](a, b)
+                result = decided(name, a, b)
+                if result is NotImplemented:
+                    return NotImplemented
                 if result is None:
                     if backend.recording:
                         backend.straddles[backend.current_layer] = \

@@ -17,9 +17,12 @@ The norms are computed accurately by default: |g|^p rounded once each, summed ex
 (math.fsum), one root — within an ulp of the exact norm, for any magnitude. torch reduces in its
 own vectorized order, so its norm differs from the correctly rounded one by an ulp or so in 35 %
 of random vectors (length 3 to 5000). ``reduction="torch_cpu"`` follows torch's CPU order instead
-(see ``torch_cpu_norm``: 4 lanes on AVX2, 8 on AVX512), and then ``clip_grad_norm`` equals
-``torch.nn.utils.clip_grad_norm_`` bit for bit, norm and clipped gradients (a test checks it
-against the installed torch, reading its lane width from ``torch.backends.cpu``).
+(``torch_cpu_norm``), and then ``clip_grad_norm`` equals ``torch.nn.utils.clip_grad_norm_`` bit
+for bit, norm and clipped gradients — for p = 2 and inf on any length, for other p on tensors of
+up to 32768 elements (or with torch on one thread). For p = 2 the order has two parameters, a
+``TorchCpuOrder``: the default, ``TORCH_CPU_X86_64``, is the kernel x86-64 torch runs on AVX2 and
+on AVX-512 CPUs alike; ``probe_torch_cpu_order`` finds, from two crafted vectors, which order an
+installed torch follows, so that nothing has to be read from the CPU.
 
 The clipping threshold is a kink: g' is not differentiable where N = max_norm (or |g| = c).
 """
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Dict, Tuple
+from typing import Dict, NamedTuple, Tuple
 
 import numpy as np
 
@@ -75,24 +78,68 @@ def tensor_norm(g: np.ndarray, p: float) -> float:
         return scale * math.fsum(scaled ** p) ** (1 / p)
 
 
-# torch's CPU kernels for float64 vector_norm, reproduced operation for operation (measured
-# against torch 2.13 on AVX2: 2000 of 2000 random vectors bit for bit for p = 2, 500 of 500 for
-# p = 1; 898 of 900 for p = 3, 1.5, 4, where libm's pow can differ by an ulp):
+# torch's CPU kernel for float64 vector_norm (ATen's norm_kernel_tensor_iterator_impl, in
+# aten/src/ATen/native/cpu/ReduceOpsKernel.cpp), reproduced operation for operation (measured
+# against torch 2.13: 2000 of 2000 random vectors bit for bit for p = 2, 500 of 500 for p = 1;
+# 898 of 900 for p = 3, 1.5, 4, where libm's pow can differ by an ulp):
 #   p = 2:   `lanes` running sums of x² (each square rounded, then added: no FMA), the lanes
-#            added left to right, the n mod lanes tail added with a fused multiply-add, sqrt.
-#            lanes = Vectorized<double>::size(): 4 on AVX2, 8 on AVX512.
-#   p = 1:   |x| summed left to right;  p = inf: max |x|;  other p: |x|^p summed left to right,
-#            then ^(1/p).
-TORCH_CPU_LANES = {"avx2": 4, "avx512": 8}
+#            added left to right, the n mod lanes tail squares added one by one — with a fused
+#            multiply-add where the kernel was compiled with FMA — and a square root. The whole
+#            vector is one call of the kernel (binary_kernel_reduce_lastdim parallelizes over
+#            output elements only), so the thread count does not enter.
+#   p = 1:   |x| summed left to right;  p = inf: max |x| (exact: any order);  other p: |x|^p
+#            summed left to right, then ^(1/p). These go through binary_kernel_reduce, which sums
+#            strictly left to right up to at::internal::GRAIN_SIZE = 32768 elements and beyond
+#            that splits the sum across torch's threads (measured: 100000 elements, 2 threads,
+#            p = 1 and 3 differ on one random vector; 1 thread, equal). refnet does not model that split.
+#
+# Which p = 2 kernel runs. lanes = Vectorized<double>::size() of the compiled kernel: 4 with
+# 256-bit vectors. torch registers this kernel with REGISTER_DISPATCH, which leaves the AVX-512
+# slot empty, and DispatchStub then runs the AVX2 kernel on an AVX-512 CPU: so x86-64 torch uses
+# 4 lanes on AVX2 and AVX-512 CPUs alike (measured, torch 2.13 on an AVX-512 Xeon:
+# get_cpu_capability() says AVX512 and the 4-lane order matches 3000 of 3000 random vectors,
+# also under ATEN_CPU_CAPABILITY=avx2 and =avx512; the 8-lane order matches 2055). The tail is
+# fused in the AVX2 kernel (compiled with FMA) and not in the DEFAULT one (x86-64 without
+# AVX2, or ATEN_CPU_CAPABILITY=default: 4 lanes, unfused tail, measured 3000 of 3000). 2 and 8
+# lanes are the 128- and 512-bit vector widths other builds (aarch64, a kernel registered for
+# AVX-512) would have; they are modeled so that the probe can name them, not measured.
+
+
+class TorchCpuOrder(NamedTuple):
+    """The summation order of torch's CPU float64 2-norm (see the comment above)."""
+    lanes: int              # running sums of x²: Vectorized<double>::size() of the kernel
+    fused_tail: bool        # the n mod lanes last squares added with a fused multiply-add
+
+
+TORCH_CPU_X86_64 = TorchCpuOrder(lanes=4, fused_tail=True)     # AVX2 and AVX-512 CPUs
+TORCH_CPU_LANES = (2, 4, 8)                                    # 128-, 256-, 512-bit vectors
+TORCH_CPU_ORDERS = tuple(TorchCpuOrder(lanes, fused) for lanes in TORCH_CPU_LANES
+                         for fused in (True, False))
+
+
+def _check_order(order) -> TorchCpuOrder:
+    if not (isinstance(order, tuple) and len(order) == 2 and order[0] in TORCH_CPU_LANES
+            and not isinstance(order[0], bool) and isinstance(order[1], bool)):
+        raise ValueError(f"clip: order must be a TorchCpuOrder(lanes, fused_tail) with lanes one "
+                         f"of {list(TORCH_CPU_LANES)} and fused_tail a bool, got {order!r}")
+    return TorchCpuOrder(*order)
 
 
 def _fma(a: float, b: float, c: float) -> float:
-    """a·b + c rounded once (math.fma arrived only in Python 3.13)."""
-    return float(Fraction(a) * Fraction(b) + Fraction(c))
+    """a·b + c rounded once (math.fma arrived only in Python 3.13); finite a, b, c."""
+    exact = Fraction(a) * Fraction(b) + Fraction(c)
+    try:
+        return float(exact)              # int / int: correctly rounded, subnormals included
+    except OverflowError:                # beyond the largest double: ±inf, as the FMA rounds
+        return math.inf if exact > 0 else -math.inf
 
 
-def torch_cpu_norm(g: np.ndarray, p: float, lanes: int = 4) -> float:
-    """``torch.linalg.vector_norm(g, p)`` of a contiguous float64 CPU tensor, bit for bit."""
+def torch_cpu_norm(g: np.ndarray, p: float, order: TorchCpuOrder = TORCH_CPU_X86_64) -> float:
+    """``torch.linalg.vector_norm(g, p)`` of a contiguous float64 CPU tensor, bit for bit: for
+    p = 2 when torch's kernel follows ``order`` (``TORCH_CPU_X86_64`` on x86-64;
+    ``probe_torch_cpu_order`` tells), for p = inf always, for other p up to 32768 elements (or
+    with torch on one thread)."""
+    lanes, fused_tail = _check_order(order)
     a = np.asarray(g, dtype=np.float64).ravel()
     if a.size == 0:
         return 0.0
@@ -111,26 +158,75 @@ def torch_cpu_norm(g: np.ndarray, p: float, lanes: int = 4) -> float:
             for j in range(1, lanes):
                 total = total + float(acc[j])
             for x in a[full:]:
-                total = _fma(float(x), float(x), total) if math.isfinite(total) and \
-                    math.isfinite(x) else total + float(x) * float(x)
+                x = float(x)
+                # Fraction has no inf or NaN: where they occur the fused and the unfused sum
+                # agree (inf, or NaN), so the unfused one stands in.
+                fusable = fused_tail and math.isfinite(total) and math.isfinite(x)
+                total = _fma(x, x, total) if fusable else total + x * x
             return math.sqrt(total)
         return float(np.cumsum(np.abs(a) ** p)[-1] ** (1.0 / p))
 
 
-def total_norm(grads: Grads, norm_type=2.0, reduction: str = "exact", lanes: int = 4) -> float:
+# The probe's two vectors. Every square in them is exact, so only the order of the additions
+# (and the one FMA) shapes the result; the expected result of each order is worked out here.
+#
+# Lanes: one 2^27 (square 2^54, whose ulp is 4) and 4095 ones (n = 4096: no tail for any lane
+# count). In lane 0 each 1 added to 2^54 is below half an ulp and is lost; every other lane
+# sums its 4096/L ones exactly, and adding those sums to 2^54 is exact: the result is
+# sqrt(2^54 + 4096 − 4096/L) — 2^54 + 2048, + 3072, + 3584 under the root for L = 2, 4, 8,
+# square roots 2^27·(1 + 2^-45·k) apart by hundreds of ulps.
+LANE_PROBE = np.concatenate([[2.0 ** 27], np.ones(4095)])
+
+
+def tail_probe(lanes: int) -> np.ndarray:
+    """[1, 2^-26, 0, ..., 0 | 1 + 2^-27]: `lanes` elements, then a tail of one.
+
+    The lanes sum to t = 1 + 2^-52 exactly. The tail's x² = 1 + 2^-26 + 2^-54 rounds to 1 + 2^-26,
+    and t + that = 2 + 2^-26 + 2^-52 lies exactly halfway between two doubles (the ulp in [2, 4)
+    is 2^-51): unfused, the tie goes to the even 2 + 2^-26; fused, the 2^-54 breaks the tie and
+    the sum is 2 + 2^-26 + 2^-51. Their square roots differ by an ulp (math.sqrt is correctly
+    rounded; ``tests/test_clip_optim.py`` checks that every modeled order gives its own answer)."""
+    return np.concatenate([[1.0, 2.0 ** -26], np.zeros(lanes - 2), [1.0 + 2.0 ** -27]])
+
+
+def probe_torch_cpu_order(norm2) -> TorchCpuOrder:
+    """The ``TorchCpuOrder`` that an implementation of the float64 2-norm follows, from its
+    results on ``LANE_PROBE`` and ``tail_probe(lanes)``: ``norm2`` maps a 1-D float64 array to
+    a float, e.g. ``lambda x: torch.linalg.vector_norm(torch.tensor(x)).item()`` (refnet does
+    not import torch). Raises ValueError naming what was found when no modeled order gives the
+    same results — torch then sums in an order refnet does not reproduce. The answer is a
+    property of the installed torch on this machine: call this once and keep it."""
+    got = float(norm2(LANE_PROBE.copy()))
+    lanes = [n for n in TORCH_CPU_LANES
+             if torch_cpu_norm(LANE_PROBE, 2, TorchCpuOrder(n, True)) == got]
+    if len(lanes) != 1:
+        raise ValueError(f"clip: the 2-norm probed sums in an order refnet does not model: on "
+                         f"LANE_PROBE it gives {got!r}, {lanes or 'no'} lane count(s) of "
+                         f"{list(TORCH_CPU_LANES)} give that")
+    probe = tail_probe(lanes[0])
+    got = float(norm2(probe.copy()))
+    fused = [f for f in (True, False)
+             if torch_cpu_norm(probe, 2, TorchCpuOrder(lanes[0], f)) == got]
+    if len(fused) != 1:
+        raise ValueError(f"clip: the 2-norm probed sums {lanes[0]} lanes, but its tail neither "
+                         f"as refnet's fused nor as its unfused order: tail_probe({lanes[0]}) "
+                         f"gives {got!r}")
+    return TorchCpuOrder(lanes[0], fused[0])
+
+
+def total_norm(grads: Grads, norm_type=2.0, reduction: str = "exact",
+               order: TorchCpuOrder = TORCH_CPU_X86_64) -> float:
     """The norm of the vector of per-tensor norms (torch's definition of the global norm).
 
     ``reduction="exact"``: every norm within an ulp of the exact one (``tensor_norm``);
-    ``"torch_cpu"``: torch's CPU summation order (``torch_cpu_norm``, ``lanes`` 4 for AVX2 or 8
-    for AVX512), so that clipping equals ``clip_grad_norm_`` bit for bit."""
+    ``"torch_cpu"``: torch's CPU summation order (``torch_cpu_norm`` with ``order``), so that
+    clipping equals ``clip_grad_norm_`` bit for bit (``order`` is ignored for ``"exact"``)."""
     p = _check_norm_type(norm_type)
     if reduction == "exact":
         norm = lambda v: tensor_norm(v, p)                      # noqa: E731
     elif reduction == "torch_cpu":
-        if lanes not in TORCH_CPU_LANES.values():
-            raise ValueError(f"clip: lanes must be one of {sorted(TORCH_CPU_LANES.values())} "
-                             f"(AVX2, AVX512), got {lanes!r}")
-        norm = lambda v: torch_cpu_norm(v, p, lanes)            # noqa: E731
+        order = _check_order(order)
+        norm = lambda v: torch_cpu_norm(v, p, order)            # noqa: E731
     else:
         raise ValueError(f"clip: reduction must be 'exact' or 'torch_cpu', got {reduction!r}")
     norms = np.array([norm(g) for g in grads.values()])
@@ -169,13 +265,14 @@ def scale_by_norm(grads: Grads, norm: float, max_norm: float) -> Grads:
 
 
 def clip_grad_norm(grads: Grads, max_norm, norm_type=2.0, error_if_nonfinite: bool = False,
-                   reduction: str = "exact", lanes: int = 4) -> Tuple[Grads, float]:
+                   reduction: str = "exact",
+                   order: TorchCpuOrder = TORCH_CPU_X86_64) -> Tuple[Grads, float]:
     """Scale all gradients together so that their global norm is at most ``max_norm``.
 
-    Returns (clipped gradients, the total norm *before* clipping). ``reduction``/``lanes``: see
+    Returns (clipped gradients, the total norm *before* clipping). ``reduction``/``order``: see
     ``total_norm`` (``"torch_cpu"`` reproduces torch's clip_grad_norm_ bit for bit)."""
     max_norm = _check_threshold("max_norm", max_norm)
-    norm = total_norm(grads, norm_type, reduction, lanes)
+    norm = total_norm(grads, norm_type, reduction, order)
     if error_if_nonfinite and not math.isfinite(norm):
         raise ValueError(f"clip: the total norm of order {norm_type} of the gradients is "
                          f"{norm}, so clipping is undefined (error_if_nonfinite=True)")
