@@ -1,5 +1,6 @@
 """Shared test set-up: hypothesis profiles, and the no-global-state guard around every test."""
 
+import json
 import os
 
 import mpmath
@@ -50,3 +51,12 @@ def small_spec(activation="tanh", loss="mse", widths=(4,), in_dim=3, out_dim=2, 
     layers.append({"type": "dense", "out": out_dim, "init": init})
     return {"input_shape": [in_dim], "seed": seed, "batch": batch, "layers": layers,
             "loss": {"type": loss}}
+
+
+@pytest.fixture
+def spec_file(tmp_path):
+    """A small tanh MLP with cross-entropy, written as a model spec file (for the CLI tests)."""
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(small_spec("tanh", loss="softmax_cross_entropy", widths=(4,),
+                                          out_dim=3)))
+    return path

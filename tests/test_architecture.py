@@ -19,27 +19,24 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "refnet"
 
 
-def floors_from_pyproject() -> List[List[str]]:
-    """The `layers` contract's floors, top first; each floor a list of sibling packages."""
-    text = (ROOT / "pyproject.toml").read_text()
+def contracts_from_pyproject() -> List[dict]:
+    """pyproject.toml's import-linter contracts."""
     try:
         import tomllib
     except ImportError:                       # Python 3.10
         tomllib = pytest.importorskip("tomli")
-    contracts = tomllib.loads(text)["tool"]["importlinter"]["contracts"]
-    layers = next(c["layers"] for c in contracts if c["type"] == "layers")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+
+
+def floors_from_pyproject() -> List[List[str]]:
+    """The `layers` contract's floors, top first; each floor a list of sibling packages."""
+    layers = next(c["layers"] for c in contracts_from_pyproject() if c["type"] == "layers")
     return [[name.strip() for name in re.split(r"[|:]", floor)] for floor in layers]
 
 
 def independent_from_pyproject() -> List[List[str]]:
     """The module groups of the `independence` contracts: no member imports another."""
-    text = (ROOT / "pyproject.toml").read_text()
-    try:
-        import tomllib
-    except ImportError:                       # Python 3.10
-        tomllib = pytest.importorskip("tomli")
-    contracts = tomllib.loads(text)["tool"]["importlinter"]["contracts"]
-    return [c["modules"] for c in contracts if c["type"] == "independence"]
+    return [c["modules"] for c in contracts_from_pyproject() if c["type"] == "independence"]
 
 
 def crossings(graph, groups) -> List[str]:

@@ -7,21 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import small_spec
 
 from refnet import FLOAT32, FLOAT64, Model, MPBackend
 from refnet.cli import main
 from refnet.layers.activations import ACTIVATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def spec_file(tmp_path):
-    path = tmp_path / "model.json"
-    path.write_text(json.dumps(small_spec("tanh", loss="softmax_cross_entropy", widths=(4,),
-                                          out_dim=3)))
-    return path
 
 
 def test_verify_prints_a_table_and_exits_0_when_every_check_passes(spec_file, capsys):

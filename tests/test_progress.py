@@ -92,14 +92,6 @@ def assert_one_line_no_traceback(err, start):
 
 
 @pytest.fixture
-def spec_file(tmp_path):
-    path = tmp_path / "model.json"
-    path.write_text(json.dumps(small_spec("tanh", loss="softmax_cross_entropy", widths=(4,),
-                                          out_dim=3)))
-    return path
-
-
-@pytest.fixture
 def quiet(monkeypatch):
     """No progress at all: stderr holds only what a command says on purpose."""
     monkeypatch.setenv(ENV_AFTER, "inf")
