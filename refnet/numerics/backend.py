@@ -185,7 +185,7 @@ class MPBackend:
         self.ctx = _mp_context(self.dps)
         self.name = f"mp{self.dps}"
         ctx = self.ctx
-        mpf_type = type(ctx.mpf(0))
+        mpf_type = self._mpf_type = type(ctx.mpf(0))
         # Elements already of this context pass through untouched; others are converted.
         self._mpf = np.frompyfunc(lambda x: x if type(x) is mpf_type else ctx.mpf(x), 1, 1)
         self._to_float = np.frompyfunc(float, 1, 1)
@@ -257,15 +257,44 @@ class MPBackend:
         return np.asarray(np.abs(x), dtype=object)
 
     def maximum(self, a, b):
-        return self.where(np.asarray(a >= b, dtype=bool), a, b)
+        at_least = self._at_least_zero(a) if _is_zero_scalar(b) else None
+        if at_least is None:
+            at_least = np.asarray(a >= b, dtype=bool)
+        return self.where(at_least, a, b)
 
     def minimum(self, a, b):
         return self.where(np.asarray(a <= b, dtype=bool), a, b)
 
+    def _at_least_zero(self, a):
+        """``a >= 0`` elementwise read off the mpf tuples (relu's maximum(z, 0)), the same
+        booleans as mpmath's comparison: True for zero, positive numbers and +inf; False for
+        negative numbers, -inf and NaN (mpmath's NaN has bc = -1). 20x faster than comparing
+        mpf objects; None unless every element is an mpf of this context."""
+        if not isinstance(a, np.ndarray) or a.dtype != object or not self._all_mine(a):
+            return None
+        tuples = [x._mpf_ for x in a.flat]
+        sign = np.fromiter([t[0] for t in tuples], dtype=bool, count=len(tuples))
+        nan = np.fromiter([t[3] == -1 for t in tuples], dtype=bool, count=len(tuples))
+        return (~sign & ~nan).reshape(a.shape)
+
+    def _all_mine(self, a):
+        mine = self._mpf_type
+        return all(type(x) is mine for x in a.flat)
+
+    def _operand(self, x):
+        """x with every element an mpf of this context: a scalar converted once, an object
+        array of this context's mpf passed as it is (no per-element call), anything else
+        through ``asarray``."""
+        if isinstance(x, np.ndarray) and x.dtype == object and self._all_mine(x):
+            return x
+        return self.asarray(np.asarray(x))
+
     def where(self, cond, a, b):
-        # Python scalars (0, 1) become mpf so that every element stays an mpf of this context.
-        out = np.where(np.asarray(cond, dtype=bool), a, b)
-        return self.asarray(out)
+        # Python scalars (0, 1, -inf) become mpf once, so that every element is an mpf of this
+        # context; operands that already are pass untouched (a per-element conversion call
+        # cost a third of a LeNet-5 gradient).
+        out = np.where(np.asarray(cond, dtype=bool), self._operand(a), self._operand(b))
+        return np.asarray(out, dtype=object)
 
     # reductions and products -------------------------------------------------------------
     def matmul(self, a, b):
@@ -363,6 +392,11 @@ class MPBackend:
 
     def argmax(self, a, axis):
         return np.argmax(a, axis=axis)
+
+
+def _is_zero_scalar(x) -> bool:
+    return (isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+            and x == 0)
 
 
 @contextlib.contextmanager

@@ -164,12 +164,22 @@ def decompose(a: np.ndarray) -> "Decomposed | None":
         mans = np.fromiter(map(float, mans), dtype=np.float64, count=n)
         return Decomposed(shape, low, span, negative, mans=mans, shifts=shifts)
     nbytes = max(1, -(-span // 8))
-    shifts = shifts.tolist()
+    # Only the nonzero elements are shifted and written (im2col padding, col2im and max-pool
+    # backward arrays are mostly zeros); the others stay zero bytes.
+    where = np.flatnonzero(nonzero.ravel())
+    mans = [mans[i] for i in where.tolist()] if where.size < n else mans
+    shifts = shifts[where].tolist()
     try:                                        # gmpy2 >= 2.2 mpz and Python int: to_bytes
-        raw = b"".join([(m << d).to_bytes(nbytes, "little") for m, d in zip(mans, shifts)])
+        packed = b"".join([(m << d).to_bytes(nbytes, "little") for m, d in zip(mans, shifts)])
     except AttributeError:                      # an older gmpy2 mpz
-        raw = b"".join([(int(m) << d).to_bytes(nbytes, "little")
-                        for m, d in zip(mans, shifts)])
+        packed = b"".join([(int(m) << d).to_bytes(nbytes, "little")
+                           for m, d in zip(mans, shifts)])
+    if where.size == n:
+        raw = packed
+    else:
+        data = np.zeros((n, nbytes), dtype=np.uint8)
+        data[where] = np.frombuffer(packed, dtype=np.uint8).reshape(where.size, nbytes)
+        raw = data.tobytes()
     return Decomposed(shape, low, span, negative, raw=raw, nbytes=nbytes)
 
 
