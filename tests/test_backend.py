@@ -166,3 +166,15 @@ def test_mp_where_makes_every_element_an_mpf_of_its_own_context():
         assert all(type(v) is type(mp.ctx.one) for v in out.flat)
     assert mp.where(cond, mine, 0)[0] is mine[0]
     assert mp.where(cond, third, 0)[0] == mp.ctx.mpf(third[0])     # rounded to 20 digits
+
+
+@given(st.lists(st.one_of(finite, st.sampled_from([0.0, -0.0, 5e-324, -2.5e-310, 1.0, -3.0])),
+                min_size=1, max_size=40), st.sampled_from([16, 30, 50, 200]))
+def test_mp_asarray_of_floats_gives_mpmaths_own_exact_tuples(values, dps):
+    """The vectorized float64 → mpf conversion (tuples computed in numpy) gives exactly the
+    normalized tuple (sign, odd man, exp, bc) of mpmath's own conversion of each float,
+    subnormals, signed zeros and extremes included, at any precision."""
+    mp = MPBackend(dps)
+    got = mp.asarray(np.array(values))
+    assert [g._mpf_ for g in got] == [mp.ctx.mpf(v)._mpf_ for v in values]
+    assert all(type(g) is type(mp.ctx.one) for g in got)
