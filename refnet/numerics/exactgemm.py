@@ -191,9 +191,10 @@ def contraction_bits(k: int) -> int:
 
 
 def slice_widths(k: int, span_a: int, span_b: int):
-    """(w_A, w_B, limb width) with the fewest slice pairs among the choices whose pair shifts
-    all fall on one limb grid: equal widths (shift (p + q)·w), or one operand whole in a single
-    slice and the other with the remaining bits (shift p·w or q·w)."""
+    """(w_A, w_B) with w_A + w_B = contraction_bits(k) and the fewest slice pairs, among the
+    choices whose pair shifts all fall on one limb grid: equal widths (shift (p + q)·w), or one
+    operand whole in a single slice and the other with the remaining bits (shift p·w_A or
+    q·w_B; a sum against ones, or float64 weights against short spans)."""
     total = contraction_bits(k)
     half = total // 2
     choices = [(half, half)]
