@@ -156,3 +156,44 @@ def test_mp_sums_over_astronomical_exponent_spans_stay_exact_enough_and_do_not_a
     params = {"0.weight": np.array([[1e15, 0.0], [0.0, 1e15], [-1e15, 0.0]])}
     g = model.loss_and_grads(mp, params, np.array([[1.0, 0.5], [0.2, 1.0]]), np.array([0, 2]))
     assert all(np.all(np.isfinite(mp.to_numpy(v))) for v in g.params.values())
+
+
+def test_mp_maximum_with_zero_is_mpmaths_comparison_read_off_the_signs():
+    """relu's maximum(z, 0) decides z >= 0 from the mpf tuples, not by comparing objects: the
+    result is, element for element, where(z >= 0, z, 0) with mpmath's own comparison, at zero,
+    at ±inf, at NaN (mpmath: NaN >= 0 is false) and for values far outside float64's range."""
+    mp = MPBackend(30)
+    ctx = mp.ctx
+    z = np.array([ctx.mpf(1) / 3, -ctx.mpf(1) / 3, ctx.zero, ctx.inf, -ctx.inf, ctx.nan,
+                  ctx.mpf(2) ** -5000, -ctx.mpf(2) ** 5000], dtype=object).reshape(2, 4)
+    got = mp.maximum(z, 0)
+    expected = [x if x >= 0 else ctx.zero for x in z.flat]
+    assert [g._mpf_ for g in got.flat] == [e._mpf_ for e in expected]
+    assert all(type(g) is type(ctx.one) for g in got.flat)
+
+
+def test_mp_where_makes_every_element_an_mpf_of_its_own_context():
+    """Python scalars, float arrays and mpf of another context all come out as mpf of the
+    backend's context (the latter rounded to its precision, as asarray does); operands that
+    already are pass unchanged."""
+    mp, wide = MPBackend(20), MPBackend(60)
+    third = wide.asarray(np.array([1.0, 2.0])) / 3                  # 60-digit values
+    mine = mp.asarray(np.array([0.5, -0.25]))
+    cond = np.array([True, False])
+    for a, b in ((mine, 0), (-np.inf, mine), (third, np.array([1.5, 2.5])), (1, third)):
+        out = mp.where(cond, a, b)
+        assert all(type(v) is type(mp.ctx.one) for v in out.flat)
+    assert mp.where(cond, mine, 0)[0] is mine[0]
+    assert mp.where(cond, third, 0)[0] == mp.ctx.mpf(third[0])     # rounded to 20 digits
+
+
+@given(st.lists(st.one_of(finite, st.sampled_from([0.0, -0.0, 5e-324, -2.5e-310, 1.0, -3.0])),
+                min_size=1, max_size=40), st.sampled_from([16, 30, 50, 200]))
+def test_mp_asarray_of_floats_gives_mpmaths_own_exact_tuples(values, dps):
+    """The vectorized float64 → mpf conversion (tuples computed in numpy) gives exactly the
+    normalized tuple (sign, odd man, exp, bc) of mpmath's own conversion of each float,
+    subnormals, signed zeros and extremes included, at any precision."""
+    mp = MPBackend(dps)
+    got = mp.asarray(np.array(values))
+    assert [g._mpf_ for g in got] == [mp.ctx.mpf(v)._mpf_ for v in values]
+    assert all(type(g) is type(mp.ctx.one) for g in got)
