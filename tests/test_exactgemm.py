@@ -10,7 +10,8 @@ from pathlib import Path
 import mpmath
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from refnet import Model, MPBackend
 from refnet.numerics import exactgemm
