@@ -253,6 +253,11 @@ class _Problem:
     def base(self, name):
         return self.x if name == "x" else self.params[name]
 
+    def converted_base(self, bk, name):
+        """``bk.asarray(self.base(name))``, converted once per backend."""
+        params, x = self._in(bk)
+        return x if name == "x" else params[name]
+
 
 def _fd_vectors(mode, shape, count, rng):
     numel = int(np.prod(shape))
@@ -437,7 +442,7 @@ def _fd_check(problem, name, base, v, analytic, scale, loss_mp, base_signatures)
     dps = min(dps, MAX_FD_DPS)
     bk = problem.mp(dps)
     ctx = bk.ctx
-    point = bk.asarray(base)
+    point = problem.converted_base(bk, name)
     step = bk.asarray(v) * ctx.mpf(h)
     lp, sig_p = problem.loss(bk, name, point + step)
     lm, sig_m = problem.loss(bk, name, point - step)
