@@ -184,3 +184,24 @@ def test_verify_reports_the_same_with_and_without_the_cache(monkeypatch):
     without = verify(model, directions=1).to_dict()
     assert with_cache == without
     assert with_cache["passed"]
+
+
+def test_a_new_backend_of_the_same_name_gets_its_own_conversions_and_prefix():
+    """Values of one private mpmath context are never reused by another backend of the same
+    dps: each backend object has its own cache entry, and the loss stays the full forward's."""
+    model, cached, full = _problems(MLP_TANH)
+    first = cached.mp(30)
+    cached.loss(first, "2.weight", first.asarray(cached.base("2.weight")))
+    other = triangle.MPBackend(30)
+    value = other.asarray(cached.base("2.weight")) * 2
+    loss, _ = cached.loss(other, "2.weight", value)
+    assert all(type(v) is type(other.ctx.mpf(0)) for v in cached._prefix(other).inputs[2].flat)
+    assert _same_loss(loss, full.loss(full.mp(30), "2.weight", value)[0])
+
+
+def test_evicted_backends_are_rebuilt_and_still_give_the_full_forward(monkeypatch):
+    """With room for one backend only, every switch of precision evicts and rebuilds."""
+    monkeypatch.setattr(_Problem, "KEEP", 1)
+    model, cached, full = _problems(RESIDUAL)
+    assert _mismatches(model, cached, full) == []
+    assert len(cached._cache) == 1 and len(cached._backends) == 1

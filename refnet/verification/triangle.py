@@ -169,9 +169,8 @@ class _Problem:
         self.state = state
         self.labels = _signature_labels(model)
         self.prefix_cache = prefix_cache
-        self._converted = OrderedDict()
-        self._prefixes = OrderedDict()
-        self._backends = OrderedDict()
+        self._cache = OrderedDict()        # backend name -> {"bk", "in", "prefix"}
+        self._backends = OrderedDict()     # dps -> MPBackend
 
     def replay(self) -> ForwardState:
         """The same mode and the same dropout masks as the first pass; fresh buffer updates."""
@@ -191,14 +190,27 @@ class _Problem:
                 table.popitem(last=False)
         return table[key]
 
+    def _entry(self, bk) -> dict:
+        """What is kept for ``bk``: its converted inputs, and (once asked for) its prefix. Kept
+        for this backend object only: another one of the same name (a new private context) gets
+        its own, so that values of two contexts never mix."""
+        entry = self._memo(self._cache, bk.name, lambda: {"bk": bk})
+        if entry["bk"] is not bk:
+            entry.clear()
+            entry["bk"] = bk
+        return entry
+
     def _in(self, bk):
         """params and x converted to ``bk`` once, not at every evaluation."""
-        return self._memo(self._converted, bk.name,
-                          lambda: ({k: bk.asarray(v) for k, v in self.params.items()},
-                                   bk.asarray(self.x)))
+        entry = self._entry(bk)
+        if "in" not in entry:
+            entry["in"] = ({k: bk.asarray(v) for k, v in self.params.items()},
+                           bk.asarray(self.x))
+        return entry["in"]
 
     def _prefix(self, bk) -> _Prefix:
-        def build():
+        entry = self._entry(bk)
+        if "prefix" not in entry:
             params, x = self._in(bk)
             model, state = self.model, self.replay()
             h = bk.asarray(x)
@@ -212,8 +224,8 @@ class _Problem:
                 for n in model.regularized:
                     terms[n] = _penalty_terms(bk, params[n], n, model.l1, model.l2)
                     l1_signatures[n] = l1_kink_signature(params, [n], model.l1)
-            return _Prefix(inputs, signatures, terms, l1_signatures)
-        return self._memo(self._prefixes, bk.name, build)
+            entry["prefix"] = _Prefix(inputs, signatures, terms, l1_signatures)
+        return entry["prefix"]
 
     def loss(self, bk, name, value):
         base_params, base_x = self._in(bk)
