@@ -29,16 +29,19 @@ the ulp comparison is reported as a kink too.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from ..layers.base import ForwardState
+from ..layers.sequential import run_forward, split
 from ..model import Model
 from ..numerics.backend import FLOAT64, MPBackend
 from ..numerics.errorbound import BOUND, LAMBDA
 from ..progress import SILENT, Interrupted
+from ..regularize import l1_kink_signature, penalty
 
 U64 = 2.0**-53
 FD_STEP = 1e-15          # high-precision FD step (for |L| ~ |g|; smaller for steep directions)
@@ -128,37 +131,144 @@ def _scalar(a):
     return a[()] if isinstance(a, np.ndarray) else a
 
 
+class _Prefix:
+    """The unperturbed forward at one backend, kept top-level layer by layer: ``inputs[j]`` is
+    layer j's input, ``signatures[j]`` its kink signature; the penalty's terms and L1 kink
+    signature per regularized name. Perturbing a tensor of top-level layer k changes nothing
+    before layer k, so an evaluation starts there from ``inputs[k]``."""
+
+    def __init__(self, inputs, signatures, terms, l1_signatures):
+        self.inputs, self.signatures = inputs, signatures
+        self.terms, self.l1_signatures = terms, l1_signatures
+
+
+def _penalty_terms(bk, w, name, l1, l2):
+    """The penalty's terms of one tensor, in the order ``regularize.penalty`` adds them."""
+    terms = []
+    if l1:
+        terms.append(penalty(bk, {name: w}, [name], l1, 0.0)[0])
+    if l2:
+        terms.append(penalty(bk, {name: w}, [name], 0.0, l2)[0])
+    return terms
+
+
 class _Problem:
-    """The function being differentiated: loss(params, x) with y fixed; one tensor at a time."""
+    """The function being differentiated: loss(params, x) with y fixed; one tensor at a time.
+
+    ``prefix_cache``: an evaluation that perturbs a tensor of top-level layer k starts at layer
+    k from the cached unperturbed input of that layer (per backend), carrying the cached kink
+    signatures of layers < k and the other tensors' penalty terms. Loss and signatures are bit
+    for bit those of the full forward (``tests/test_fd_prefix.py``); False runs the full forward
+    every time."""
+
+    KEEP = 4        # backends whose converted inputs and prefixes are kept (most recent first)
 
     def __init__(self, model: Model, params: Dict[str, np.ndarray], x: np.ndarray, y,
-                 state: ForwardState):
+                 state: ForwardState, prefix_cache: bool = True):
         self.model, self.params, self.x, self.y = model, params, x, y
         self.state = state
         self.labels = _signature_labels(model)
-        self._converted = {}
+        self.prefix_cache = prefix_cache
+        self._cache = OrderedDict()        # backend name -> {"bk", "in", "prefix"}
+        self._backends = OrderedDict()     # dps -> MPBackend
 
     def replay(self) -> ForwardState:
         """The same mode and the same dropout masks as the first pass; fresh buffer updates."""
         return ForwardState(train=self.state.train, rng=None, masks=self.state.masks)
 
+    def mp(self, dps: int) -> MPBackend:
+        """One MPBackend per precision: its converted inputs and prefix are reused by every
+        check at that precision (a new backend's private context would convert them again)."""
+        return self._memo(self._backends, dps, lambda: MPBackend(dps))
+
+    def _memo(self, table, key, make):
+        if key in table:
+            table.move_to_end(key)
+        else:
+            table[key] = make()
+            while len(table) > self.KEEP:
+                table.popitem(last=False)
+        return table[key]
+
+    def _entry(self, bk) -> dict:
+        """What is kept for ``bk``: its converted inputs, and (once asked for) its prefix. Kept
+        for this backend object only: another one of the same name (a new private context) gets
+        its own, so that values of two contexts never mix."""
+        entry = self._memo(self._cache, bk.name, lambda: {"bk": bk})
+        if entry["bk"] is not bk:
+            entry.clear()
+            entry["bk"] = bk
+        return entry
+
     def _in(self, bk):
         """params and x converted to ``bk`` once, not at every evaluation."""
-        key = bk.name
-        if key not in self._converted:
-            self._converted = {key: ({k: bk.asarray(v) for k, v in self.params.items()},
-                                     bk.asarray(self.x))}
-        return self._converted[key]
+        entry = self._entry(bk)
+        if "in" not in entry:
+            entry["in"] = ({k: bk.asarray(v) for k, v in self.params.items()},
+                           bk.asarray(self.x))
+        return entry["in"]
+
+    def _prefix(self, bk) -> _Prefix:
+        entry = self._entry(bk)
+        if "prefix" not in entry:
+            params, x = self._in(bk)
+            model, state = self.model, self.replay()
+            h = bk.asarray(x)
+            inputs, signatures = [], []
+            for j, layer in enumerate(model.layers):
+                inputs.append(h)
+                h, cache = run_forward(bk, layer, split(params, j), h, state)
+                signatures.append(layer.kink_signature(cache))
+            terms, l1_signatures = {}, {}
+            if model.l1 or model.l2:
+                for n in model.regularized:
+                    terms[n] = _penalty_terms(bk, params[n], n, model.l1, model.l2)
+                    l1_signatures[n] = l1_kink_signature(params, [n], model.l1)
+            entry["prefix"] = _Prefix(inputs, signatures, terms, l1_signatures)
+        return entry["prefix"]
 
     def loss(self, bk, name, value):
         base_params, base_x = self._in(bk)
-        params = base_params if name == "x" else {**base_params, name: value}
-        x = value if name == "x" else base_x
-        fwd = self.model.forward(bk, params, x, self.y, self.replay())
-        return fwd.loss, fwd.kink_signatures
+        if name == "x" or not self.prefix_cache:
+            params = base_params if name == "x" else {**base_params, name: value}
+            x = value if name == "x" else base_x
+            fwd = self.model.forward(bk, params, x, self.y, self.replay())
+            return fwd.loss, fwd.kink_signatures
+        return self._loss_from(bk, int(name.split(".", 1)[0]), name, value)
+
+    def _loss_from(self, bk, k, name, value):
+        """The loss with ``name`` (a tensor of top-level layer k) set to ``value``: layers k..
+        run from the cached input of layer k; what precedes comes from the cache."""
+        model, prefix, state = self.model, self._prefix(bk), self.replay()
+        value = bk.asarray(value)
+        params = {**self._in(bk)[0], name: value}
+        h = prefix.inputs[k]
+        signatures = list(prefix.signatures[:k])
+        for j in range(k, len(model.layers)):
+            layer = model.layers[j]
+            h, cache = run_forward(bk, layer, split(params, j), h, state)
+            signatures.append(layer.kink_signature(cache))
+        loss, _ = model.loss.forward(bk, h, self.y)
+        if model.l1 or model.l2:
+            total = None
+            for n in model.regularized:
+                terms = (_penalty_terms(bk, value, n, model.l1, model.l2) if n == name
+                         else prefix.terms[n])
+                for t in terms:
+                    total = t if total is None else total + t
+            loss = loss + (bk.zeros(()) if total is None else total)
+            l1 = [l1_kink_signature(params, [n], model.l1) if n == name else prefix.l1_signatures[n]
+                  for n in model.regularized]
+            signatures.append(tuple(s[0] for s in l1 if s) + tuple(s[1] for s in l1 if s))
+        return loss, signatures
 
     def base(self, name):
         return self.x if name == "x" else self.params[name]
+
+    def converted_base(self, bk, name):
+        """``bk.asarray(self.base(name))``, converted once per backend."""
+        params, x = self._in(bk)
+        return x if name == "x" else params[name]
 
 
 def _fd_vectors(mode, shape, count, rng):
@@ -342,9 +452,9 @@ def _fd_check(problem, name, base, v, analytic, scale, loss_mp, base_signatures)
         h = FD_STEP
         dps = FD_TARGET_DIGITS + FD_GUARD_DIGITS + 2 * FD_TARGET_DIGITS
     dps = min(dps, MAX_FD_DPS)
-    bk = MPBackend(dps)
+    bk = problem.mp(dps)
     ctx = bk.ctx
-    point = bk.asarray(base)
+    point = problem.converted_base(bk, name)
     step = bk.asarray(v) * ctx.mpf(h)
     lp, sig_p = problem.loss(bk, name, point + step)
     lm, sig_m = problem.loss(bk, name, point - step)
