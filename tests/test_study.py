@@ -8,11 +8,11 @@ import struct
 import pytest
 
 from refnet.cli import main
+from refnet.progress import Reporter
 from refnet.study.grid import (
     NORM_RANGE,
     RATIO_RANGE,
     Config,
-    Progress,
     judge,
     measure,
     run_study,
@@ -113,11 +113,13 @@ def test_sparkline_marks_zeros_and_nonfinite():
 def test_progress_bar_appears_only_on_runs_longer_than_the_threshold():
     import io
     stream = io.StringIO()
-    bar = Progress(10, after=1e9, stream=stream)
+    bar = Reporter(stream, name="refnet study", after=1e9)
+    bar.start(10, "configurations")
     for k in range(10):
         bar.update(k + 1)
     assert stream.getvalue() == ""
-    bar = Progress(10, after=0.0, stream=stream)
+    bar = Reporter(stream, name="refnet study", after=0.0)
+    bar.start(10, "configurations")
     for k in range(10):
         bar.update(k + 1, "label")
     assert "10/10" in stream.getvalue()

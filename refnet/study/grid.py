@@ -59,7 +59,7 @@ from ..lowp.diagnose import diagnose, l2_norm
 from ..lowp.emulation import Precision
 from ..model import Model
 from ..numerics.backend import FLOAT64
-from ..progress import SHOW_AFTER_S, SILENT, Interrupted, Reporter
+from ..progress import SILENT, Interrupted, Reporter
 from ..training.loop import dead_fractions
 from ..verification.triangle import spot_check
 
@@ -241,14 +241,6 @@ def grid(quick: bool) -> List[Config]:
     g = QUICK if quick else FULL
     return [Config(a, i, d, arch) for a, i, arch, d in
             product(g["activations"], g["inits"], g["archs"], g["depths"])]
-
-
-def Progress(total: int, after: float = SHOW_AFTER_S, stream=None) -> Reporter:
-    """The study's progress bar: a ``refnet.progress.Reporter`` on ``stream`` (default stderr)
-    started on ``total`` configurations (this name predates refnet.progress)."""
-    bar = Reporter(stream, name="refnet study", after=after)
-    bar.start(total, "configurations", lines=LOG_LINES)
-    return bar
 
 
 def run_study(quick: bool = True, out: Optional[Path] = None, check: bool = True,
