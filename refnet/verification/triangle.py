@@ -240,8 +240,7 @@ class _Problem:
         """The loss with ``name`` (a tensor of top-level layer k) set to ``value``: layers k..
         run from the cached input of layer k; what precedes comes from the cache."""
         model, prefix, state = self.model, self._prefix(bk), self.replay()
-        value = bk.asarray(value)
-        params = {**self._in(bk)[0], name: value}
+        params = {**self._in(bk)[0], name: value}    # value: already of bk, as in loss()
         h = prefix.inputs[k]
         signatures = list(prefix.signatures[:k])
         for j in range(k, len(model.layers)):
@@ -394,7 +393,7 @@ def _check_tensor(name, f64, bound, rigorous, sigma, exact, mp, problem, loss_mp
         floor = magnitude * 10.0 ** -(mp.dps - required - 5)
         if floor > float(scale):
             scale = mp.ctx.mpf(floor)
-        ok, d, dps_used, kink = _fd_check(problem, name, base, v, analytic, scale, loss_mp,
+        ok, d, dps_used, kink = _fd_check(problem, name, v, analytic, scale, loss_mp,
                                           base_signatures)
         fd_dps = max(fd_dps, dps_used)
         if kink:
@@ -440,7 +439,7 @@ def _check_tensor(name, f64, bound, rigorous, sigma, exact, mp, problem, loss_mp
             fd64_noise=float(fd64_noise), passed=bool(ulp_ok and fd_passed), kinks=kink_notes)
 
 
-def _fd_check(problem, name, base, v, analytic, scale, loss_mp, base_signatures):
+def _fd_check(problem, name, v, analytic, scale, loss_mp, base_signatures):
     """One high-precision central difference along v. Returns (ok, digits, dps, kink note)."""
     loss_abs = abs(float(_scalar(loss_mp))) or 1e-300
     s = float(scale)
