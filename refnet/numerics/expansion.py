@@ -1,0 +1,757 @@
+"""The fast exact engine: every element an unevaluated sum of float64 numbers (an *expansion*).
+
+The mp backend holds one Python ``mpf`` object per element, and ~1 µs of interpreter work per
+element and operation is its floor: a 50-digit gradient of a 784-256-256-10 MLP cost ~800x its
+float64 gradient, most of it creating and converting objects. This backend holds an array of
+shape S as a float64 array of shape (m, *S), m ≤ K: element x is x₀ + x₁ + … + x_{m−1}, the
+components decreasing in magnitude. Every operation is numpy on whole arrays:
+
+============  ===================================================================================
+``+ −``       the components of both operands are the *exact* terms of the result
+``*``         Dekker's TwoProd gives each product of two components exactly as two floats
+``@``, sum    the Ozaki scheme, error-free on float64 BLAS (slices whose products and sums stay
+              below 2⁵³), recombined exactly in int64 limbs
+``/``         by a small divisor (a mean, a count, softmax's sum): the reciprocal to K·53 bits
+              in mpmath, then a product; elementwise otherwise: mpmath per element
+exp, log, …   mpmath per element at K·53 + 64 bits (a private context, never ``mpmath.mp``)
+============  ===================================================================================
+
+**Rounding (``_round_terms``).** The exact terms of a result are turned into at most K
+components by repeated error-free summation (VecSum: a chain of TwoSums moves the rounded sum to
+the top and leaves the rounding errors as new terms; the top becomes a component, the errors are
+summed again). Then an a-posteriori check, per element, with the leftover terms R (the result's
+exact value is Σ components + Σ R, always):
+
+- *precision*: Σ|R| ≤ 2^−prec · |x₀|  (``prec`` = ``PRECISION_BITS`` of the backend)
+- *dominance*: Σ_{i≥1}|x_i| + Σ|R| ≤ 2^−50 · |x₀|, or the element is exactly zero
+
+Elements failing it are summed again from their components and leftovers (a second round
+converges: the inputs are then nearly non-overlapping); after ``_ROUNDS`` rounds any element
+still failing is rounded exactly, greedily, by ``math.fsum`` (exact, then correctly rounded).
+So **every operation's result is within relative 2^−prec of the exact result of that operation
+on the operands** (divisions and functions: 2^(1−prec), a reciprocal or an mpmath value rounded,
+then a product), the standard model of floating-point error with unit roundoff 2^(1−prec) — the
+error analysis of :mod:`refnet.numerics.errorbound` holds with u replaced by that, which is how
+the engine's own bound is stated and tested (tests/test_expansion.py). Dominance makes the sign
+of x₀ the sign of x, so comparisons (relu, max-pool, the kink signatures) are exact.
+
+**Range.** Expansions live in float64's exponent range. A nonzero |x₀| outside
+[``TINY``, ``HUGE``] (where TwoProd's error term could underflow, or Dekker's split overflow)
+raises ``ExpansionRangeError``; the caller (``refnet.verification``) then uses the mp backend.
+Infinities and NaNs pass through as float64 does them (max-pool's −inf padding), in x₀ alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import numpy as np
+
+from .backend import Constant, constant_value
+
+_DOUBLE_BITS = 53
+_SPLITTER = 2.0 ** 27 + 1                  # Veltkamp/Dekker: 53 = 26 + 27 bits
+_ROUNDS = 3
+DOMINANCE = 2.0 ** -50
+# |x₀| in [TINY, HUGE] for every nonzero result: products of components (down to 2^-53K
+# relative) then stay above float64's normal range, and 2^27·x never overflows.
+HUGE = 2.0 ** 960
+
+
+class ExpansionRangeError(ArithmeticError):
+    """A value left the exponent range in which the expansion engine is exact."""
+
+
+def _two_sum(a, b):
+    """s + e = a + b exactly, s = fl(a + b) (Knuth; no condition on the magnitudes)."""
+    s = a + b
+    bb = s - a
+    e = (a - (s - bb)) + (b - bb)
+    return s, e
+
+
+def _split(a):
+    """a = hi + lo exactly, hi and lo of at most 26 bits each (Veltkamp)."""
+    t = _SPLITTER * a
+    hi = t - (t - a)
+    return hi, a - hi
+
+
+def _two_prod(a, b):
+    """p + e = a·b exactly, p = fl(a·b) (Dekker; exact unless a·b underflows or the split
+    overflows, which the range check excludes)."""
+    p = a * b
+    ah, al = _split(a)
+    bh, bl = _split(b)
+    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    return p, e
+
+
+def components_for(prec: int) -> int:
+    """K for a precision: K·53 bits minus what the VecSum extraction can lose (≤ K·log2(n)
+    for n terms; 24 bits covers n ≤ 64 at K = 4) must reach ``prec``."""
+    return -(-(prec + 24) // _DOUBLE_BITS)
+
+
+class Expansion:
+    """An array whose elements are float64 expansions: ``c`` has shape (m, *shape)."""
+
+    __array_ufunc__ = None          # numpy defers to our reflected operators (ndarray * x)
+
+    def __init__(self, c, bk: "ExpansionBackend"):
+        self.c = c
+        self.bk = bk
+
+    # array protocol used by the layers ---------------------------------------------------
+    shape = property(lambda self: self.c.shape[1:])
+    ndim = property(lambda self: self.c.ndim - 1)
+    size = property(lambda self: int(np.prod(self.c.shape[1:], dtype=np.int64)))
+    dtype = np.dtype(object)        # what a caller asking "is this a float array?" must hear
+
+    @property
+    def T(self):
+        return self.transpose()
+
+    def __len__(self):
+        return self.c.shape[1]
+
+    def __repr__(self):
+        return f"Expansion(m={self.c.shape[0]}, shape={self.shape}, x0={self.c[0]!r})"
+
+    def _new(self, c):
+        return Expansion(c, self.bk)
+
+    def __getitem__(self, idx):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        return self._new(self.c[(slice(None),) + idx])
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return self._new(self.c.reshape((self.c.shape[0],) + tuple(shape)))
+
+    def take(self, indices, axis=None):
+        if axis is None:
+            return self._new(self.c.reshape(self.c.shape[0], -1).take(indices, axis=1))
+        axis = axis % self.ndim
+        return self._new(self.c.take(indices, axis=axis + 1))
+
+    def transpose(self, *axes):
+        axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+        axes = tuple(reversed(range(self.ndim))) if not axes else tuple(a % self.ndim for a in axes)
+        return self._new(self.c.transpose((0,) + tuple(a + 1 for a in axes)))
+
+    def swapaxes(self, a, b):
+        return self._new(self.c.swapaxes(a % self.ndim + 1, b % self.ndim + 1))
+
+    # arithmetic ------------------------------------------------------------------------------
+    def __add__(self, other):
+        return self.bk.add(self, other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self.bk.add(self, -self.bk.asarray(other))
+
+    def __rsub__(self, other):
+        return self.bk.add(-self, other)
+
+    def __mul__(self, other):
+        return self.bk.multiply(self, other)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        return self.bk.divide(self, other)
+
+    def __rtruediv__(self, other):
+        return self.bk.divide(other, self)
+
+    def __neg__(self):
+        return self._new(-self.c)
+
+    def __pos__(self):
+        return self
+
+    def __abs__(self):
+        return self.bk.abs(self)
+
+    def __float__(self):
+        return float(self.bk.to_numpy(self))
+
+    @property
+    def _mpf_(self):
+        """A 0-d expansion is a number to mpmath: its exact value (mpmath reads ``_mpf_``)."""
+        if self.ndim:
+            raise AttributeError("_mpf_: only a 0-d expansion is a number")
+        return self.bk.to_mpf(self)._mpf_
+
+    # comparisons: exact, from the sign of the difference's leading component ----------------
+    def __gt__(self, other):
+        return self.bk.compare(self, other) > 0
+
+    def __ge__(self, other):
+        return self.bk.compare(self, other) >= 0
+
+    def __lt__(self, other):
+        return self.bk.compare(self, other) < 0
+
+    def __le__(self, other):
+        return self.bk.compare(self, other) <= 0
+
+    def __eq__(self, other):
+        return self.bk.compare(self, other) == 0
+
+    def __ne__(self, other):
+        return ~(self.bk.compare(self, other) == 0)
+
+    __hash__ = None
+
+
+def _lift(c, ndim):
+    """Components (m, *s) with leading unit axes so that they broadcast against ndim axes."""
+    missing = ndim - (c.ndim - 1)
+    return c.reshape((c.shape[0],) + (1,) * missing + c.shape[1:]) if missing > 0 else c
+
+
+class ExpansionBackend:
+    """Expansions of at most K float64 components, every operation within 2^(1−prec)."""
+
+    def __init__(self, dps: int = 50):
+        if not isinstance(dps, (int, np.integer)) or isinstance(dps, bool) or dps < 16:
+            raise ValueError(f"ExpansionBackend: dps must be an integer >= 16, got {dps!r}")
+        self.dps = int(dps)
+        probe = mpmath.MPContext()
+        probe.dps = self.dps
+        # At least the precision the mp backend rounds every operation to at this dps.
+        self.prec = int(probe.prec) + 1
+        self.K = components_for(self.prec)
+        # The context of the per-element functions and of scalars handed to mpmath callers:
+        # 64 bits beyond the K components, so its own rounding is far below 2^-prec.
+        self.ctx = mpmath.MPContext()
+        self.ctx.prec = self.K * _DOUBLE_BITS + 64
+        self.name = f"expansion{self.dps}"
+        self.description = (f"float64 expansions, {self.K} components (every operation within "
+                            f"2^-{self.prec - 1} relative; Ozaki GEMMs)")
+        self._limit = 2.0 ** -self.prec
+        # The smallest |x0| kept exact: its lowest components and their products stay normal.
+        self.tiny = 2.0 ** (-1022 + _DOUBLE_BITS * (2 * self.K + 1))
+
+    def __repr__(self):
+        return f"<refnet backend expansion, {self.dps} digits, {self.K} float64 components>"
+
+    # conversion -------------------------------------------------------------------------------
+    def asarray(self, a) -> Expansion:
+        """Floats exactly (one component); mpf (and other exact numbers) rounded to K
+        components; an Expansion of this backend as it is."""
+        if isinstance(a, Expansion):
+            if a.bk is self or a.c.shape[0] <= self.K:
+                return a if a.bk is self else Expansion(a.c, self)
+            return Expansion(np.stack(_round_terms(list(a.c[::-1]), self)), self)
+        arr = np.asarray(a)
+        if arr.dtype.kind == "f" or arr.dtype.kind == "b" or (
+                arr.dtype.kind in "iu" and (arr.size == 0 or np.max(np.abs(arr)) <= 2 ** 53)):
+            c = arr.astype(np.float64)[None]
+            self._check_range(c[0])
+            return Expansion(c, self)
+        return self._from_mpf(arr)
+
+    def _from_mpf(self, arr):
+        """Object arrays of mpf (or numbers): each element greedily, c_i = fl(x − Σ_{j<i} c_j)
+        in this backend's mpmath context (exact: x has at most K·53 + 64 bits there)."""
+        ctx = self.ctx
+        flat = [ctx.mpf(v) for v in np.asarray(arr, dtype=object).flat]
+        out = np.zeros((self.K, len(flat)))
+        for j, v in enumerate(flat):
+            if not ctx.isfinite(v):
+                out[0, j] = float(v)
+                continue
+            for i in range(self.K):
+                f = float(v)
+                out[i, j] = f
+                v = v - f
+                if not v:
+                    break
+        self._check_range(out[0])
+        return Expansion(_trim(out.reshape((self.K,) + arr.shape)), self)
+
+    def to_numpy(self, a) -> np.ndarray:
+        """The correctly rounded float64 of every element."""
+        a = self.asarray(a)
+        c = a.c
+        if c.shape[0] == 1:
+            return c[0].copy()
+        s, e = _two_sum(c[0], c[1])
+        tail = e
+        for ci in c[2:]:
+            tail = tail + ci
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = s + tail
+            half = 0.5 * np.spacing(np.abs(s))
+            # Within reach of a rounding midpoint the float sum may round the wrong way: exact.
+            near = np.isfinite(s) & (np.abs(np.abs(tail) - half) <= 2.0 ** -40 * half)
+        if np.any(near):
+            for idx in zip(*np.nonzero(near)):
+                out[idx] = math.fsum(float(ci[idx]) for ci in c)
+        return out
+
+    def to_mpf(self, a):
+        """Every element exactly as an mpf of ``self.ctx`` (object array, or a scalar for 0-d)."""
+        a = self.asarray(a)
+        ctx = self.ctx
+        comps = [ci.ravel().tolist() for ci in a.c]
+        values = [ctx.fsum(parts) for parts in zip(*comps)]
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        out = out.reshape(a.shape)
+        return out[()] if out.ndim == 0 else out
+
+    def const(self, value: Constant) -> Expansion:
+        return self._from_mpf(np.asarray(constant_value(value, self.ctx), dtype=object))
+
+    def zeros(self, shape) -> Expansion:
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        return Expansion(np.zeros((1,) + shape), self)
+
+    # the core: exact terms → at most K components ------------------------------------------
+    def _check_range(self, x0):
+        with np.errstate(invalid="ignore"):
+            mag = np.abs(x0)
+            bad = np.isfinite(mag) & (mag != 0) & ((mag < self.tiny) | (mag > HUGE))
+        if np.any(bad):
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ExpansionRangeError(
+                f"expansion backend: |value| {float(mag[where]):.3g} at {where} is outside "
+                f"[{self.tiny:.3g}, {HUGE:.3g}], where the float64 expansions stay exact")
+
+    def _finish(self, terms, shape, special=None):
+        """Round exact terms to an Expansion; ``special``: (mask, float64 values) of elements
+        whose operands were not finite, set to the float64 result there."""
+        comps = _round_terms(terms, self) if terms else [np.zeros(shape)]
+        c = np.stack([np.broadcast_to(ci, shape) for ci in comps])
+        if special is not None:
+            mask, values = special
+            c = c.copy()
+            c[:, mask] = 0.0
+            c[0, mask] = values[mask]
+        self._check_range(c[0])
+        return Expansion(_trim(c), self)
+
+    def _pair(self, a, b):
+        a, b = self.asarray(a), self.asarray(b)
+        ndim = max(a.ndim, b.ndim)
+        ca, cb = _lift(a.c, ndim), _lift(b.c, ndim)
+        shape = np.broadcast_shapes(ca.shape[1:], cb.shape[1:])
+        return ca, cb, shape
+
+    @staticmethod
+    def _specials(ca, cb, op):
+        """Elements with a non-finite operand: their float64 result, and operands zeroed there
+        so that the exact path sees finite numbers only."""
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            finite = np.isfinite(ca[0]) & np.isfinite(cb[0])
+            if np.all(finite):
+                return ca, cb, None
+            values = op(ca[0], cb[0])
+            mask = ~finite
+            ca = np.where(np.broadcast_to(mask, finite.shape)[None], 0.0, ca)
+            cb = np.where(np.broadcast_to(mask, finite.shape)[None], 0.0, cb)
+        return ca, cb, (mask, np.broadcast_to(values, mask.shape))
+
+    def add(self, a, b) -> Expansion:
+        ca, cb, shape = self._pair(a, b)
+        ca, cb, special = self._specials(ca, cb, np.add)
+        # Least significant first: the VecSum chain then adds small to large.
+        terms = _interleave(ca, cb)
+        return self._finish(terms, shape, special)
+
+    def multiply(self, a, b) -> Expansion:
+        ca, cb, shape = self._pair(a, b)
+        ca, cb, special = self._specials(ca, cb, np.multiply)
+        for x in (ca[0], cb[0]):
+            with np.errstate(invalid="ignore"):
+                if np.any(np.abs(x) > HUGE):
+                    self._check_range(x)
+        K = self.K
+        terms, bounds = [], []
+        # Products of components i, j weigh about 2^(−53(i+j)) of the result: those with
+        # i + j < K exactly (TwoProd), i + j = K rounded (their error is below 2^-53K
+        # relative), and those beyond only bound the error (they are added as terms, too
+        # small to matter, so that nothing is dropped silently).
+        pairs = sorted(((i, j) for i in range(ca.shape[0]) for j in range(cb.shape[0])),
+                       key=lambda p: -(p[0] + p[1]))
+        for i, j in pairs:
+            if i + j < K:
+                p, e = _two_prod(ca[i], cb[j])
+                terms += [e, p]
+            else:
+                terms.append(ca[i] * cb[j])
+                bounds.append((i, j))
+        return self._finish(terms, shape, special)
+
+    def divide(self, a, b) -> Expansion:
+        a, b = self.asarray(a), self.asarray(b)
+        if b.size * 8 <= max(a.size, 1) or b.size <= 64:
+            return self.multiply(a, self.reciprocal(b))
+        return self._elementwise(lambda ctx, x, y: x / y, a, b)
+
+    def reciprocal(self, b) -> Expansion:
+        return self._elementwise(lambda ctx, y: 1 / y, b)
+
+    def _elementwise(self, f, *args) -> Expansion:
+        """f(ctx, *mpf) per element in this backend's context, then rounded to K components:
+        within 2^-(53K) + 2^-(53K+63) relative, below 2^-prec."""
+        args = [self.asarray(x) for x in args]
+        shape = np.broadcast_shapes(*[x.shape for x in args])
+        mps = [np.broadcast_to(np.asarray(self.to_mpf(x), dtype=object), shape).ravel()
+               for x in args]
+        ctx = self.ctx
+        values = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=object)
+        values[:] = [f(ctx, *vals) for vals in zip(*mps)]
+        return self._from_mpf(values.reshape(shape))
+
+    # comparisons -------------------------------------------------------------------------------
+    def compare(self, a, b) -> np.ndarray:
+        """sign(a − b) per element as int8 (exact; NaN compares as neither: 2)."""
+        ca, cb, shape = self._pair(a, b)
+        with np.errstate(invalid="ignore"):
+            finite = np.isfinite(ca[0]) & np.isfinite(cb[0])
+        if np.all(finite):
+            if cb.shape[0] == 1 and not np.any(cb[0]):
+                x0 = ca[0]                               # a against 0: a's own sign
+            else:
+                x0 = self.add(Expansion(ca, self), Expansion(-cb, self)).c[0]
+            x0 = np.broadcast_to(x0, shape)
+            return np.sign(x0).astype(np.int8)
+        with np.errstate(invalid="ignore"):
+            rough = np.where(ca[0] > cb[0], 1, np.where(ca[0] < cb[0], -1,
+                                                        np.where(ca[0] == cb[0], 0, 2)))
+        za = np.where(finite, ca, 0.0)
+        zb = np.where(finite, cb, 0.0)
+        exact = self.compare(Expansion(za, self), Expansion(zb, self))
+        return np.where(finite, exact, rough).astype(np.int8)
+
+    # elementwise functions ------------------------------------------------------------------
+    def _function(self, name, x):
+        f = getattr(self.ctx, name)
+        return self._elementwise(lambda ctx, v: f(v), x)
+
+    def exp(self, x):
+        return self._function("exp", x)
+
+    def expm1(self, x):
+        return self._function("expm1", x)
+
+    def log(self, x):
+        return self._function("log", x)
+
+    def log1p(self, x):
+        return self._function("log1p", x)
+
+    def tanh(self, x):
+        return self._function("tanh", x)
+
+    def sqrt(self, x):
+        return self._function("sqrt", x)
+
+    def erf(self, x):
+        return self._function("erf", x)
+
+    def erfc(self, x):
+        return self._function("erfc", x)
+
+    def abs(self, x):
+        x = self.asarray(x)
+        negative = np.signbit(x.c[0])
+        return Expansion(np.where(negative[None], -x.c, x.c), self)
+
+    def where(self, cond, a, b) -> Expansion:
+        a, b = self.asarray(a), self.asarray(b)
+        cond = np.asarray(cond, dtype=bool)
+        m = max(a.c.shape[0], b.c.shape[0])
+        ndim = max(a.ndim, b.ndim, cond.ndim)
+        ca, cb = _pad(_lift(a.c, ndim), m), _pad(_lift(b.c, ndim), m)
+        return Expansion(_trim(np.where(cond[None], ca, cb)), self)
+
+    def maximum(self, a, b):
+        return self.where(np.asarray(self.compare(a, b) >= 0), a, b)
+
+    def minimum(self, a, b):
+        return self.where(np.asarray(self.compare(a, b) <= 0), a, b)
+
+    # reductions and products ------------------------------------------------------------------
+    def matmul(self, a, b) -> Expansion:
+        a, b = self.asarray(a), self.asarray(b)
+        ca, cb = a.c, b.c
+        vec_a, vec_b = a.ndim == 1, b.ndim == 1
+        if vec_a:
+            ca = ca[:, None, :]
+        if vec_b:
+            cb = cb[..., None]
+        if ca.shape[-1] != cb.shape[-2]:
+            raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not contract")
+        for x in (ca[0], cb[0]):
+            if not np.all(np.isfinite(x)):
+                raise ValueError("expansion backend: a non-finite value reached a matmul")
+        terms, shape = _matmul_terms(ca, cb)
+        out = self._finish(terms, shape)
+        if vec_a:
+            out = out[..., 0, :]
+        if vec_b:
+            out = out[..., 0]
+        return out
+
+    def sum(self, a, axis=None, keepdims=False) -> Expansion:
+        a = self.asarray(a)
+        ndim = a.ndim
+        axes = tuple(range(ndim)) if axis is None else tuple(
+            ax % ndim for ax in ((axis,) if isinstance(axis, (int, np.integer)) else axis))
+        rest = [d for d in range(ndim) if d not in axes]
+        count = int(np.prod([a.shape[d] for d in axes], dtype=np.int64))
+        c = a.c.transpose([0] + [d + 1 for d in rest] + [d + 1 for d in axes])
+        c = c.reshape(c.shape[:1 + len(rest)] + (count,))
+        if not np.all(np.isfinite(c[0])):
+            raise ValueError("expansion backend: a non-finite value reached a sum")
+        terms, shape = _sum_terms(c)
+        out = self._finish(terms, shape)
+        if keepdims:
+            out = out.reshape(tuple(1 if d in axes else n for d, n in enumerate(a.shape)))
+        return out
+
+    def max(self, a, axis=None, keepdims=False) -> Expansion:
+        a = self.asarray(a)
+        if axis is None:
+            a, axis = a.reshape(-1), 0
+        index = self.argmax(a, axis)
+        c = np.take_along_axis(a.c, np.expand_dims(index, axis % a.ndim)[None], axis=axis % a.ndim + 1)
+        out = Expansion(c, self)
+        return out if keepdims else Expansion(np.squeeze(c, axis=axis % a.ndim + 1), self)
+
+    def argmax(self, a, axis):
+        """Index of the first maximum along ``axis`` (exact)."""
+        a = self.asarray(a)
+        axis = axis % a.ndim
+        n = a.shape[axis]
+        best = a.take([0], axis=axis)
+        index = np.zeros(best.shape, dtype=np.int64)
+        for j in range(1, n):
+            cand = a.take([j], axis=axis)
+            better = self.compare(cand, best) > 0
+            index = np.where(better, j, index)
+            best = self.where(better, cand, best)
+        return np.squeeze(index, axis=axis)
+
+
+def _pad(c, m):
+    if c.shape[0] == m:
+        return c
+    return np.concatenate([c, np.zeros((m - c.shape[0],) + c.shape[1:])])
+
+
+def _trim(c):
+    """Drop trailing components that are zero everywhere (a float input stays one component)."""
+    m = c.shape[0]
+    while m > 1 and not np.any(c[m - 1]):
+        m -= 1
+    return c[:m]
+
+
+def _interleave(ca, cb):
+    """Components of two expansions, least significant first."""
+    terms = []
+    for i in range(max(ca.shape[0], cb.shape[0]) - 1, -1, -1):
+        if i < ca.shape[0]:
+            terms.append(ca[i])
+        if i < cb.shape[0]:
+            terms.append(cb[i])
+    return terms
+
+
+def _vecsum(terms):
+    """One error-free pass: (top, errors), top + Σ errors = Σ terms exactly, top the float
+    sum of the chain; errors that are zero everywhere are dropped."""
+    s = terms[0]
+    errors = []
+    for t in terms[1:]:
+        s, e = _two_sum(s, t)
+        if np.any(e):
+            errors.append(e)
+    return s, errors
+
+
+def _round_terms(terms, bk):
+    """At most K components whose sum is within 2^-prec (relative) of Σ terms, with the
+    dominance of the leading one (see the module docstring); terms least significant first."""
+    K, limit = bk.K, bk._limit
+    shape = np.broadcast_shapes(*[np.shape(t) for t in terms])
+    rest = [np.broadcast_to(t, shape) for t in terms if np.any(t)]
+    if not rest:
+        return [np.zeros(shape)]
+    original = rest
+    for _ in range(_ROUNDS):
+        comps = []
+        while len(comps) < K and rest:
+            top, rest = _vecsum(rest)
+            comps.append(top)
+        failing = _failing(comps, rest, limit)
+        if failing is None:
+            return comps
+        rest = rest + comps[::-1]
+    # Still failing after the rounds (a severe cancellation): those elements exactly.
+    comps = [np.array(ci, copy=True) for ci in comps] + [np.zeros(shape)] * (K - len(comps))
+    for idx in zip(*np.nonzero(failing)):
+        parts = [float(t[idx]) for t in original]
+        for i in range(K):
+            value = math.fsum(parts)
+            comps[i][idx] = value
+            parts.append(-value)
+    return comps
+
+
+def _failing(comps, rest, limit):
+    """None if every element meets precision and dominance; else the boolean mask of those
+    that do not."""
+    x0 = np.abs(comps[0])
+    with np.errstate(over="ignore", invalid="ignore"):
+        residual = np.zeros(x0.shape)
+        for r in rest:
+            residual = residual + np.abs(r)
+        # n float additions of nonnegative numbers: relative error below n·2^-53 ≤ 2^-45.
+        residual = residual * (1 + 2.0 ** -45)
+        tail = residual
+        for ci in comps[1:]:
+            tail = tail + np.abs(ci)
+        tail = tail * (1 + 2.0 ** -45)
+        ok = (residual <= limit * x0) & (tail <= DOMINANCE * x0)
+        ok |= (x0 == 0) & (tail == 0)
+        ok |= ~np.isfinite(x0)
+    if np.all(ok):
+        return None
+    return ~ok
+
+
+# Exact products and sums (the Ozaki scheme on expansions) -------------------------------------
+
+# M · 2^shift < 2^(53 + span) must stay a float64 number.
+_MAX_SPAN_BITS = 960
+
+
+def _fixed_point(c):
+    """Components (m, *G, k) of an operand whose contraction axis is last, as a common fixed
+    point per group G: mantissas M (exact integers in float64, |M| < 2^53), shifts ≥ 0 with
+    component = M · 2^(shift + low), and the group's ``low``; plus the widest group's span."""
+    mant, expo = np.frexp(c)                        # c = mant · 2^expo, 0.5 ≤ |mant| < 1
+    M = np.ldexp(mant, _DOUBLE_BITS)                # exact integers
+    E = expo.astype(np.int64) - _DOUBLE_BITS
+    nonzero = M != 0
+    big = np.int64(1) << 40
+    low = np.min(np.where(nonzero, E, big), axis=(0, -1))            # per group
+    top = np.max(np.where(nonzero, E + _DOUBLE_BITS, -big), axis=(0, -1))
+    occupied = low < big
+    low = np.where(occupied, low, 0)
+    span = int(np.max(np.where(occupied, top - low, 0))) if low.size else 0
+    if span > _MAX_SPAN_BITS:
+        raise ExpansionRangeError(
+            f"expansion backend: a row of a product or sum spans {span} bits (values of very "
+            f"different magnitude side by side); at most {_MAX_SPAN_BITS} stay exact in float64")
+    shifts = np.where(nonzero, E - low[None, ..., None], 0)
+    return M, shifts, low, span
+
+
+def _slices(M, shifts, width, count):
+    """(count, *G, k): slice j = Σ_components r_j − 2^w·r_{j+1}, r_j = rint(M · 2^(shift − j·w)),
+    so that Σ_j slice_j · 2^(j·w) = M · 2^shift exactly (the sum telescopes, and r_count = 0
+    because |M · 2^shift| < 2^(count·w − 1)). Every step is exact in float64 (power-of-two
+    scalings of 53-bit integers; rint of a float is a float), and |slice| ≤ m · 2^(w−1):
+    signed slices, one bit narrower than slices of the magnitude."""
+    out = np.zeros((count,) + M.shape[1:])
+    for i in range(M.shape[0]):
+        prev = np.ldexp(M[i], shifts[i])
+        for j in range(count):
+            nxt = np.rint(np.ldexp(M[i], np.maximum(shifts[i] - (j + 1) * width, -1100)))
+            out[j] += prev - np.ldexp(nxt, width)
+            prev = nxt
+    return out
+
+
+def _limb_terms(limbs, width, exponent):
+    """Σ_d limbs[d] · 2^(d·width + exponent) (int64 limbs, |limb| < 2^62) as exact float64
+    terms, least significant first: carries make every limb a width-bit digit of the
+    magnitude (the sign taken out), and digits are packed into chunks of at most 53 bits."""
+    count = limbs.shape[0]
+    extra = (62 // width) + 2
+    limbs = np.concatenate([limbs, np.zeros((extra,) + limbs.shape[1:], dtype=np.int64)])
+    _carry(limbs, width)
+    negative = limbs[-1] < 0
+    if np.any(negative):
+        limbs = np.where(negative[None], -limbs, limbs)
+        _carry(limbs, width)
+    per_chunk = max(1, _DOUBLE_BITS // width)
+    lowest = int(np.min(exponent)) if np.size(exponent) else 0
+    terms = []
+    total = count + extra
+    for d in range(0, total, per_chunk):
+        chunk = limbs[d].copy()
+        for j in range(1, per_chunk):
+            if d + j < total:
+                chunk += limbs[d + j] << (j * width)
+        if np.any(chunk):
+            low = exponent + d * width
+            if lowest + d * width < -1022 + _DOUBLE_BITS and np.any(
+                    (low < -1022 + _DOUBLE_BITS) & (chunk != 0)):
+                raise ExpansionRangeError("expansion backend: a product or sum reached below "
+                                          "float64's normal range, where it is not exact")
+            terms.append(np.ldexp(chunk.astype(np.float64), low))
+    if np.any(negative):
+        terms = [np.where(negative, -t, t) for t in terms]
+    return terms
+
+
+def _carry(limbs, width):
+    for d in range(limbs.shape[0] - 1):
+        carry = limbs[d] >> width
+        limbs[d] -= carry << width
+        limbs[d + 1] += carry
+
+
+def _matmul_terms(ca, cb):
+    """Exact terms of (Σ ca) @ (Σ cb): ca (ma, ..., m, k), cb (mb, ..., k, n)."""
+    ma, mb = ca.shape[0], cb.shape[0]
+    k = ca.shape[-1]
+    out_shape = np.broadcast_shapes(ca.shape[1:-2], cb.shape[1:-2]) + (ca.shape[-2], cb.shape[-1])
+    if k == 0 or 0 in out_shape:
+        return [], out_shape
+    Ma, sha, lowa, spana = _fixed_point(ca)
+    Mb, shb, lowb, spanb = _fixed_point(np.swapaxes(cb, -1, -2))
+    # Slice widths: |Sa| ≤ ma·2^(w−1), |Sb| ≤ mb·2^(w−1), so a dot product of k of their
+    # products and every partial sum stay within ma·mb·k·2^(2w−2) ≤ 2^53: exact in any
+    # summation order, blocking or thread split of the BLAS.
+    total = _DOUBLE_BITS + 2 - (k - 1).bit_length() - (ma * mb - 1).bit_length()
+    w = total // 2
+    sa, sb = -(-(spana + 1) // w), -(-(spanb + 1) // w)
+    A = _slices(Ma, sha, w, sa)                                   # (sa, ..., m, k)
+    B = np.swapaxes(_slices(Mb, shb, w, sb), -1, -2)              # (sb, ..., k, n)
+    limbs = np.zeros((sa + sb - 1,) + out_shape, dtype=np.int64)
+    m = ca.shape[-2]
+    a_stack = np.moveaxis(A, 0, -3).reshape(A.shape[1:-2] + (sa * m, k))
+    for q in range(sb):
+        prod = np.matmul(a_stack, B[q])
+        prod = np.moveaxis(prod.reshape(prod.shape[:-2] + (sa, m, prod.shape[-1])), -3, 0)
+        limbs[q:q + sa] += prod.astype(np.int64)          # slice pair (p, q) weighs 2^((p+q)w)
+    exponent = lowa[..., :, None] + lowb[..., None, :]
+    return _limb_terms(limbs, w, np.broadcast_to(exponent, out_shape)), out_shape
+
+
+def _sum_terms(c):
+    """Exact terms of the sum over the last axis of components c (m, *G, n)."""
+    m, n = c.shape[0], c.shape[-1]
+    shape = c.shape[1:-1]
+    if n == 0:
+        return [], shape
+    M, shifts, low, span = _fixed_point(c)
+    # n slices of at most m·2^(w−1) each: every partial sum within n·m·2^(w−1) ≤ 2^53.
+    width = min(_DOUBLE_BITS + 1 - (n - 1).bit_length() - (m - 1).bit_length(), 60)
+    count = -(-(span + 1) // width)
+    slices = _slices(M, shifts, width, count)
+    limbs = np.sum(slices, axis=-1).astype(np.int64)              # exact: below 2^53
+    return _limb_terms(limbs, width, low), shape
