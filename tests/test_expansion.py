@@ -1,0 +1,272 @@
+"""The expansion engine (``refnet/numerics/expansion.py``) is held to its stated bound by mpmath.
+
+The engine promises the standard model of floating-point arithmetic with unit roundoff
+ε = 2^(1−prec) (prec: the bits the mp backend rounds to at the same dps, plus one): every
+operation's result lies within relative ε of the exact result of that operation on the engine's
+own operands (products, sums and matmuls within 2^−prec: exact, then rounded once). mpmath at 80
+digits (266 bits, its own error ~2^-266, 2^-95 of ε) is the judge, element by element.
+
+A whole computation then obeys the error analysis of ``refnet/numerics/errorbound.py`` with u
+replaced by ε: the float64 running bound ``e`` (computed with u = 2^-53) scaled by ε/u bounds the
+engine's error, up to a factor 2 — ``e`` charges a result's rounding as half its float64 ulp,
+which can be as small as 2^-54 |v| where the engine's per-operation bound is ε|v| — and the
+second-order terms, which only shrink with ε. So every gradient element of every layer type must
+satisfy |engine − mp80| ≤ 2·(ε/u)·e (+ mp80's own error), checked below.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from conftest import small_spec
+
+from refnet import BOUND, Model, MPBackend
+from refnet.numerics import expansion as ex
+from refnet.numerics.expansion import Expansion, ExpansionBackend, ExpansionRangeError
+
+E = ExpansionBackend(50)
+REF = MPBackend(80)
+EPS = 2.0 ** (1 - E.prec)
+
+
+def _relative_errors(x: Expansion, exact) -> np.ndarray:
+    """|x − exact| / |exact| per element, computed in the reference context (exact zero must
+    be matched exactly: inf otherwise)."""
+    ctx = REF.ctx
+    got = np.asarray(E.to_mpf(x), dtype=object).ravel()
+    want = np.asarray(exact, dtype=object).ravel()
+    out = []
+    for g, w in zip(got, want):
+        g, w = ctx.mpf(g), ctx.mpf(w)
+        if w == 0:
+            out.append(0.0 if g == 0 else math.inf)
+        else:
+            out.append(float(abs(g - w) / abs(w)))
+    return np.array(out)
+
+
+def _operands(rng, shape, kind):
+    """Engine operands with several components: products and sums of floats (exact in the
+    engine), or ``cancel``: a + (−a + tiny), whose exact value is tiny against its terms."""
+    a = E.asarray(rng.standard_normal(shape))
+    b = E.asarray(rng.standard_normal(shape))
+    c = E.asarray(rng.standard_normal(shape))
+    wide = a * b + c * E.const("0.1")                  # ~3-4 components
+    if kind == "wide":
+        return wide
+    tiny = E.asarray(rng.standard_normal(shape) * 2.0 ** -90)
+    return (wide + tiny) - wide * E.asarray(np.ones(shape))
+
+
+def _exact(x):
+    """The engine operand as exact mpf of the reference context."""
+    ctx = REF.ctx
+    return np.vectorize(lambda v: ctx.mpf(v), otypes=[object])(np.asarray(E.to_mpf(x), dtype=object))
+
+
+BINARY = {
+    "add": (lambda a, b: a + b, lambda a, b: a + b),
+    "subtract": (lambda a, b: a - b, lambda a, b: a - b),
+    "multiply": (lambda a, b: a * b, lambda a, b: a * b),
+    "divide elementwise": (lambda a, b: a / b, lambda a, b: a / b),
+}
+
+
+@pytest.mark.parametrize("kind", ["wide", "cancel"])
+@pytest.mark.parametrize("op", sorted(BINARY))
+def test_each_arithmetic_operation_is_within_its_unit_roundoff_of_mpmath(op, kind):
+    """+ − × ÷ on multi-component operands (and on cancelling ones): every element within
+    relative ε = 2^(1−prec) of the exact result."""
+    rng = np.random.default_rng(1)
+    a, b = _operands(rng, (6, 7), kind), _operands(rng, (6, 7), "wide")
+    fast, exact = BINARY[op]
+    got = fast(a, b)
+    want = np.vectorize(exact, otypes=[object])(_exact(a), _exact(b))
+    assert np.max(_relative_errors(got, want)) <= EPS
+
+
+def test_division_by_a_broadcast_divisor_goes_through_the_reciprocal_within_the_bound():
+    """A (6, 7) / (6, 1) division (softmax's normalization, a mean) is a K-component reciprocal
+    times a product: two roundings, ≤ 2^-(53K−1) + 2^-prec ≤ ε."""
+    rng = np.random.default_rng(2)
+    a, b = _operands(rng, (6, 7), "wide"), _operands(rng, (6, 1), "wide")
+    got = a / b
+    want = np.vectorize(lambda x, y: x / y, otypes=[object])(_exact(a), _exact(b))
+    assert np.max(_relative_errors(got, want)) <= EPS
+
+
+@pytest.mark.parametrize("name", ["exp", "expm1", "log", "log1p", "tanh", "sqrt", "erf", "erfc"])
+def test_each_elementwise_function_is_within_its_unit_roundoff_of_mpmath(name):
+    rng = np.random.default_rng(3)
+    x = _operands(rng, (5, 4), "wide")
+    if name in ("log", "sqrt"):
+        x = E.abs(x) + E.const("0.01")
+    if name == "log1p":
+        x = E.abs(x)
+    got = getattr(E, name)(x)
+    f = getattr(REF.ctx, name)
+    want = np.vectorize(f, otypes=[object])(_exact(x))
+    assert np.max(_relative_errors(got, want)) <= EPS
+
+
+@pytest.mark.parametrize("shapes", [((5, 9), (9, 4)), ((9,), (9, 4)), ((5, 9), (9,)),
+                                    ((2, 3, 9), (2, 9, 4)), ((2, 3, 9), (9, 4))])
+@pytest.mark.parametrize("kind", ["wide", "cancel"])
+def test_matmul_is_the_exact_product_rounded_once(shapes, kind):
+    """Ozaki GEMMs on float64 BLAS are error-free: the result is the exact product within
+    2^-prec, including numpy's vector and broadcast-batch rules."""
+    rng = np.random.default_rng(4)
+    a, b = _operands(rng, shapes[0], kind), _operands(rng, shapes[1], "wide")
+    got = E.matmul(a, b)
+    want = np.matmul(_exact(a), _exact(b))
+    assert got.shape == np.shape(want)
+    assert np.max(_relative_errors(got, np.asarray(want, dtype=object))) <= 2.0 ** -E.prec
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1, (0, 2), -1])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_sum_is_the_exact_sum_rounded_once(axis, keepdims):
+    rng = np.random.default_rng(5)
+    a = _operands(rng, (3, 4, 5), "cancel")
+    got = E.sum(a, axis=axis, keepdims=keepdims)
+    want = np.sum(_exact(a), axis=axis, keepdims=keepdims)
+    assert got.shape == np.shape(want)
+    assert np.max(_relative_errors(got, np.asarray(want, dtype=object))) <= 2.0 ** -E.prec
+
+
+def test_an_exact_cancellation_gives_exactly_zero():
+    """x + (−x) over a long sum is 0 exactly (a BatchNorm bias gradient is exactly zero)."""
+    rng = np.random.default_rng(6)
+    a = _operands(rng, (4, 8), "wide")
+    total = E.sum(E.where(np.ones((4, 8), dtype=bool), a, 0) - a, axis=1)
+    assert not np.any(total.c)
+
+
+def test_comparisons_and_argmax_are_exact_on_differences_far_below_float64():
+    """a and a + 2^-150·a compare as they are, although their float64 values are equal: the
+    sign of a difference is the sign of its leading component (dominance)."""
+    a = E.asarray(np.array([1.5, -2.0, 3.0])) * E.const("1.1")
+    b = a + a * E.asarray(np.array([2.0 ** -150, -(2.0 ** -150), 0.0]))
+    assert np.array_equal(E.to_numpy(a), E.to_numpy(b))
+    assert list(b > a) == [True, True, False] and list(b == a) == [False, False, True]
+    m = max(a.c.shape[0], b.c.shape[0])
+    stacked = Expansion(np.stack([ex._pad(a.c, m), ex._pad(b.c, m)], axis=-1), E)
+    assert list(E.argmax(stacked, axis=1)) == [1, 1, 0]   # a tie: the first maximum
+
+
+def test_to_numpy_rounds_correctly_next_to_a_rounding_midpoint():
+    """1 + 2^-53 (a midpoint) plus or minus 2^-160: the float64 sum of the components would
+    round both to even; the exact value rounds up and down."""
+    one = E.asarray(np.array([1.0, 1.0, 1.0]))
+    half_ulp = E.asarray(np.array([2.0 ** -53] * 3))
+    nudge = E.asarray(np.array([2.0 ** -160, -(2.0 ** -160), 0.0]))
+    x = one + half_ulp + nudge
+    want = [float(REF.ctx.mpf(v)) for v in E.to_mpf(x)]
+    assert list(E.to_numpy(x)) == want == [1.0 + 2.0 ** -52, 1.0, 1.0]
+
+
+def test_values_outside_the_exact_range_raise_instead_of_losing_digits():
+    """Below TINY a product's error term would underflow: the engine refuses (verify then uses
+    the mp backend) rather than return fewer digits than it promises."""
+    with pytest.raises(ExpansionRangeError):
+        E.asarray(np.array([1.0, 1e-300]))
+    small = E.asarray(np.array([2.0 ** -500]))
+    with pytest.raises(ExpansionRangeError):
+        small * small
+    with pytest.raises(ExpansionRangeError):
+        E.asarray(np.array([2.0 ** 1000]))
+
+
+def test_the_rounding_check_flags_a_residual_just_above_its_limit_and_not_one_just_below():
+    """The a-posteriori check is the engine's guarantee; it must reject a leftover of
+    (1 + 2^-30) × 2^-prec·|x₀| and accept (1 − 2^-30) × that (the check's own float rounding
+    is 2^-45 relative)."""
+    x0 = np.array([1.0])
+    limit = E._limit
+    above = [x0 * limit * (1 + 2.0 ** -30)]
+    below = [x0 * limit * (1 - 2.0 ** -30)]
+    assert ex._failing([x0], above, limit) is not None
+    assert ex._failing([x0], below, limit) is None
+
+
+def test_infinities_pass_through_as_in_float64():
+    """Max-pool pads with −inf: where, max and comparisons treat it as float64 does."""
+    a = E.where(np.array([True, False]), E.asarray(np.array([0.5, 0.5])), -np.inf)
+    assert list(a > 0) == [True, False]
+    assert E.to_numpy(E.max(a, axis=0)) == 0.5
+    assert E.to_numpy(a + 1.0)[1] == -np.inf
+
+
+# --- whole networks: every layer type, gradients within the engine's analysed bound ----------
+
+def _net(layers, input_shape, loss="mse", batch=3, **extra):
+    return {"input_shape": list(input_shape), "seed": 0, "batch": batch, "layers": layers,
+            "loss": {"type": loss}, **extra}
+
+
+CNN = [{"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": 1, "stride": 1},
+       {"type": "batchnorm"}, {"type": "relu"},
+       {"type": "conv2d", "out_channels": 4, "kernel_size": 2, "stride": 2, "dilation": 1,
+        "groups": 1},
+       {"type": "maxpool2d", "kernel_size": 2},
+       {"type": "flatten"}, {"type": "dense", "out": 3}]
+
+NETWORKS = {
+    **{f"mlp-{act}": small_spec(act, widths=(5, 4)) for act in
+       ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "softplus", "prelu",
+        "scaled_sigmoid", "identity")},
+    "mlp-cross-entropy": small_spec("tanh", loss="softmax_cross_entropy", widths=(5,), out_dim=3),
+    "mlp-bce": small_spec("tanh", loss="bce_with_logits", widths=(5,), out_dim=2),
+    "mlp-l1-l2": {**small_spec("tanh", widths=(5,)),
+                  "regularization": {"l1": 1e-3, "l2": 1e-2, "params": "weights"}},
+    "cnn-bn-maxpool": _net(CNN, (2, 6, 6), "softmax_cross_entropy", batch=2),
+    "cnn-avgpool-global": _net(
+        [{"type": "conv2d", "out_channels": 2, "kernel_size": 3, "padding": 1, "groups": 2},
+         {"type": "avgpool2d", "kernel_size": 2, "padding": 1},
+         {"type": "conv2d", "out_channels": 2, "kernel_size": 2, "dilation": 1},
+         {"type": "global_avgpool"}, {"type": "flatten"}, {"type": "dense", "out": 2}],
+        (2, 5, 5), batch=2),
+    "layernorm-dropout-train": _net(
+        [{"type": "dense", "out": 6}, {"type": "layernorm"}, {"type": "tanh"},
+         {"type": "dropout", "p": 0.3}, {"type": "dense", "out": 2}], (4,), mode="train"),
+    "residual-projection": _net(
+        [{"type": "residual", "shortcut": [{"type": "dense", "out": 5}], "body": [
+            {"type": "dense", "out": 5}, {"type": "relu"}, {"type": "dense", "out": 5}]},
+         {"type": "dense", "out": 2}], (3,)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_every_gradient_of_every_layer_type_is_within_the_engine_bound_of_mpmath(name):
+    model = Model(NETWORKS[name])
+    params, x, y = model.prepare()
+    got = model.loss_and_grads(E, params, x, y)
+    want = model.loss_and_grads(REF, params, x, y)
+    bound = model.loss_and_grads(BOUND, params, x, y)
+    scale = 2 * EPS / 2.0 ** -53
+    for key in list(want.params) + ["x"]:
+        g = got.params[key] if key != "x" else got.x
+        w = want.params[key] if key != "x" else want.x
+        e = (bound.params[key] if key != "x" else bound.x).e
+        diff = REF.to_numpy(REF.abs(REF.asarray(E.to_mpf(g)) - w))
+        allowed = scale * e + 1e-70 * np.abs(REF.to_numpy(w))      # + mp80's own rounding
+        assert np.all(diff <= allowed), (key, float(np.max(diff / np.maximum(allowed, 1e-300))))
+
+
+def test_the_network_check_has_teeth_a_component_short_engine_fails_it():
+    """The same comparison fails for an engine that keeps one component less than it claims
+    (errors ~2^-159 against a bound of ~2^-165 · the float64 bound's growth)."""
+    weak = ExpansionBackend(50)
+    weak.K -= 1
+    weak._limit = 2.0 ** -(53 * weak.K - 24)        # its rounding then passes its own check
+    model = Model(NETWORKS["mlp-tanh"])
+    params, x, y = model.prepare()
+    got = model.loss_and_grads(weak, params, x, y)
+    want = model.loss_and_grads(REF, params, x, y)
+    bound = model.loss_and_grads(BOUND, params, x, y)
+    scale = 2 * EPS / 2.0 ** -53
+    worst = 0.0
+    for key in want.params:
+        diff = REF.to_numpy(REF.abs(REF.asarray(weak.to_mpf(got.params[key])) - want.params[key]))
+        worst = max(worst, float(np.max(diff / (scale * bound.params[key].e))))
+    assert worst > 1.0
