@@ -23,7 +23,7 @@ summed again). Then an a-posteriori check, per element, with the leftover terms 
 exact value is Σ components + Σ R, always):
 
 - *precision*: Σ|R| ≤ 2^−prec · |x₀|  (``prec`` = ``PRECISION_BITS`` of the backend)
-- *dominance*: Σ_{i≥1}|x_i| + Σ|R| ≤ 2^−50 · |x₀|, or the element is exactly zero
+- *dominance*: Σ_{i≥1}|x_i| + Σ|R| ≤ 2^−40 · |x₀|, or the element is exactly zero
 
 Elements failing it are summed again from their components and leftovers (a second round
 converges: the inputs are then nearly non-overlapping); after ``_ROUNDS`` rounds any element
@@ -53,7 +53,7 @@ from .backend import Constant, constant_value
 _DOUBLE_BITS = 53
 _SPLITTER = 2.0 ** 27 + 1                  # Veltkamp/Dekker: 53 = 26 + 27 bits
 _ROUNDS = 3
-DOMINANCE = 2.0 ** -50
+DOMINANCE = 2.0 ** -40
 # |x₀| in [TINY, HUGE] for every nonzero result: products of components (down to 2^-53K
 # relative) then stay above float64's normal range, and 2^27·x never overflows.
 HUGE = 2.0 ** 960
@@ -289,7 +289,9 @@ class ExpansionBackend:
             out = s + tail
             half = 0.5 * np.spacing(np.abs(s))
             # Within reach of a rounding midpoint the float sum may round the wrong way: exact.
-            near = np.isfinite(s) & (np.abs(np.abs(tail) - half) <= 2.0 ** -40 * half)
+            # (tail = 0: s is exact.)
+            near = (np.isfinite(s) & (tail != 0)
+                    & (np.abs(np.abs(tail) - half) <= 2.0 ** -40 * half))
         if np.any(near):
             for idx in zip(*np.nonzero(near)):
                 out[idx] = math.fsum(float(ci[idx]) for ci in c)
@@ -324,11 +326,17 @@ class ExpansionBackend:
                 f"expansion backend: |value| {float(mag[where]):.3g} at {where} is outside "
                 f"[{self.tiny:.3g}, {HUGE:.3g}], where the float64 expansions stay exact")
 
-    def _finish(self, terms, shape, special=None):
+    def _finish(self, terms, shape, special=None, ordered=False):
         """Round exact terms to an Expansion; ``special``: (mask, float64 values) of elements
-        whose operands were not finite, set to the float64 result there."""
-        comps = _round_terms(terms, self) if terms else [np.zeros(shape)]
+        whose operands were not finite, set to the float64 result there. A result that is not
+        finite from finite operands overflowed float64's range: refused."""
+        comps = _round_terms(terms, self, ordered) if terms else [np.zeros(shape)]
         c = np.stack([np.broadcast_to(ci, shape) for ci in comps])
+        overflow = ~np.isfinite(c[0])
+        if special is not None:
+            overflow &= ~np.broadcast_to(special[0], overflow.shape)
+        if np.any(overflow):
+            raise ExpansionRangeError("expansion backend: a result overflowed float64's range")
         if special is not None:
             mask, values = special
             c = c.copy()
@@ -494,7 +502,7 @@ class ExpansionBackend:
             if not np.all(np.isfinite(x)):
                 raise ValueError("expansion backend: a non-finite value reached a matmul")
         terms, shape = _matmul_terms(ca, cb)
-        out = self._finish(terms, shape)
+        out = self._finish(terms, shape, ordered=True)
         if vec_a:
             out = out[..., 0, :]
         if vec_b:
@@ -513,7 +521,7 @@ class ExpansionBackend:
         if not np.all(np.isfinite(c[0])):
             raise ValueError("expansion backend: a non-finite value reached a sum")
         terms, shape = _sum_terms(c)
-        out = self._finish(terms, shape)
+        out = self._finish(terms, shape, ordered=True)
         if keepdims:
             out = out.reshape(tuple(1 if d in axes else n for d, n in enumerate(a.shape)))
         return out
@@ -567,19 +575,28 @@ def _interleave(ca, cb):
     return terms
 
 
-def _vecsum(terms):
+def _fast_two_sum(a, b):
+    """s + e = a + b exactly, s = fl(a + b), where exponent(a) ≥ exponent(b) or a = 0
+    (Dekker; 3 operations instead of TwoSum's 6)."""
+    s = a + b
+    return s, b - (s - a)
+
+
+def _vecsum(terms, ordered=False):
     """One error-free pass: (top, errors), top + Σ errors = Σ terms exactly, top the float
-    sum of the chain; errors that are zero everywhere are dropped."""
+    sum of the chain; errors that are zero everywhere are dropped. ``ordered``: every term
+    outweighs the sum of those before it (the chunks of ``_limb_terms``), so Fast2Sum is
+    exact."""
     s = terms[0]
     errors = []
     for t in terms[1:]:
-        s, e = _two_sum(s, t)
-        if np.any(e):
+        s, e = _fast_two_sum(t, s) if ordered else _two_sum(s, t)
+        if e.any():
             errors.append(e)
     return s, errors
 
 
-def _round_terms(terms, bk):
+def _round_terms(terms, bk, ordered=False):
     """At most K components whose sum is within 2^-prec (relative) of Σ terms, with the
     dominance of the leading one (see the module docstring); terms least significant first."""
     K, limit = bk.K, bk._limit
@@ -591,8 +608,9 @@ def _round_terms(terms, bk):
     for _ in range(_ROUNDS):
         comps = []
         while len(comps) < K and rest:
-            top, rest = _vecsum(rest)
+            top, rest = _vecsum(rest, ordered and not comps)
             comps.append(top)
+        ordered = False
         failing = _failing(comps, rest, limit)
         if failing is None:
             return comps
@@ -659,59 +677,67 @@ def _fixed_point(c):
 
 
 def _slices(M, shifts, width, count):
-    """(count, *G, k): slice j = Σ_components r_j − 2^w·r_{j+1}, r_j = rint(M · 2^(shift − j·w)),
-    so that Σ_j slice_j · 2^(j·w) = M · 2^shift exactly (the sum telescopes, and r_count = 0
-    because |M · 2^shift| < 2^(count·w − 1)). Every step is exact in float64 (power-of-two
-    scalings of 53-bit integers; rint of a float is a float), and |slice| ≤ m · 2^(w−1):
-    signed slices, one bit narrower than slices of the magnitude."""
+    """(count, *G, k): slice j = Σ_components r_j − 2^w·r_{j+1}, r_j = rint(X · 2^(−j·w)) with
+    X = M · 2^shift, so that Σ_j slice_j · 2^(j·w) = X exactly (the sum telescopes, and
+    r_count = 0 because |X| < 2^(count·w − 1)). Every step is exact in float64: X is M with
+    another exponent (below 2^1013, as spans are capped), scaling by a power of two is exact
+    (values that fall below the normal range are below 1/2 and round to 0 as they should), and
+    rint of a float is a float. |slice| ≤ m · 2^(w−1): signed slices, one bit narrower than
+    slices of the magnitude."""
     out = np.zeros((count,) + M.shape[1:])
-    for i in range(M.shape[0]):
-        prev = np.ldexp(M[i], shifts[i])
-        for j in range(count):
-            nxt = np.rint(np.ldexp(M[i], np.maximum(shifts[i] - (j + 1) * width, -1100)))
-            out[j] += prev - np.ldexp(nxt, width)
-            prev = nxt
+    scale = 2.0 ** -width
+    up = 2.0 ** width
+    with np.errstate(under="ignore"):
+        for i in range(M.shape[0]):
+            prev = np.ldexp(M[i], shifts[i])
+            for j in range(count):
+                nxt = np.rint(prev * scale)
+                out[j] += prev - nxt * up
+                prev = nxt
+                if j + 1 < count and not prev.any():
+                    break
     return out
 
 
 def _limb_terms(limbs, width, exponent):
-    """Σ_d limbs[d] · 2^(d·width + exponent) (int64 limbs, |limb| < 2^62) as exact float64
-    terms, least significant first: carries make every limb a width-bit digit of the
-    magnitude (the sign taken out), and digits are packed into chunks of at most 53 bits."""
-    count = limbs.shape[0]
-    extra = (62 // width) + 2
-    limbs = np.concatenate([limbs, np.zeros((extra,) + limbs.shape[1:], dtype=np.int64)])
-    _carry(limbs, width)
-    negative = limbs[-1] < 0
-    if np.any(negative):
-        limbs = np.where(negative[None], -limbs, limbs)
-        _carry(limbs, width)
+    """Σ_d limbs[d] · 2^(d·width + exponent) as exact float64 terms, least significant first.
+
+    ``limbs``: float64 (L, *S), integers of magnitude ≤ 2^52, the top ``_extra_limbs(width)``
+    rows zero (room for the carries); changed in place. Balanced carries (rint) make every
+    limb but the top one a digit in [−2^(w−1), 2^(w−1)] — exact in float64: scalings by powers
+    of two, rint, and sums below 2^53 — so the lower digits of a number never outweigh the
+    digit above them (no cancellation between terms), and ⌊53/w⌋ consecutive digits are one
+    exact float, a *chunk*. Each chunk times 2^(d·w + exponent) is a term."""
+    total = limbs.shape[0]
+    up, down = 2.0 ** width, 2.0 ** -width
+    for d in range(total - 1):
+        carry = np.rint(limbs[d] * down)
+        limbs[d] -= carry * up
+        limbs[d + 1] += carry
     per_chunk = max(1, _DOUBLE_BITS // width)
     lowest = int(np.min(exponent)) if np.size(exponent) else 0
+    scale = np.ldexp(1.0, exponent) if lowest >= -1022 + _DOUBLE_BITS else None
     terms = []
-    total = count + extra
     for d in range(0, total, per_chunk):
         chunk = limbs[d].copy()
-        for j in range(1, per_chunk):
-            if d + j < total:
-                chunk += limbs[d + j] << (j * width)
-        if np.any(chunk):
-            low = exponent + d * width
-            if lowest + d * width < -1022 + _DOUBLE_BITS and np.any(
-                    (low < -1022 + _DOUBLE_BITS) & (chunk != 0)):
-                raise ExpansionRangeError("expansion backend: a product or sum reached below "
-                                          "float64's normal range, where it is not exact")
-            terms.append(np.ldexp(chunk.astype(np.float64), low))
-    if np.any(negative):
-        terms = [np.where(negative, -t, t) for t in terms]
+        for j in range(1, min(per_chunk, total - d)):
+            chunk += limbs[d + j] * 2.0 ** (j * width)
+        if not chunk.any():
+            continue
+        if scale is not None:
+            terms.append(chunk * (scale * 2.0 ** (d * width)))
+            continue
+        low = exponent + d * width
+        if np.any((low < -1022 + _DOUBLE_BITS) & (chunk != 0)):
+            raise ExpansionRangeError("expansion backend: a product or sum reached below "
+                                      "float64's normal range, where it is not exact")
+        terms.append(np.ldexp(chunk, low))
     return terms
 
 
-def _carry(limbs, width):
-    for d in range(limbs.shape[0] - 1):
-        carry = limbs[d] >> width
-        limbs[d] -= carry << width
-        limbs[d + 1] += carry
+def _extra_limbs(width):
+    """Rows above the top limb that the carries of limbs up to 2^52 fill."""
+    return -(-52 // width) + 1
 
 
 def _matmul_terms(ca, cb):
@@ -724,22 +750,32 @@ def _matmul_terms(ca, cb):
     Ma, sha, lowa, spana = _fixed_point(ca)
     Mb, shb, lowb, spanb = _fixed_point(np.swapaxes(cb, -1, -2))
     # Slice widths: |Sa| ≤ ma·2^(w−1), |Sb| ≤ mb·2^(w−1), so a dot product of k of their
-    # products and every partial sum stay within ma·mb·k·2^(2w−2) ≤ 2^53: exact in any
-    # summation order, blocking or thread split of the BLAS.
-    total = _DOUBLE_BITS + 2 - (k - 1).bit_length() - (ma * mb - 1).bit_length()
-    w = total // 2
+    # products and every partial sum stay within ma·mb·k·2^(2w−2) — exact in any summation
+    # order, blocking or thread split of the BLAS — and the at most min(sa, sb) products
+    # added into one limb (one weight 2^((p+q)w)) within 2^52, which leaves the carries room.
+    base = 54 - (k - 1).bit_length() - (ma * mb - 1).bit_length()
+    w = base // 2
+    for _ in range(3):                       # the limb sum depends on the slice counts
+        sa, sb = -(-(spana + 1) // w), -(-(spanb + 1) // w)
+        w_next = (base - (min(sa, sb) - 1).bit_length()) // 2
+        if w_next == w:
+            break
+        w = w_next
     sa, sb = -(-(spana + 1) // w), -(-(spanb + 1) // w)
+    if (base - (min(sa, sb) - 1).bit_length()) // 2 < w:       # not settled: the safe width
+        w -= 1
+        sa, sb = -(-(spana + 1) // w), -(-(spanb + 1) // w)
     A = _slices(Ma, sha, w, sa)                                   # (sa, ..., m, k)
     B = np.swapaxes(_slices(Mb, shb, w, sb), -1, -2)              # (sb, ..., k, n)
-    limbs = np.zeros((sa + sb - 1,) + out_shape, dtype=np.int64)
+    limbs = np.zeros((sa + sb - 1 + _extra_limbs(w),) + out_shape)
     m = ca.shape[-2]
     a_stack = np.moveaxis(A, 0, -3).reshape(A.shape[1:-2] + (sa * m, k))
     for q in range(sb):
         prod = np.matmul(a_stack, B[q])
         prod = np.moveaxis(prod.reshape(prod.shape[:-2] + (sa, m, prod.shape[-1])), -3, 0)
-        limbs[q:q + sa] += prod.astype(np.int64)          # slice pair (p, q) weighs 2^((p+q)w)
-    exponent = lowa[..., :, None] + lowb[..., None, :]
-    return _limb_terms(limbs, w, np.broadcast_to(exponent, out_shape)), out_shape
+        limbs[q:q + sa] += prod                            # slice pair (p, q) weighs 2^((p+q)w)
+    exponent = np.broadcast_to(lowa[..., :, None] + lowb[..., None, :], out_shape)
+    return _limb_terms(limbs, w, exponent), out_shape
 
 
 def _sum_terms(c):
@@ -749,9 +785,9 @@ def _sum_terms(c):
     if n == 0:
         return [], shape
     M, shifts, low, span = _fixed_point(c)
-    # n slices of at most m·2^(w−1) each: every partial sum within n·m·2^(w−1) ≤ 2^53.
-    width = min(_DOUBLE_BITS + 1 - (n - 1).bit_length() - (m - 1).bit_length(), 60)
+    # n slices of at most m·2^(w−1) each: every partial sum within n·m·2^(w−1) ≤ 2^52.
+    width = 53 - (n - 1).bit_length() - (m - 1).bit_length()
     count = -(-(span + 1) // width)
-    slices = _slices(M, shifts, width, count)
-    limbs = np.sum(slices, axis=-1).astype(np.int64)              # exact: below 2^53
+    limbs = np.zeros((count + _extra_limbs(width),) + shape)
+    limbs[:count] = np.sum(_slices(M, shifts, width, count), axis=-1)     # exact
     return _limb_terms(limbs, width, low), shape
