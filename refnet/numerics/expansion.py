@@ -372,7 +372,8 @@ class ExpansionBackend:
     def add(self, a, b) -> Expansion:
         ca, cb, shape = self._pair(a, b)
         ca, cb, special = self._specials(ca, cb, np.add)
-        # Least significant first: the VecSum chain then adds small to large.
+        # Leading components first: where a ≈ −b, a₀ + b₀ cancels exactly (Sterbenz) before
+        # anything is rounded, and the chain's top is then accurate at the first pass.
         terms = _interleave(ca, cb)
         return self._finish(terms, shape, special)
 
@@ -568,9 +569,9 @@ def _trim(c):
 
 
 def _interleave(ca, cb):
-    """Components of two expansions, least significant first."""
+    """Components of two expansions, pairwise, the leading ones first."""
     terms = []
-    for i in range(max(ca.shape[0], cb.shape[0]) - 1, -1, -1):
+    for i in range(max(ca.shape[0], cb.shape[0])):
         if i < ca.shape[0]:
             terms.append(ca[i])
         if i < cb.shape[0]:
