@@ -47,6 +47,7 @@ import math
 
 import mpmath
 import numpy as np
+from mpmath.libmp import from_man_exp, round_nearest
 
 from .backend import Constant, constant_value
 
@@ -260,23 +261,37 @@ class ExpansionBackend:
         return self._from_mpf(arr)
 
     def _from_mpf(self, arr):
-        """Object arrays of mpf (or numbers): each element greedily, c_i = fl(x − Σ_{j<i} c_j)
-        in this backend's mpmath context (exact: x has at most K·53 + 64 bits there)."""
-        ctx = self.ctx
-        flat = [ctx.mpf(v) for v in np.asarray(arr, dtype=object).flat]
-        out = np.zeros((self.K, len(flat)))
+        """Object arrays of mpf (or numbers): each element's exact value rounded greedily to
+        K components, c_i = fl(x − Σ_{j<i} c_j) (Python's int → float conversion rounds
+        correctly; the remainder is exact integer arithmetic)."""
+        K = self.K
+        flat = np.asarray(arr, dtype=object).ravel()
+        out = np.zeros((K, flat.size))
         for j, v in enumerate(flat):
-            if not ctx.isfinite(v):
-                out[0, j] = float(v)
+            t = v._mpf_ if hasattr(v, "_mpf_") else self.ctx.mpf(v)._mpf_
+            sign, man, exp, _ = t
+            if not man:
+                out[0, j] = 0.0 if not exp else float(self.ctx.make_mpf(t))   # 0, ±inf, nan
                 continue
-            for i in range(self.K):
-                f = float(v)
-                out[i, j] = f
-                v = v - f
-                if not v:
+            r = -int(man) if sign else int(man)
+            for i in range(K):
+                if not r:
                     break
+                shift = max(0, r.bit_length() - 1000)
+                if shift:                        # float() needs r < 2^1024: keep a sticky bit
+                    top = r >> shift
+                    top |= 1 if r - (top << shift) else 0
+                    f = float(top)
+                    r -= int(f) << shift
+                else:
+                    f = float(r)
+                    r -= int(f)
+                try:
+                    out[i, j] = math.ldexp(f, exp + shift)
+                except OverflowError:
+                    out[i, j] = math.copysign(math.inf, f)
         self._check_range(out[0])
-        return Expansion(_trim(out.reshape((self.K,) + arr.shape)), self)
+        return Expansion(_trim(out.reshape((K,) + np.shape(arr))), self)
 
     def to_numpy(self, a) -> np.ndarray:
         """The correctly rounded float64 of every element."""
@@ -301,11 +316,30 @@ class ExpansionBackend:
         return out
 
     def to_mpf(self, a):
-        """Every element exactly as an mpf of ``self.ctx`` (object array, or a scalar for 0-d)."""
+        """Every element as an mpf of ``self.ctx`` (object array, or a scalar for 0-d): exact
+        whenever its components span at most K·53 + 64 bits (always, for the results of
+        this backend's operations), else rounded once to that precision."""
         a = self.asarray(a)
         ctx = self.ctx
-        comps = [ci.ravel().tolist() for ci in a.c]
-        values = [ctx.fsum(parts) for parts in zip(*comps)]
+        prec, make = ctx.prec, ctx.make_mpf
+        c = a.c.reshape(a.c.shape[0], -1)
+        with np.errstate(invalid="ignore"):
+            mant, expo = np.frexp(c)
+        mans = np.ldexp(mant, _DOUBLE_BITS).astype(np.int64).tolist()
+        exps = (expo.astype(np.int64) - _DOUBLE_BITS).tolist()
+        finite = np.isfinite(c[0]).tolist()
+        values = []
+        for j in range(c.shape[1]):
+            if not finite[j]:
+                values.append(ctx.mpf(float(c[0, j])))
+                continue
+            parts = [(m[j], e[j]) for m, e in zip(mans, exps) if m[j]]
+            if not parts:
+                values.append(ctx.zero)
+                continue
+            low = min(e for _, e in parts)
+            total = sum(m << (e - low) for m, e in parts)
+            values.append(make(from_man_exp(total, low, prec, round_nearest)))
         out = np.empty(len(values), dtype=object)
         out[:] = values
         out = out.reshape(a.shape)
@@ -719,12 +753,18 @@ def _limb_terms(limbs, width, exponent):
     of two, rint, and sums below 2^53 — so the lower digits of a number never outweigh the
     digit above them (no cancellation between terms), and ⌊53/w⌋ consecutive digits are one
     exact float, a *chunk*. Each chunk times 2^(d·w + exponent) is a term."""
-    total = limbs.shape[0]
+    total, shape = limbs.shape[0], limbs.shape[1:]
+    limbs = limbs.reshape(total, -1)             # rows are 1-d views, even for a 0-d result
+    exponent = np.broadcast_to(exponent, shape).ravel()
     up, down = 2.0 ** width, 2.0 ** -width
-    for d in range(total - 1):
-        carry = np.rint(limbs[d] * down)
-        limbs[d] -= carry * up
-        limbs[d + 1] += carry
+    carry = np.empty(limbs.shape[1:])
+    shifted = np.empty(limbs.shape[1:])
+    for d in range(total - 1):                   # in place: these are the engine's widest arrays
+        np.multiply(limbs[d], down, out=carry)
+        np.rint(carry, out=carry)
+        np.multiply(carry, up, out=shifted)
+        np.subtract(limbs[d], shifted, out=limbs[d])
+        np.add(limbs[d + 1], carry, out=limbs[d + 1])
     per_chunk = max(1, _DOUBLE_BITS // width)
     lowest = int(np.min(exponent)) if np.size(exponent) else 0
     scale = np.ldexp(1.0, exponent) if lowest >= -1022 + _DOUBLE_BITS else None
@@ -732,18 +772,21 @@ def _limb_terms(limbs, width, exponent):
     for d in range(0, total, per_chunk):
         chunk = limbs[d].copy()
         for j in range(1, min(per_chunk, total - d)):
-            chunk += limbs[d + j] * 2.0 ** (j * width)
+            np.multiply(limbs[d + j], 2.0 ** (j * width), out=shifted)
+            chunk += shifted
         if not chunk.any():
             continue
         if scale is not None:
-            terms.append(chunk * (scale * 2.0 ** (d * width)))
+            chunk *= scale
+            chunk *= 2.0 ** (d * width)
+            terms.append(chunk)
             continue
         low = exponent + d * width
         if np.any((low < -1022 + _DOUBLE_BITS) & (chunk != 0)):
             raise ExpansionRangeError("expansion backend: a product or sum reached below "
                                       "float64's normal range, where it is not exact")
         terms.append(np.ldexp(chunk, low))
-    return terms
+    return [t.reshape(shape) for t in terms]
 
 
 def _extra_limbs(width):
