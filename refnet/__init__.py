@@ -26,6 +26,7 @@ from .numerics import (
                        FLOAT64,
                        BoundArray,
                        BoundBackend,
+                       ExpansionBackend,
                        IntervalBackend,
                        MPBackend,
                        NumpyBackend,
@@ -36,7 +37,7 @@ from .study import run_study
 from .training import clip_grad_norm, clip_grad_value, make_optimizer, train
 from .verification import Certificate, Report, TensorReport, certify, spot_check, verify
 
-__all__ = ["FLOAT32", "FLOAT64", "MPBackend", "NumpyBackend", "get_backend", "BOUND",
+__all__ = ["FLOAT32", "FLOAT64", "MPBackend", "ExpansionBackend", "NumpyBackend", "get_backend", "BOUND",
            "BoundArray", "BoundBackend", "IntervalBackend", "round_to", "calculate_gain",
            "initialize", "Model", "Diagnosis", "GradScaler", "Precision", "diagnose",
            "Report", "TensorReport", "verify", "spot_check", "Certificate", "certify",
