@@ -704,3 +704,23 @@ def test_the_torch_comparison_fails_too_when_an_options_formula_is_changed(row, 
     except ValueError as e:
         failures = [str(e)]
     assert failures
+
+
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(1, 2),
+       st.integers(0, 1), st.integers(3, 7), st.sampled_from([0.0, -np.inf]))
+def test_the_strided_float_paths_pad_a_ceil_mode_overhang_like_the_generic_ones(kh, kw, sh, dh,
+                                                                                pad, size, fill):
+    """In ceil mode the last window may run past the padded input: the float fast paths pad
+    that far more (``overhang``) and give the generic indexed gather and its adjoint bit for
+    bit (the same values, the same order of additions)."""
+    try:
+        w = windows.Windows((size, size + 1), (kh, kw), (sh, 2), (dh, 1),
+                            (min(pad, kh // 2), min(pad, kh // 2), 0, 0), "test", ceil_mode=True)
+    except ValueError:
+        assume(False)
+    x = np.random.default_rng(size).standard_normal((2, 3, size, size + 1))
+    assert np.array_equal(w.gather(FLOAT64, x, fill=fill),
+                          w.gather(FLOAT64, x.astype(object), fill=fill).astype(np.float64))
+    v = np.random.default_rng(size + 1).standard_normal((2, 3, w.K, w.L))
+    assert np.array_equal(w.scatter(FLOAT64, v),
+                          w.scatter(FLOAT64, v.astype(object)).astype(np.float64))
