@@ -9,6 +9,10 @@ Dropout: with ``masks`` (layer name -> boolean keep mask, as a refnet ``ForwardS
 after a train-mode pass, or as ``spec/operations.md`` says to draw them) every dropout layer uses
 its given mask in torch's own arithmetic, so the twin computes the same function as refnet.
 Without, they are ``nn.Dropout``/``nn.Dropout2d`` drawing torch's masks (for timings only).
+
+Pools carry every option refnet has, by torch's name (dilation, ceil_mode, count_include_pad,
+divisor_override); adaptive_avgpool2d and adaptive_maxpool2d are nn.AdaptiveAvgPool2d and
+nn.AdaptiveMaxPool2d; dense on (N, *, in) is nn.Linear on the last axis.
 """
 
 from __future__ import annotations
@@ -59,20 +63,31 @@ class FixedMaskDropout(nn.Module):
         return x * noise
 
 
+def _tup(value):
+    """A JSON pair as torch's tuple (an int, or null, as it is)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _module(layer, masks=None):
     kind, c = layer.type, layer.config
     if kind == "dense":
-        return nn.Linear(layer.in_shape[0], c["out"], bias=c["bias"])
+        return nn.Linear(layer.in_shape[-1], c["out"], bias=c["bias"])
     if kind == "conv2d":
         padding = c["padding"] if isinstance(c["padding"], (int, str)) else tuple(c["padding"])
         tup = lambda v: tuple(v) if isinstance(v, list) else v     # noqa: E731
         return nn.Conv2d(layer.in_channels, c["out_channels"], tup(c["kernel_size"]),
                          tup(c["stride"]), padding, tup(c["dilation"]), c["groups"], c["bias"])
     if kind == "maxpool2d":
-        return nn.MaxPool2d(c["kernel_size"], c["stride"], c["padding"])
+        return nn.MaxPool2d(_tup(c["kernel_size"]), _tup(c["stride"]), _tup(c["padding"]),
+                            _tup(c["dilation"]), ceil_mode=c["ceil_mode"])
     if kind == "avgpool2d":
-        return nn.AvgPool2d(c["kernel_size"], c["stride"], c["padding"],
-                            count_include_pad=c["count_include_pad"])
+        return nn.AvgPool2d(_tup(c["kernel_size"]), _tup(c["stride"]), _tup(c["padding"]),
+                            ceil_mode=c["ceil_mode"], count_include_pad=c["count_include_pad"],
+                            divisor_override=c["divisor_override"])
+    if kind == "adaptive_avgpool2d":
+        return nn.AdaptiveAvgPool2d(_tup(c["output_size"]))
+    if kind == "adaptive_maxpool2d":
+        return nn.AdaptiveMaxPool2d(_tup(c["output_size"]))
     if kind == "global_avgpool":
         return nn.AdaptiveAvgPool2d(1)
     if kind == "flatten":

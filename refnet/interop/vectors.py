@@ -129,7 +129,56 @@ def cases() -> List[Case]:
                           "body": [{"type": "dense", "out": 5}, {"type": "tanh"}]},
                          {"type": "dense", "out": 2}]}, upstream="loss"),
     ]
-    return ops + losses + nets
+    return ops + losses + nets + _pool_and_shape_cases()
+
+
+def _pool_and_shape_cases() -> List[Case]:
+    """Pooling's torch options (dilation, ceil_mode, divisor_override, adaptive windows) and
+    dense on (N, *, in): each chosen so that its formula changes the numbers (a ceil-mode
+    window clipped at the padded input, a last window the start rule drops, overlapping
+    uneven adaptive windows, more outputs than inputs), and max-pool ties in a dilated and in
+    an adaptive window (kinks: the first maximum gets the gradient)."""
+    pool = lambda name, description, layer, shape, **kw: Case(   # noqa: E731
+        name, description, _op(layer, shape), **kw)
+    return [
+        pool("maxpool2d-dilation", "MaxPool2d 3×3, stride 2, padding 1, dilation 2, on 7×7; a "
+             "tie in the first window (kink)",
+             {"type": "maxpool2d", "kernel_size": 3, "stride": 2, "padding": 1, "dilation": 2},
+             [2, 7, 7], x_special={8: 3.0, 10: 3.0}),
+        pool("maxpool2d-ceil", "MaxPool2d 2×2, stride 2, padding (1, 0), ceil_mode, on 5×5: "
+             "rows keep 3 windows (a 4th would start in the right padding), columns get 3",
+             {"type": "maxpool2d", "kernel_size": 2, "stride": 2, "padding": [1, 0],
+              "ceil_mode": True}, [1, 5, 5]),
+        pool("avgpool2d-ceil", "AvgPool2d 3×3, stride 2, padding 1, ceil_mode, on 6×6: the "
+             "last window clipped at the padded input, its padding counted (divisor 6, 4)",
+             {"type": "avgpool2d", "kernel_size": 3, "stride": 2, "padding": 1,
+              "ceil_mode": True}, [2, 6, 6]),
+        pool("avgpool2d-ceil-exclude-pad", "AvgPool2d 3×3, stride 2, padding 1, ceil_mode, "
+             "count_include_pad false, on 5×6",
+             {"type": "avgpool2d", "kernel_size": 3, "stride": 2, "padding": 1,
+              "ceil_mode": True, "count_include_pad": False}, [1, 5, 6]),
+        pool("avgpool2d-divisor-override", "AvgPool2d 2×2, stride 1, padding 1, "
+             "divisor_override 3, on 3×3",
+             {"type": "avgpool2d", "kernel_size": 2, "stride": 1, "padding": 1,
+              "divisor_override": 3}, [2, 3, 3]),
+        pool("adaptive_avgpool2d", "AdaptiveAvgPool2d((3, 2)) on 5×7: overlapping uneven "
+             "windows rows [0,2) [1,4) [3,5), columns [0,4) [3,7)",
+             {"type": "adaptive_avgpool2d", "output_size": [3, 2]}, [2, 5, 7]),
+        pool("adaptive_avgpool2d-none", "AdaptiveAvgPool2d((None, 3)) on 2×4: rows kept, "
+             "columns [0,2) [1,3) [2,4)",
+             {"type": "adaptive_avgpool2d", "output_size": [None, 3]}, [1, 2, 4]),
+        pool("adaptive_maxpool2d", "AdaptiveMaxPool2d((3, 4)) on 5×3: more outputs than "
+             "columns ([0,1) [0,2) [1,3) [2,3)); a tie in an overlap (kink)",
+             {"type": "adaptive_maxpool2d", "output_size": [3, 4]}, [1, 5, 3],
+             x_special={3: 3.0, 4: 3.0}),
+        pool("dense-3d", "Linear 4 → 3 on (N, 3, 4), as nn.Linear on the last axis: dW and "
+             "db sum over the batch and the 3 rows",
+             {"type": "dense", "out": 3}, [3, 4]),
+        Case("net-sequence-mlp", "dense 3 → 5 → tanh → dense 2 on (N, T = 4, F = 3), mse",
+             {"input_shape": [4, 3], "seed": 14, "batch": 2, "loss": {"type": "mse"},
+              "layers": [{"type": "dense", "out": 5}, {"type": "tanh"},
+                         {"type": "dense", "out": 2}]}, upstream="loss"),
+    ]
 
 
 # --- exact values -------------------------------------------------------------------------
@@ -214,18 +263,23 @@ def _kinks(case: Case, model: Model, x) -> Optional[np.ndarray]:
     kind = model.layers[0].type if case.upstream == "given" else None
     if kind in ("relu", "leaky_relu", "prelu", "elu", "selu"):
         return x == 0
-    if kind == "maxpool2d":
-        k = model.layers[0].config["kernel_size"]
-        n, c, hgt, wid = x.shape
-        tied = np.zeros(x.shape, dtype=bool)
-        for i in range(0, hgt - k + 1, k):
-            for j in range(0, wid - k + 1, k):
-                window = x[:, :, i:i + k, j:j + k]
-                top = window.max(axis=(2, 3), keepdims=True)
-                ties = (window == top).sum(axis=(2, 3), keepdims=True) > 1
-                tied[:, :, i:i + k, j:j + k] |= (window == top) & ties
-        return tied
+    if kind in ("maxpool2d", "adaptive_maxpool2d"):
+        return _window_ties(model.layers[0].windows, x)
     return None
+
+
+def _window_ties(windows, x) -> np.ndarray:
+    """The inputs tied for the maximum of some max-pool window (any geometry: padding, dilation,
+    ceil mode, adaptive windows): there the gradient's route is a convention (the first)."""
+    n, c, hgt, wid = x.shape
+    flat = x.reshape(n, c, hgt * wid)
+    values = np.where(windows.valid, flat[:, :, windows.flat], -np.inf)        # (N, C, K, L)
+    top = (values == values.max(axis=2, keepdims=True)) & windows.valid
+    tied = top & (top.sum(axis=2, keepdims=True) > 1)
+    out = np.zeros((n, c, hgt * wid), dtype=bool)
+    for a, ch, k, pos in zip(*np.nonzero(tied)):
+        out[a, ch, windows.flat[k, pos]] = True
+    return out.reshape(x.shape)
 
 
 def compute(case: Case, params=None, x=None, y=None, dy=None) -> dict:

@@ -1,19 +1,33 @@
-"""Pooling over (N, C, H, W), as torch's MaxPool2d, AvgPool2d and AdaptiveAvgPool2d(1).
+"""Pooling over (N, C, H, W), as torch's MaxPool2d, AvgPool2d, AdaptiveMaxPool2d,
+AdaptiveAvgPool2d and AdaptiveAvgPool2d(1).
 
-maxpool2d    y[l] = max_k x[window(l, k)]   (padding counts as −inf)
+maxpool2d    y[l] = max_k x[window(l, k)]   over the window's positions inside the input (torch
+             clips the window; a padding position never wins: as if it were −inf)
              dx = col2im(dy at the argmax of each window, 0 elsewhere)
              Ties: the whole gradient goes to one element, the *first* maximum in row-major
              window order — what torch's CPU kernel does (it keeps a maximum unless a later
              element is strictly larger, or NaN). A tie is a kink: the verifier reports it.
 avgpool2d    y[l] = Σ_k x[window(l, k)] / D,   D = kh·kw (count_include_pad, torch's default) or
-             the number of non-padding positions
+             the number of non-padding positions, or divisor_override
              dx = col2im(dy / D broadcast over the window)
+adaptive_maxpool2d, adaptive_avgpool2d
+             the same over torch's uneven windows: output i of n over a length L pools
+             [⌊i·L/n⌋, ⌈(i+1)·L/n⌉) (windows.adaptive_bounds); D = the window's size
 global_avgpool  y[n, c, 0, 0] = Σ_{h,w} x / (H·W)   (torch AdaptiveAvgPool2d(1): output
              (N, C, 1, 1); follow it with flatten)
              dx = dy / (H·W) at every position
 
-Config: ``kernel_size``, ``stride`` (default: kernel_size), ``padding`` (0; at most half the
-kernel, as torch), and for avgpool2d ``count_include_pad`` (true).
+Config (torch names): ``kernel_size``, ``stride`` (default: kernel_size), ``padding`` (0; at
+most half the kernel, as torch), ``ceil_mode`` (false); maxpool2d ``dilation`` (1); avgpool2d
+``count_include_pad`` (true) and ``divisor_override`` (null; a nonzero integer, as torch, which
+accepts negative ones); the adaptive pools ``output_size`` (an int or a pair; null in a pair
+keeps that input size, as torch's None).
+
+ceil_mode, as torch: the output size rounds up, less a last window that would start past the
+input and the left padding (``windows.pool_output_size``); a last window that runs past the
+padded input is clipped there. With count_include_pad its divisor counts the padding inside
+the clipped window, not the positions past the right padding: D = (min(h0 + kh, H + bottom) −
+h0)·(min(w0 + kw, W + right) − w0), h0 = oh·sh − top, w0 = ow·sw − left (torch's CPU kernel).
 """
 
 from __future__ import annotations
@@ -21,11 +35,17 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Layer
-from .windows import Windows, pair
+from .windows import AdaptiveWindows, Windows, pair, window_groups
+
+
+def _flag(where, key, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
 
 
 class _Pool2d(Layer):
-    defaults = {"kernel_size": None, "stride": None, "padding": 0}
+    defaults = {"kernel_size": None, "stride": None, "padding": 0, "ceil_mode": False}
 
     def output_shape(self, in_shape):
         where, c = self.where, self.config
@@ -40,18 +60,44 @@ class _Pool2d(Layer):
         if 2 * ph > kernel[0] or 2 * pw > kernel[1]:
             raise ValueError(f"{where}: padding {(ph, pw)} must be at most half the kernel "
                              f"{kernel} (as torch)")
-        self.windows = Windows(in_shape[1:], kernel, stride, (1, 1), (ph, ph, pw, pw), where)
+        dilation = pair(c.get("dilation", 1), where, "dilation", 1)
+        self.windows = Windows(in_shape[1:], kernel, stride, dilation, (ph, ph, pw, pw), where,
+                               ceil_mode=_flag(where, "ceil_mode", c["ceil_mode"]))
+        if not self.windows.valid.any(axis=0).all():
+            # Only a dilated kernel on a small input can do this (torch returns −inf there,
+            # with indices outside the input).
+            raise ValueError(f"{where}: a window reads only padding (kernel {kernel}, dilation "
+                             f"{dilation}, padding {(ph, pw)} on {tuple(in_shape[1:])})")
         return (in_shape[0],) + self.windows.out_hw
 
 
 class MaxPool2d(_Pool2d):
     type = "maxpool2d"
+    defaults = {**_Pool2d.defaults, "dilation": 1}
+
+    def output_shape(self, in_shape):
+        out = super().output_shape(in_shape)
+        self.groups = window_groups(self.windows.valid)
+        return out
 
     def forward(self, bk, params, x, state=None):
-        windows = self.windows.gather(bk, x, fill=-np.inf)           # (N, C, K, L)
-        argmax = bk.argmax(windows, axis=2)                           # first maximum, as torch
-        y = bk.max(windows, axis=2)
-        return y.reshape((x.shape[0],) + self.out_shape), argmax
+        n, c = x.shape[:2]
+        win = self.windows
+        if win.valid.all():                             # no window reaches padding: im2col
+            windows = win.gather(bk, x)                                   # (N, C, K, L)
+            y, argmax = bk.max(windows, axis=2), bk.argmax(windows, axis=2)
+            return y.reshape((n,) + self.out_shape), argmax
+        # Each group of windows with the same offsets inside the input takes its max over
+        # exactly those, the clipped window torch's kernel scans: padding is never compared
+        # (no −inf fill, which the interval backend could not order).
+        flat = x.reshape(n, c, win.in_hw[0] * win.in_hw[1])
+        y, argmax = None, np.zeros((n, c, win.L), dtype=np.int64)
+        for offsets, outputs, slot, member in self.groups:
+            values = flat.take(win.flat[np.ix_(offsets, outputs)], axis=2)  # (N, C, k_g, L_g)
+            argmax[:, :, outputs] = offsets[bk.argmax(values, axis=2)]      # first maximum
+            group_max = bk.max(values, axis=2).take(slot, axis=2)          # (N, C, L)
+            y = group_max if y is None else bk.where(member, group_max, y)
+        return y.reshape((n,) + self.out_shape), argmax
 
     def backward(self, bk, params, dy, argmax):
         n, c = dy.shape[:2]
@@ -64,19 +110,41 @@ class MaxPool2d(_Pool2d):
         return (argmax,)
 
 
+def padded_window_sizes(win):
+    """kh·kw per output position, but a ceil-mode window that runs past the padded input counts
+    only the part inside it: torch clips it at H + bottom, W + right, and counts the padding
+    inside. (L,) integers."""
+    (H, W), (_, OW), (kh, kw) = win.in_hw, win.out_hw, win.kernel
+    (sh, sw), (top, bottom, left, right) = win.stride, win.padding
+    oh, ow = np.divmod(np.arange(win.L), OW)
+    h0, w0 = oh * sh - top, ow * sw - left
+    return (np.minimum(h0 + kh, H + bottom) - h0) * (np.minimum(w0 + kw, W + right) - w0)
+
+
 class AvgPool2d(_Pool2d):
     type = "avgpool2d"
-    defaults = {**_Pool2d.defaults, "count_include_pad": True}
+    defaults = {**_Pool2d.defaults, "count_include_pad": True, "divisor_override": None}
 
     def output_shape(self, in_shape):
         out = super().output_shape(in_shape)
+        where, override = self.where, self.config["divisor_override"]
         if not isinstance(self.config["count_include_pad"], bool):
-            raise ValueError(f"{self.where}: count_include_pad must be true or false")
-        win = self.windows
-        # Divisor per output position (integers, exact in every backend).
-        self.divisor = (np.full(win.L, win.K) if self.config["count_include_pad"]
-                        else win.valid.sum(axis=0))
+            raise ValueError(f"{where}: count_include_pad must be true or false")
+        if override is not None and (isinstance(override, bool) or not isinstance(
+                override, (int, np.integer)) or override == 0):
+            raise ValueError(f"{where}: divisor_override must be null or a nonzero integer (as "
+                             f"torch), got {override!r}")
+        self.divisor = self.divisors()
         return out
+
+    def divisors(self):
+        """D per output position (L,): integers, exact in every backend."""
+        win, override = self.windows, self.config["divisor_override"]
+        if override is not None:
+            return np.full(win.L, int(override))
+        if self.config["count_include_pad"]:
+            return padded_window_sizes(win)
+        return win.valid.sum(axis=0)
 
     def forward(self, bk, params, x, state=None):
         windows = self.windows.gather(bk, x)
@@ -107,3 +175,39 @@ class GlobalAvgPool(Layer):
     def backward(self, bk, params, dy, shape):
         count = shape[2] * shape[3]
         return bk.where(np.ones(shape, dtype=bool), dy / count, 0), {}
+
+
+def _adaptive_output(layer, in_shape):
+    """(OH, OW) from ``output_size``: an int, or a pair whose null entries keep the input size."""
+    where, size = layer.where, layer.config["output_size"]
+    if len(in_shape) != 3:
+        raise ValueError(f"{where}: expects input (N, C, H, W), got a sample shape of "
+                         f"{tuple(in_shape)}")
+    if size is None:
+        raise ValueError(f"{where}: needs 'output_size'")
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        size = [in_shape[1 + axis] if s is None else s for axis, s in enumerate(size)]
+    return pair(size, where, "output_size", 1)
+
+
+class AdaptiveMaxPool2d(MaxPool2d):
+    type = "adaptive_maxpool2d"
+    defaults = {"output_size": None}
+
+    def output_shape(self, in_shape):
+        self.windows = AdaptiveWindows(in_shape[1:], _adaptive_output(self, in_shape))
+        self.groups = window_groups(self.windows.valid)
+        return (in_shape[0],) + self.windows.out_hw
+
+
+class AdaptiveAvgPool2d(AvgPool2d):
+    type = "adaptive_avgpool2d"
+    defaults = {"output_size": None}
+
+    def output_shape(self, in_shape):
+        self.windows = AdaptiveWindows(in_shape[1:], _adaptive_output(self, in_shape))
+        self.divisor = self.divisors()
+        return (in_shape[0],) + self.windows.out_hw
+
+    def divisors(self):
+        return self.windows.count                          # each window's own size

@@ -12,7 +12,7 @@ from .conv import Conv2d
 from .dense import Dense
 from .dropout import Dropout, Dropout2d
 from .norm import BatchNorm, LayerNorm
-from .pool import AvgPool2d, GlobalAvgPool, MaxPool2d
+from .pool import AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool2d, GlobalAvgPool, MaxPool2d
 from .residual import Residual
 from .sequential import Container
 from .shape import Flatten
@@ -20,6 +20,9 @@ from .shape import Flatten
 LAYER_TYPES = {cls.type: cls for cls in (Dense, Conv2d, MaxPool2d, AvgPool2d, GlobalAvgPool,
                                          Flatten, BatchNorm, LayerNorm, Dropout, Dropout2d,
                                          Residual, *ACTIVATIONS.values())}
+
+# torch's adaptive pools (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), any output size.
+LAYER_TYPES.update({cls.type: cls for cls in (AdaptiveAvgPool2d, AdaptiveMaxPool2d)})
 
 
 def layer_types():

@@ -65,12 +65,12 @@ def _response(layer, name: str, index, h_in, cache, out_shape):
     """∂(layer output)/∂(param element) for a layer linear in its parameters, (N, *out)."""
     n = h_in.shape[0]
     r = np.zeros((n,) + tuple(out_shape))
-    if layer.type == "dense":
+    if layer.type == "dense":                                        # on the last axis (N, *, ·)
         if name == "weight":
             o, j = index
-            r[:, o] = h_in[:, j]
+            r[..., o] = h_in[..., j]
         else:
-            r[:, index[0]] = 1.0
+            r[..., index[0]] = 1.0
     elif layer.type == "conv2d":
         if name == "weight":
             o, c, p, q = index
