@@ -226,6 +226,19 @@ NETWORKS = {
          {"type": "conv2d", "out_channels": 2, "kernel_size": 2, "dilation": 1},
          {"type": "global_avgpool"}, {"type": "flatten"}, {"type": "dense", "out": 2}],
         (2, 5, 5), batch=2),
+    "pool-options": _net(
+        [{"type": "conv2d", "out_channels": 2, "kernel_size": 2, "padding": 1},
+         {"type": "maxpool2d", "kernel_size": 2, "stride": 2, "padding": 1, "dilation": 2,
+          "ceil_mode": True},
+         {"type": "avgpool2d", "kernel_size": 2, "ceil_mode": True, "divisor_override": 3},
+         {"type": "flatten"}, {"type": "dense", "out": 2}], (1, 7, 7), batch=2),
+    "adaptive-pools": _net(
+        [{"type": "conv2d", "out_channels": 2, "kernel_size": 2},
+         {"type": "adaptive_maxpool2d", "output_size": [3, 2]},
+         {"type": "adaptive_avgpool2d", "output_size": 2},
+         {"type": "flatten"}, {"type": "dense", "out": 2}], (1, 7, 6), batch=2),
+    "dense-on-sequences": _net(
+        [{"type": "dense", "out": 4}, {"type": "tanh"}, {"type": "dense", "out": 2}], (3, 5)),
     "layernorm-dropout-train": _net(
         [{"type": "dense", "out": 6}, {"type": "layernorm"}, {"type": "tanh"},
          {"type": "dropout", "p": 0.3}, {"type": "dense", "out": 2}], (4,), mode="train"),
