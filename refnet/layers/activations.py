@@ -22,6 +22,16 @@ gelu            z/2 · erfc(-z/√2)  (= z·Φ(z))         Φ(z) + z·φ(z)
 softplus        log1p(exp(βz))/β; z if βz > threshold  σ(βz); 1 if βz > threshold
                 (βz formed and compared in the working precision, as torch)
 scaled_sigmoid  4σ(z) - 2 = 2·tanh(z/2)               4σ'(z) = sech²(z/2)
+silu            z·σ(z)                                σ(z)·(1 + z·σ(−z))
+mish            z·t, t = tanh(softplus z) in e        t + z·σ(z)(1 − t²), in e
+hardtanh        clamp(z, min_val, max_val)            1 inside, 0 outside and at both limits
+relu6           hardtanh(z, 0, 6)                     1 on (0, 6), 0 elsewhere (0 at 0 and 6)
+hardsigmoid     relu6(z + 3)/6                        1/6 on (−3, 3), 0 elsewhere (0 at ±3)
+hardswish       z·relu6(z + 3)/6 (z for z ≥ 3)        0 for z ≤ −3, z/3 + 1/2, 1 for z ≥ 3
+celu            z if z > 0 else α·expm1(z/α)          1 if z > 0 else exp(z/α)  (1 at 0)
+softsign        z/(1 + |z|)                           (1/(1 + |z|))²
+logsigmoid      min(z, 0) − log1p(e)                  σ(−z)
+gelu "tanh"     z·σ(2√(2/π)(z + 0.044715 z³))         σ(w) + z·σ(w)σ(−w)·w'
 ==============  ====================================  =========================================
 
 Where refnet differs from torch, on purpose: torch computes sigmoid' as s(1-s) and tanh' as 1-t²
@@ -533,10 +543,21 @@ class Softsign(Activation):
     error ~u·|z|). f is C¹ at 0 (f'(0) = 1) with a jump of f'' there: a kink of f', as celu's."""
 
     type = "softsign"
+    # torch's F.softsign is input / (input.abs() + 1): three elementwise kernels, not one (the
+    # fp16/bf16 emulation rounds after each; refnet.lowp.emulation).
+    composite = True
 
     def f(self, bk, z):
         a = 1 + bk.abs(z)
         return z / a, a
+
+    def torch_backward(self, bk, dh, cache):
+        """dz as torch's autograd composes it from its kernels (the emulation's
+        derivatives="torch"): div's backward dh/a and −dh·((z/a)/a), abs's ·sgn(z), summed."""
+        z, a = cache
+        sign = bk.where(np.asarray(z > 0, dtype=bool), 1, bk.where(np.asarray(z < 0, dtype=bool),
+                                                                    -1, 0))
+        return dh / a + (-dh * ((z / a) / a)) * sign
 
     def df(self, bk, z, a):
         d = 1 / a
