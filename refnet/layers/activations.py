@@ -258,7 +258,8 @@ class GELU(Activation):
     def _tanh_form(self, bk, z):
         """(σ(w), e = exp(−|w|), the clamped z) of the tanh approximation."""
         c = bk.maximum(bk.minimum(z, 1e10), -1e10)
-        inner = bk.const(SQRT_2_OVER_PI) * (c + bk.const(GELU_TANH_KAPPA) * (c * c * c))
+        # Arrays left of constants: mpmath's interval scalar does not defer to a numpy array.
+        inner = (c + (c * c * c) * bk.const(GELU_TANH_KAPPA)) * bk.const(SQRT_2_OVER_PI)
         s, e = stable_sigmoid(bk, 2 * inner)
         return s, e, c
 
@@ -273,7 +274,7 @@ class GELU(Activation):
             # f' = σ(w) + z·σ(w)σ(−w)·w',  σ(w)σ(−w) = e/(1 + e)²,  w' = 2√(2/π)(1 + 3κz²);
             # e/(1 + e)² is formed first, so that z·w' (up to 1.8e308·1e20) is never formed.
             s, e, c = saved
-            dw = 2 * bk.const(SQRT_2_OVER_PI) * (1 + 3 * bk.const(GELU_TANH_KAPPA) * (c * c))
+            dw = (1 + (c * c) * (3 * bk.const(GELU_TANH_KAPPA))) * (2 * bk.const(SQRT_2_OVER_PI))
             return s + z * (dw * (e / ((1 + e) * (1 + e))))
         cdf = 0.5 * bk.erfc(-z * bk.const(INV_SQRT2))
         # z·φ(z) is below 1e-346 for |z| > 40: clamping there keeps z² finite and changes
