@@ -162,6 +162,12 @@ TORCH_FUNCS = {
     "selu": lambda F, t: F.selu(t), "gelu": lambda F, t: F.gelu(t),
     "softplus": lambda F, t: F.softplus(t, beta=2.0, threshold=15.0),
     "scaled_sigmoid": lambda F, t: 4 * F.sigmoid(t) - 2,
+    # hardsigmoid is not here: torch's float64 backward multiplies by float32(1/6)
+    # (test_more_activations.py pins it).
+    "silu": lambda F, t: F.silu(t), "mish": lambda F, t: F.mish(t),
+    "hardtanh": lambda F, t: F.hardtanh(t), "relu6": lambda F, t: F.relu6(t),
+    "hardswish": lambda F, t: F.hardswish(t), "celu": lambda F, t: F.celu(t),
+    "softsign": lambda F, t: F.softsign(t), "logsigmoid": lambda F, t: F.logsigmoid(t),
 }
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import HAVE_TORCH
 
-from refnet import BOUND, FLOAT32, FLOAT64, Model, MPBackend, Precision, verify
+from refnet import BOUND, FLOAT32, FLOAT64, Model, MPBackend, Precision, certify, verify
 from refnet.layers.base import ForwardState
 from refnet.layers.norm import GroupNorm, InstanceNorm2d, LayerNorm
 from refnet.lowp.emulation import EmulatedBackend, format_of, store
@@ -246,13 +246,15 @@ def test_loaded_running_statistics_are_checked_like_batchnorms():
                                    "track_running_stats": True}])
 def test_per_sample_norms_pass_the_verification_triangle(norm, mode):
     """Inside conv → norm → elu → dense, in train and eval mode: every float64 gradient within its
-    error bound, mp analytic = mp FD to >= 20 digits (measured >= 27)."""
+    error bound, mp analytic = mp FD to >= 20 digits (measured >= 27); and the interval
+    certificate encloses every exact gradient."""
     spec = {"input_shape": [2, 3, 3], "seed": 1, "batch": 3, "mode": mode,
             "layers": [{"type": "conv2d", "out_channels": 4, "kernel_size": 2, "bias": False},
                        norm, {"type": "elu"}, {"type": "flatten"}, {"type": "dense", "out": 2}],
             "loss": {"type": "softmax_cross_entropy"}}
     report = verify(Model(spec))
     assert report.passed and min(t.fd_digits for t in report.tensors) >= 20
+    assert certify(Model(spec)).certified
 
 
 def test_the_fd_sweep_batches_norm_parameters_and_agrees_with_the_analytic_gradient():
