@@ -10,7 +10,11 @@ from hypothesis import strategies as st
 from refnet import BOUND, FLOAT32, FLOAT64, MPBackend
 from refnet.layers.activations import ACTIVATIONS
 
-KINKED = {"relu", "leaky_relu", "prelu", "elu", "selu", "softplus"}
+KINKED = {"relu", "leaky_relu", "prelu", "elu", "selu", "softplus", "hardtanh", "relu6",
+          "hardsigmoid", "hardswish", "celu", "softsign"}
+# Where each kinked activation's pieces meet (softplus: its switch βz = threshold, below).
+KINK_POINTS = {"hardtanh": (-1.0, 1.0), "relu6": (0.0, 6.0), "hardsigmoid": (-3.0, 3.0),
+               "hardswish": (-3.0, 3.0)}
 OPTIONS = {"leaky_relu": {"slope": 0.02}, "elu": {"alpha": 1.3}, "softplus": {"beta": 2.0,
                                                                                  "threshold": 15.0}}
 
@@ -32,6 +36,8 @@ def forward_backward(layer, bk, z, dh=None):
 def kink_margin(name, z):
     if name == "softplus":
         return abs(2.0 * z - 15.0)
+    if name in KINK_POINTS:
+        return min(abs(z - k) for k in KINK_POINTS[name])
     return abs(z)
 
 
@@ -156,6 +162,12 @@ TORCH_FUNCS = {
     "selu": lambda F, t: F.selu(t), "gelu": lambda F, t: F.gelu(t),
     "softplus": lambda F, t: F.softplus(t, beta=2.0, threshold=15.0),
     "scaled_sigmoid": lambda F, t: 4 * F.sigmoid(t) - 2,
+    # hardsigmoid is not here: torch's float64 backward multiplies by float32(1/6)
+    # (test_more_activations.py pins it).
+    "silu": lambda F, t: F.silu(t), "mish": lambda F, t: F.mish(t),
+    "hardtanh": lambda F, t: F.hardtanh(t), "relu6": lambda F, t: F.relu6(t),
+    "hardswish": lambda F, t: F.hardswish(t), "celu": lambda F, t: F.celu(t),
+    "softsign": lambda F, t: F.softsign(t), "logsigmoid": lambda F, t: F.logsigmoid(t),
 }
 
 

@@ -151,11 +151,24 @@ def test_loading_never_unpickles_and_rejects_foreign_files(tmp_path):
 @pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_torch_conforms_to_every_vector(dtype, capsys):
-    assert main(["conformance", "--framework", "torch", "--dtype", dtype, "--json"]) == 0
+    """Every vector passes but one, in float64 only: torch's float64 hardsigmoid_backward
+    multiplies dy by float32(1/6) = 0.1666666716337204 (its constant is the float literal
+    1.0f/6.0f), 3.0e-8 relative, i.e. 2.5e8 ulps (spec/conformance.md names it)."""
+    code = main(["conformance", "--framework", "torch", "--dtype", dtype, "--json"])
     report = json.loads(capsys.readouterr().out)
-    assert report["passed"] and len(report["vectors"]) >= 20
+    failing = {(v["name"], t["name"]) for v in report["vectors"] for t in v["tensors"]
+               if not t["passed"]}
+    known = {("hardsigmoid", "grad/x")} if dtype == "float64" else set()
+    assert failing == known and code == (1 if known else 0) and len(report["vectors"]) >= 20
+    for v in report["vectors"]:
+        for t in v["tensors"]:
+            if (v["name"], t["name"]) in known:
+                assert 2.0e8 < t["max_ulps"] < 3.0e8        # float32(1/6)'s error, nothing more
+    # gelu-tanh at x = −8: torch's 0.5x(1 + tanh(u)) cancels to −0.0 where the exact value is
+    # −3.1e-21 (a huge count of ulps of a tiny number, inside the vector's absolute tolerance).
     worst = max(t["max_ulps"] for v in report["vectors"] for t in v["tensors"]
-                if "0.bias" not in t["name"] or "cnn" not in v["name"])
+                if ("0.bias" not in t["name"] or "cnn" not in v["name"])
+                and (v["name"], t["name"]) not in known and v["name"] != "gelu-tanh")
     assert 0 < worst < 1e5             # measured: ≤ 668 ulps in float64 (an MLP weight gradient)
 
 

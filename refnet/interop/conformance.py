@@ -58,11 +58,15 @@ def compare(name, got, reference: dict, dtype: str) -> TensorResult:
     ulps = np.where(np.isnan(ulps), np.inf, ulps)
     smooth = ~kink
     bad = (err > allowed) | ~np.isfinite(got)
-    worst = np.unravel_index(int(np.argmax(np.where(smooth, ulps, -1))), ref.shape) \
-        if ref.size else ()
+    # The worst element; among ties (every error 0, say) the one of largest |reference|, whose
+    # allowed ulps are finite (an exact 0 with an absolute tolerance allows abs/2⁻¹⁰⁷⁴ of them).
+    key = np.where(smooth, ulps, -1.0)
+    tied = np.where(key == key.max(), np.abs(ref), -1.0) if ref.size else key
+    worst = np.unravel_index(int(np.argmax(tied)), ref.shape) if ref.size else ()
+    with np.errstate(over="ignore"):           # all-zero references: inf, not a warning
+        allowed_ulps = float(allowed[worst] / ulp[worst]) if ref.size else 0.0
     return TensorResult(name, int(ref.size), float(np.max(ulps[smooth])) if smooth.any() else 0.0,
-                        [int(i) for i in worst],
-                        float(allowed[worst] / ulp[worst]) if ref.size else 0.0,
+                        [int(i) for i in worst], allowed_ulps,
                         bool(not np.any(bad & smooth)), int(np.sum(bad & kink)))
 
 

@@ -4,6 +4,8 @@
 Same layers, same parameter names (``state_dict`` keys equal refnet's), same parameter values.
 Covers dense, conv2d, pools, flatten, batchnorm, layernorm, dropout, dropout2d, residual and the
 activations torch has (sigmoid, tanh, relu, leaky_relu, prelu, elu, selu, gelu, softplus).
+Also groupnorm, instancenorm2d, gelu with ``approximate``, silu, mish, hardtanh, relu6,
+hardsigmoid, hardswish, celu, softsign and logsigmoid (``_OPTION_MODULES``).
 
 Dropout: with ``masks`` (layer name -> boolean keep mask, as a refnet ``ForwardState`` holds them
 after a train-mode pass, or as ``spec/operations.md`` says to draw them) every dropout layer uses
@@ -25,6 +27,24 @@ from ..model import Model
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
                 "selu": nn.SELU, "identity": nn.Identity}
+
+# The issue-18 layers: torch's module for each refnet type, with the layer's options.
+_OPTION_MODULES = {
+    "gelu": lambda layer, c: nn.GELU(approximate=c["approximate"]),
+    "silu": lambda layer, c: nn.SiLU(),
+    "mish": lambda layer, c: nn.Mish(),
+    "hardtanh": lambda layer, c: nn.Hardtanh(c["min_val"], c["max_val"]),
+    "relu6": lambda layer, c: nn.ReLU6(),
+    "hardsigmoid": lambda layer, c: nn.Hardsigmoid(),
+    "hardswish": lambda layer, c: nn.Hardswish(),
+    "celu": lambda layer, c: nn.CELU(c["alpha"]),
+    "softsign": lambda layer, c: nn.Softsign(),
+    "logsigmoid": lambda layer, c: nn.LogSigmoid(),
+    "groupnorm": lambda layer, c: nn.GroupNorm(layer.groups, layer.channels, c["eps"],
+                                               c["affine"]),
+    "instancenorm2d": lambda layer, c: nn.InstanceNorm2d(layer.channels, c["eps"], c["momentum"],
+                                                         c["affine"], c["track_running_stats"]),
+}
 
 
 class Residual(nn.Module):
@@ -113,6 +133,8 @@ def _module(layer, masks=None):
     if kind == "residual":
         shortcut = None if layer.shortcut is None else _sequential(layer.shortcut.layers, masks)
         return Residual(_sequential(layer.body.layers, masks), shortcut, c["scale"])
+    if kind in _OPTION_MODULES:
+        return _OPTION_MODULES[kind](layer, c)
     if kind in _ACTIVATIONS:
         return _ACTIVATIONS[kind]()
     raise NotImplementedError(f"no torch twin for layer type {kind!r}")

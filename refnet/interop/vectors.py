@@ -68,6 +68,8 @@ class Case:
     upstream: str = "given"             # "given" dy, or "loss"
     mode: str = "train"
     x_special: Dict[int, float] = field(default_factory=dict)   # flat index -> exact value
+    # parameter or buffer name -> its exact values (row-major), replacing the initial ones
+    params_special: Dict[str, List[float]] = field(default_factory=dict)
 
 
 def _op(layer: dict, shape, loss="mse"):
@@ -129,7 +131,7 @@ def cases() -> List[Case]:
                           "body": [{"type": "dense", "out": 5}, {"type": "tanh"}]},
                          {"type": "dense", "out": 2}]}, upstream="loss"),
     ]
-    return ops + losses + nets + _pool_and_shape_cases()
+    return ops + losses + nets + _pool_and_shape_cases() + option_cases()
 
 
 def _pool_and_shape_cases() -> List[Case]:
@@ -178,6 +180,58 @@ def _pool_and_shape_cases() -> List[Case]:
              {"input_shape": [4, 3], "seed": 14, "batch": 2, "loss": {"type": "mse"},
               "layers": [{"type": "dense", "out": 5}, {"type": "tanh"},
                          {"type": "dense", "out": 2}]}, upstream="loss"),
+    ]
+
+
+
+def option_cases() -> List[Case]:
+    """The issue-18 layers: torch's activations refnet lacked (inputs placed on their kinks and
+    deep in their tails), gelu's tanh form, groupnorm and instancenorm2d (weights, biases and
+    running statistics set away from 1 and 0, so that a misplaced γ, β, mean or variance shows)."""
+    act = lambda name, layer, description, special: Case(          # noqa: E731
+        name, description, _op(layer, [5]), x_special=special)
+    return [
+        act("silu", {"type": "silu"}, "silu (swish) z·σ(z); inputs −30, 0, 20",
+            {0: -30.0, 1: 0.0, 2: 20.0}),
+        act("mish", {"type": "mish"}, "mish z·tanh(softplus(z)); inputs −30, 0, 20, −1.2",
+            {0: -30.0, 1: 0.0, 2: 20.0, 3: -1.2}),
+        act("hardtanh", {"type": "hardtanh", "min_val": -0.5, "max_val": 1.5},
+            "hardtanh(min_val −0.5, max_val 1.5); inputs exactly at both limits (kinks: "
+            "hardtanh' = 0 there, as torch)", {0: -0.5, 1: 1.5, 2: -2.0, 3: 3.0}),
+        act("relu6", {"type": "relu6"}, "relu6; inputs exactly 0 and 6 (kinks: relu6' = 0 "
+            "there, as torch)", {0: 0.0, 1: 6.0, 2: 7.5, 3: -1.0, 4: 5.5}),
+        act("hardsigmoid", {"type": "hardsigmoid"}, "hardsigmoid relu6(z + 3)/6; inputs exactly "
+            "−3 and 3 (kinks: hardsigmoid' = 0 there, as torch)",
+            {0: -3.0, 1: 3.0, 2: -4.0, 3: 4.5, 4: 2.5}),
+        act("hardswish", {"type": "hardswish"}, "hardswish z·relu6(z + 3)/6; inputs exactly −3 "
+            "and 3 (kinks: hardswish' = 0 at −3 and 1 at 3, as torch)",
+            {0: -3.0, 1: 3.0, 2: -4.0, 3: 4.5, 4: 2.5, 5: -2.0}),
+        act("celu", {"type": "celu", "alpha": 1.25}, "celu(alpha 1.25); inputs 0 and −3",
+            {0: 0.0, 1: -3.0}),
+        act("softsign", {"type": "softsign"}, "softsign z/(1 + |z|); inputs 0, 50, −50",
+            {0: 0.0, 1: 50.0, 2: -50.0}),
+        act("logsigmoid", {"type": "logsigmoid"}, "logsigmoid log σ(z); inputs −40, 40, 0",
+            {0: -40.0, 1: 40.0, 2: 0.0}),
+        act("gelu-tanh", {"type": "gelu", "approximate": "tanh"},
+            "gelu(approximate tanh); inputs −8, 8, 0", {0: -8.0, 1: 8.0, 2: 0.0}),
+        Case("groupnorm", "GroupNorm 2 groups of 2 channels on (4, 2, 2), weight and bias set",
+             _op({"type": "groupnorm", "num_groups": 2}, [4, 2, 2]),
+             params_special={"0.weight": [0.5, -1.5, 2.0, 1.25],
+                             "0.bias": [0.25, -0.75, 1.0, 0.0]}),
+        Case("groupnorm-no-affine", "GroupNorm 2 groups of 3 on (N, C) = (2, 6), affine false",
+             _op({"type": "groupnorm", "num_groups": 2, "affine": False}, [6])),
+        Case("instancenorm2d-train", "InstanceNorm2d in train mode (instance statistics), affine, "
+             "tracking running statistics, 3 channels of 2×3",
+             _op({"type": "instancenorm2d", "affine": True, "track_running_stats": True},
+                 [3, 2, 3]),
+             params_special={"0.weight": [1.5, -0.5, 0.75], "0.bias": [0.5, 0.25, -1.0]}),
+        Case("instancenorm2d-eval", "InstanceNorm2d in eval mode with running statistics "
+             "(an affine map), 3 channels of 2×2",
+             _op({"type": "instancenorm2d", "affine": True, "track_running_stats": True},
+                 [3, 2, 2]), mode="eval",
+             params_special={"0.weight": [1.5, -0.5, 0.75], "0.bias": [0.5, 0.25, -1.0],
+                             "0.running_mean": [0.3, -0.2, 0.1],
+                             "0.running_var": [0.5, 2.0, 1.5]}),
     ]
 
 
@@ -255,12 +309,22 @@ def _inputs(case: Case, model: Model):
     x, y = model.default_data()
     for index, value in case.x_special.items():
         x.flat[index] = value
+    for name, values in case.params_special.items():
+        params[name] = np.array(values, dtype=np.float64).reshape(params[name].shape)
     return params, x, y
+
+
+# Where the issue-18 activations' pieces meet (their values there are torch's conventions).
+KINK_POINTS = {"hardtanh": lambda c: (c["min_val"], c["max_val"]),
+               "relu6": lambda c: (0.0, 6.0),
+               "hardsigmoid": lambda c: (-3.0, 3.0), "hardswish": lambda c: (-3.0, 3.0)}
 
 
 def _kinks(case: Case, model: Model, x) -> Optional[np.ndarray]:
     """Elements of x where the op's derivative sits exactly on a kink."""
     kind = model.layers[0].type if case.upstream == "given" else None
+    if kind in KINK_POINTS:
+        return np.isin(x, KINK_POINTS[kind](model.layers[0].config))
     if kind in ("relu", "leaky_relu", "prelu", "elu", "selu"):
         return x == 0
     if kind in ("maxpool2d", "adaptive_maxpool2d"):

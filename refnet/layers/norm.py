@@ -1,7 +1,9 @@
-"""BatchNorm and LayerNorm: normalize over some axes, then an optional affine map.
+"""BatchNorm, LayerNorm, GroupNorm, InstanceNorm2d: normalize over some axes, then an optional
+affine map.
 
 Over the m values of each normalization group (BatchNorm: one channel over batch and positions;
-LayerNorm: one sample over its trailing dims)::
+LayerNorm: one sample over its trailing dims; GroupNorm: one sample's C/G channels over their
+positions; InstanceNorm2d: one sample's channel over its H×W positions)::
 
     forward   μ = Σx/m,  σ² = Σ(x − μ)²/m  (biased),  s = √(σ² + ε),  x̂ = (x − μ)/s,  y = γ x̂ + β
     backward  dx̂ = γ·dy
@@ -24,6 +26,8 @@ batchnorm (torch BatchNorm1d/2d; input (N, C) or (N, C, *spatial), channels on a
 layernorm (torch LayerNorm; normalizes each sample over its last len(normalized_shape) dims)
     config: normalized_shape (default: the whole sample shape), eps 1e-5,
     elementwise_affine true, bias true; parameters weight, bias of normalized_shape
+groupnorm (torch GroupNorm; input (N, C, ...)), instancenorm2d (torch InstanceNorm2d; input
+    (N, C, H, W), running statistics as torch's): see their classes below.
 """
 
 from __future__ import annotations
@@ -226,4 +230,181 @@ class LayerNorm(Layer):
             grads["weight"] = bk.sum(dy * xhat, axis=batch_axes)
             if self.config["bias"]:
                 grads["bias"] = bk.sum(dy, axis=batch_axes)
+        return dx, grads
+
+
+def per_channel(a, ndim):
+    """(C,) -> (1, C, 1, ...): a per-channel vector meeting axis 1 of (N, C, ...)."""
+    return a.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+class GroupNorm(Layer):
+    """torch.nn.GroupNorm(num_groups, num_channels, eps=1e-5, affine=True).
+
+    Input (N, C) or (N, C, *spatial); the C channels split into G = num_groups groups of C/G
+    consecutive channels. Each sample's group — m = (C/G)·Π spatial values — is normalized with
+    its own statistics (biased variance), then weight and bias (C) apply per channel::
+
+        x viewed as (N, G, C/G, *spatial);  x̂ = normalize over axes 2.. (the formula above)
+        y = γ_c x̂ + β_c;  dx = the normalize backward per (n, g) of dx̂ = γ_c·dy
+        dγ_c = Σ_{n, spatial} dy·x̂,  dβ_c = Σ_{n, spatial} dy
+
+    Per-sample statistics: no running buffers, train and eval are the same function, and the
+    input gradient sums to zero over every (sample, group). num_channels is optional (it is the
+    input's C; given, it must match); G must divide C (torch's error). eps = 0 with m = 1 (one
+    value per group) would divide 0 by 0, and is an error.
+    """
+
+    type = "groupnorm"
+    autocast = "float32"            # torch.autocast's float32 list holds group_norm
+    defaults = {"num_groups": None, "num_channels": None, "eps": 1e-5, "affine": True}
+
+    def output_shape(self, in_shape):
+        where, c = self.where, self.config
+        if len(in_shape) < 1:
+            raise ValueError(f"{where}: groupnorm expects input (N, C, ...), got a sample shape "
+                             f"of {tuple(in_shape)}")
+        if c["num_groups"] is None:
+            raise ValueError(f"{where}: num_groups is required (torch's nn.GroupNorm("
+                             f"num_groups, num_channels))")
+        groups = require_number(where, "num_groups", c["num_groups"], low=1, integer=True)
+        channels = in_shape[0]
+        if c["num_channels"] is not None:
+            require_number(where, "num_channels", c["num_channels"], low=1, integer=True)
+            if c["num_channels"] != channels:
+                raise ValueError(f"{where}: num_channels is {c['num_channels']}, but the input "
+                                 f"has {channels} channels (axis 1)")
+        if channels % groups:
+            raise ValueError(f"{where}: num_channels ({channels}) must be divisible by "
+                             f"num_groups ({groups})")
+        require_number(where, "eps", c["eps"], low=0)
+        if not isinstance(c["affine"], bool):
+            raise ValueError(f"{where}: affine must be true or false, got {c['affine']!r}")
+        group_size = channels // groups * int(np.prod(in_shape[1:], dtype=np.int64))
+        if c["eps"] == 0 and group_size == 1:
+            raise ValueError(f"{where}: eps = 0 with one value per group ((C/G)·H·W = 1) "
+                             f"divides 0 by 0; use eps > 0 or fewer groups")
+        self.channels, self.groups = channels, int(groups)
+        return tuple(in_shape)
+
+    def param_shapes(self):
+        return ({"weight": (self.channels,), "bias": (self.channels,)}
+                if self.config["affine"] else {})
+
+    def init_params(self, rng):
+        if not self.config["affine"]:
+            return {}
+        return {"weight": np.ones(self.channels), "bias": np.zeros(self.channels)}
+
+    def _grouped(self, a):
+        """(N, C, *spatial) -> (N, G, C/G, *spatial), the view the statistics are taken on."""
+        shape = tuple(a.shape)
+        return a.reshape((shape[0], self.groups, shape[1] // self.groups) + shape[2:])
+
+    def forward(self, bk, params, x, state=None):
+        shape, ndim = tuple(x.shape), len(x.shape)
+        axes = tuple(range(2, ndim + 1))                       # of the grouped view
+        xhat, std, m, _, _ = normalize(bk, self._grouped(x), axes, self.config["eps"])
+        xhat = xhat.reshape(shape)
+        y = xhat
+        if self.config["affine"]:
+            y = per_channel(params["weight"], ndim) * xhat + per_channel(params["bias"], ndim)
+        return y, (xhat, std, m, axes)
+
+    def backward(self, bk, params, dy, cache):
+        xhat, std, m, axes = cache
+        shape, ndim = tuple(dy.shape), len(dy.shape)
+        affine = self.config["affine"]
+        dxhat = dy * per_channel(params["weight"], ndim) if affine else dy
+        dx = normalize_backward(bk, self._grouped(dxhat), self._grouped(xhat), std, axes, m)
+        grads = {}
+        if affine:
+            outer = (0,) + tuple(range(2, ndim))
+            grads = {"weight": bk.sum(dy * xhat, axis=outer), "bias": bk.sum(dy, axis=outer)}
+        return dx.reshape(shape), grads
+
+
+class InstanceNorm2d(BatchNorm):
+    """torch.nn.InstanceNorm2d(num_features, eps=1e-5, momentum=0.1, affine=False,
+    track_running_stats=False).
+
+    Input (N, C, H, W). Each (sample, channel) is normalized over its H·W values with its own
+    statistics (m = H·W, biased variance) — in train mode, and in eval mode too unless
+    track_running_stats; then γ_c x̂ + β_c if affine. The formula and its backward are the
+    normalize pair above, per (n, c): the input gradient sums to zero over every (n, c).
+    dγ_c = Σ_{n,h,w} dy·x̂, dβ_c = Σ_{n,h,w} dy.
+
+    track_running_stats (torch's conventions, which torch implements by running batch_norm on
+    the input viewed as (1, N·C, H, W)): buffers running_mean, running_var (C) and
+    num_batches_tracked (); a train pass updates every instance's copy,
+    (1 − momentum)·old + momentum·stat with the *unbiased* variance σ²·m/(m − 1), and the new
+    buffer is the mean of those over the batch; num_batches_tracked is **not** incremented
+    (torch's InstanceNorm never counts). Eval mode then uses the running statistics: the
+    affine map y = γ (x − running_mean)/√(running_var + ε) + β, as batchnorm's.
+    Instance statistics over one value (H·W = 1) are an error, as torch's ("Expected more than
+    1 spatial element"). num_features is optional (the input's C; given, it must match).
+    """
+
+    type = "instancenorm2d"
+    defaults = {"num_features": None, "eps": 1e-5, "momentum": 0.1, "affine": False,
+                "track_running_stats": False}
+
+    def output_shape(self, in_shape):
+        where, c = self.where, self.config
+        if len(in_shape) != 3:
+            raise ValueError(f"{where}: instancenorm2d expects input (N, C, H, W), got a sample "
+                             f"shape of {tuple(in_shape)}")
+        super().output_shape(in_shape)
+        if c["num_features"] is not None:
+            require_number(where, "num_features", c["num_features"], low=1, integer=True)
+            if c["num_features"] != in_shape[0]:
+                raise ValueError(f"{where}: num_features is {c['num_features']}, but the input "
+                                 f"has {in_shape[0]} channels (axis 1)")
+        return tuple(in_shape)
+
+    def forward(self, bk, params, x, state):
+        ndim, eps = len(x.shape), self.config["eps"]
+        axes = (2, 3)
+        track = self.config["track_running_stats"]
+        if state.train or not track:
+            if x.shape[2] * x.shape[3] < 2:
+                raise ValueError(f"{self.where}: expected more than 1 spatial element when "
+                                 f"using instance statistics (train mode, or "
+                                 f"track_running_stats false), got input of shape "
+                                 f"{tuple(x.shape)}")
+            xhat, std, m, mean, var = normalize(bk, x, axes, eps)
+            if state.train and track:
+                self._update_running(bk, params, mean, var, m, state)
+        else:
+            mean = per_channel(params["running_mean"], ndim)
+            std = bk.sqrt(per_channel(params["running_var"], ndim) + eps)
+            xhat, m = (x - mean) / std, None
+        y = xhat
+        if self.config["affine"]:
+            y = per_channel(params["weight"], ndim) * xhat + per_channel(params["bias"], ndim)
+        return y, (xhat, std, m, axes)
+
+    def _update_running(self, bk, params, mean, var, m, state):
+        """torch's: every instance's copy updated, then the mean over the batch (float64)."""
+        momentum = self.config["momentum"]
+        n = mean.shape[0]
+        means = bk.to_numpy(mean).reshape(n, -1)
+        unbiased = bk.to_numpy(var).reshape(n, -1) * m / (m - 1)
+        old_mean = bk.to_numpy(params["running_mean"]).reshape(-1)
+        old_var = bk.to_numpy(params["running_var"]).reshape(-1)
+        state.updates[f"{self.name}.running_mean"] = np.mean(
+            momentum * means + (1 - momentum) * old_mean, axis=0)
+        state.updates[f"{self.name}.running_var"] = np.mean(
+            momentum * unbiased + (1 - momentum) * old_var, axis=0)
+
+    def backward(self, bk, params, dy, cache):
+        xhat, std, m, axes = cache
+        ndim = len(dy.shape)
+        affine = self.config["affine"]
+        dxhat = dy * per_channel(params["weight"], ndim) if affine else dy
+        dx = dxhat / std if m is None else normalize_backward(bk, dxhat, xhat, std, axes, m)
+        grads = {}
+        if affine:
+            outer = (0, 2, 3)
+            grads = {"weight": bk.sum(dy * xhat, axis=outer), "bias": bk.sum(dy, axis=outer)}
         return dx, grads

@@ -11,7 +11,7 @@ from .activations import ACTIVATIONS
 from .conv import Conv2d
 from .dense import Dense
 from .dropout import Dropout, Dropout2d
-from .norm import BatchNorm, LayerNorm
+from .norm import BatchNorm, GroupNorm, InstanceNorm2d, LayerNorm
 from .pool import AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool2d, GlobalAvgPool, MaxPool2d
 from .residual import Residual
 from .sequential import Container
@@ -20,6 +20,8 @@ from .shape import Flatten
 LAYER_TYPES = {cls.type: cls for cls in (Dense, Conv2d, MaxPool2d, AvgPool2d, GlobalAvgPool,
                                          Flatten, BatchNorm, LayerNorm, Dropout, Dropout2d,
                                          Residual, *ACTIVATIONS.values())}
+# Per-sample normalization (issue 18).
+LAYER_TYPES.update({cls.type: cls for cls in (GroupNorm, InstanceNorm2d)})
 
 # torch's adaptive pools (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), any output size.
 LAYER_TYPES.update({cls.type: cls for cls in (AdaptiveAvgPool2d, AdaptiveMaxPool2d)})

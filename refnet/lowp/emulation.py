@@ -24,6 +24,9 @@ format the parameter had inside the kernel: the storage format for cast or half 
 float32 for batchnorm/layernorm's float32 master weights under autocast). Containers (sequential,
 residual) are not kernels: the residual's ``s + scale·f`` runs as elementwise operations on
 storage-format tensors, each rounded once, as torch's elementwise kernels do.
+A leaf layer that torch composes from elementwise kernels (``composite``: softsign, torch's
+``input / (input.abs() + 1)``) runs the same way, each operation rounded once to the storage
+format, and its backward as autograd composes it (``torch_backward``, with ``derivatives="torch"``).
 
 A storage-format tensor is held as a float32 array tagged with its format (:class:`StoredArray`):
 every fp16/bf16/fp8 value is a float32 value, so kernels compute on it without conversion, and
@@ -307,11 +310,21 @@ class EmulatedBackend:
             return self.storage
         return in_fmt
 
-    def _compute_view(self, a):
+    def _compute_view(self, a, compute=None):
         """What the kernel computes on: plain float32 values (or storage-format arithmetic)."""
-        if isinstance(self.compute, StorageArithmetic):
-            return self.compute.asarray(a)
+        compute = self.compute if compute is None else compute
+        if isinstance(compute, StorageArithmetic):
+            return compute.asarray(a)
         return np.asarray(plain(a), dtype=np.float32)
+
+    def _kernel(self, layer, fmt):
+        """The backend a leaf layer computes in: ``self.compute`` (one kernel), except for a
+        layer torch builds from elementwise kernels (``layer.composite``: softsign is abs, add
+        and div) reading a storage-format input — then each of its operations rounds once to
+        that format (as each of torch's kernels does: float opmath, one rounding)."""
+        if getattr(layer, "composite", False) and fmt not in ("float32", "float64"):
+            return StorageArithmetic(fmt)
+        return self.compute
 
     # the hooks Sequential calls ----------------------------------------------------------
     def forward_layer(self, layer, params, x, state: ForwardState):
@@ -320,10 +333,11 @@ class EmulatedBackend:
         in_fmt = format_of(x)
         seen = {k: (store(v, self.storage) if self._casts_params(layer) else v)
                 for k, v in params.items()}
-        compute_params = {k: self._compute_view(v) for k, v in seen.items()}
+        compute = self._kernel(layer, self._input_format(layer, in_fmt))
+        compute_params = {k: self._compute_view(v, compute) for k, v in seen.items()}
         x_read = store(x, self._input_format(layer, in_fmt))
         with np.errstate(all="ignore"):
-            y, cache = layer.forward(self.compute, compute_params, self._compute_view(x_read),
+            y, cache = layer.forward(compute, compute_params, self._compute_view(x_read, compute),
                                      state)
             y = store(y, self._output_format(layer, in_fmt))
             for name in list(state.updates):      # running statistics, stored as the buffer is
@@ -332,19 +346,22 @@ class EmulatedBackend:
                     state.updates[name] = np.asarray(
                         plain(store(np.asarray(state.updates[name], dtype=np.float64),
                                     format_of(params[local]))), dtype=np.float64)
-        return y, (cache, in_fmt, compute_params, seen, y)
+        return y, (cache, in_fmt, compute_params, seen, y, compute)
 
     def backward_layer(self, layer, params, dy, ecache):
         if isinstance(layer, Container):
             return layer.backward(self, params, dy, ecache)
-        cache, in_fmt, compute_params, seen, y = ecache
-        dy = self._compute_view(dy)
+        cache, in_fmt, compute_params, seen, y, compute = ecache
+        dy = self._compute_view(dy, compute)
         with np.errstate(all="ignore"):
             output_form = getattr(layer, "df_from_output", None)
+            torch_form = getattr(layer, "torch_backward", None)     # autograd's composition
             if self.precision.derivatives == "torch" and output_form is not None:
-                dx, grads = dy * output_form(self.compute, self._compute_view(y)), {}
+                dx, grads = dy * output_form(compute, self._compute_view(y, compute)), {}
+            elif self.precision.derivatives == "torch" and torch_form is not None:
+                dx, grads = torch_form(compute, dy, cache), {}
             else:
-                dx, grads = layer.backward(self.compute, compute_params, dy, cache)
+                dx, grads = layer.backward(compute, compute_params, dy, cache)
             dx = store(store(dx, self._input_format(layer, in_fmt)), in_fmt)
             # In the format the kernel saw the parameter in (fp16 for a cast float32 master
             # weight: its .grad is float32 but holds fp16 values; unscaling makes it float32).

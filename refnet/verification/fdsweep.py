@@ -9,8 +9,9 @@ difference. The mode (train/eval) and dropout masks are the spec's, drawn once.
 Batching. All 2P perturbed forward passes run as one stacked batch per chunk: the layers below
 the perturbed one run once; the perturbed layer's output is its base output plus ±h times its
 response to the one parameter — exact linear algebra for dense and conv2d weights and biases
-and batchnorm's γ and β, whose outputs are linear in them (the dense response to W[o, j] is
-column j of its input, written into output o; conv's is one row of its im2col matrix) — and
+and batchnorm's, groupnorm's and instancenorm2d's γ and β, whose outputs are linear in them (the
+dense response to W[o, j] is column j of its input, written into output o; conv's is one row of
+its im2col matrix) — and
 the layers above run once on all copies, batchnorm taking its statistics per copy
 (``ForwardState.groups``). Perturbed inputs x ± h eᵢ run the whole network stacked the same
 way. Parameters of other layers (prelu, layernorm, anything inside a residual block) are
@@ -32,6 +33,8 @@ from ..numerics.backend import FLOAT64
 U64 = 2.0 ** -53
 CHUNK = 256                     # perturbed copies per stacked batch
 LINEAR_IN_PARAMS = ("dense", "conv2d", "batchnorm")
+# γ x̂ + β per channel with x̂ (N, C, ...) first in the cache, as batchnorm's: the same response.
+LINEAR_IN_PARAMS += ("groupnorm", "instancenorm2d")
 
 
 def _step(base: np.ndarray) -> float:
@@ -81,7 +84,7 @@ def _response(layer, name: str, index, h_in, cache, out_shape):
             r[:, o] = cols[:, g, f, :].reshape((n,) + tuple(out_shape[1:]))
         else:
             r[:, index[0]] = 1.0
-    else:                                                            # batchnorm: γ x̂ + β
+    else:                                          # batchnorm, groupnorm, instancenorm2d: γ x̂ + β
         c = index[0]
         if name == "weight":
             xhat = cache[0]
