@@ -214,7 +214,14 @@ CNN = [{"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": 1, "st
 NETWORKS = {
     **{f"mlp-{act}": small_spec(act, widths=(5, 4)) for act in
        ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "softplus", "prelu",
-        "scaled_sigmoid", "identity")},
+        "scaled_sigmoid", "identity", "silu", "mish", "hardtanh", "relu6", "hardsigmoid",
+        "hardswish", "celu", "softsign", "logsigmoid")},
+    "mlp-gelu-tanh": small_spec("gelu", widths=(5, 4), approximate="tanh"),
+    "cnn-groupnorm-instancenorm": _net(
+        [{"type": "conv2d", "out_channels": 4, "kernel_size": 3, "padding": 1},
+         {"type": "groupnorm", "num_groups": 2}, {"type": "tanh"},
+         {"type": "instancenorm2d", "affine": True, "track_running_stats": True},
+         {"type": "flatten"}, {"type": "dense", "out": 2}], (2, 4, 4), batch=2, mode="train"),
     "mlp-cross-entropy": small_spec("tanh", loss="softmax_cross_entropy", widths=(5,), out_dim=3),
     "mlp-bce": small_spec("tanh", loss="bce_with_logits", widths=(5,), out_dim=2),
     "mlp-l1-l2": {**small_spec("tanh", widths=(5,)),
