@@ -35,9 +35,14 @@ error analysis of :mod:`refnet.numerics.errorbound` holds with u replaced by tha
 the engine's own bound is stated and tested (tests/test_expansion.py). Dominance makes the sign
 of x₀ the sign of x, so comparisons (relu, max-pool, the kink signatures) are exact.
 
-**Range.** Expansions live in float64's exponent range. A nonzero |x₀| outside
-[``TINY``, ``HUGE``] (where TwoProd's error term could underflow, or Dekker's split overflow)
-raises ``ExpansionRangeError``; the caller (``refnet.verification``) then uses the mp backend.
+**Range.** Expansions live in float64's exponent range. Where a low component, a TwoProd error
+term or a low limb of a product falls into float64's subnormal range it may lose what lies below
+2^−1074 — at most 2^−1075 a term. A result is only accepted where such losses cannot matter: a
+nonzero |x₀| must lie in [``tiny``, ``HUGE``] with ``tiny`` = 2^(−1074 + prec + 24), so that
+even 2^16 lossy terms stay below 2^−(prec+2)·|x₀| (inside the stated 2^(1−prec)); HUGE = 2^960
+keeps Dekker's 2^27·x finite. Outside, ``ExpansionRangeError`` is raised (as for an overflow or
+a row spanning more than 960 bits); the caller (``refnet.verification``) then uses the mp
+backend.
 Infinities and NaNs pass through as float64 does them (max-pool's −inf padding), in x₀ alone.
 """
 
@@ -55,8 +60,8 @@ _DOUBLE_BITS = 53
 _SPLITTER = 2.0 ** 27 + 1                  # Veltkamp/Dekker: 53 = 26 + 27 bits
 _ROUNDS = 3
 DOMINANCE = 2.0 ** -40
-# |x₀| in [TINY, HUGE] for every nonzero result: products of components (down to 2^-53K
-# relative) then stay above float64's normal range, and 2^27·x never overflows.
+# |x₀| ≤ HUGE for every result: 2^27·x (Dekker's split) never overflows. The lower end is the
+# backend's ``tiny`` (it depends on the precision; see the module docstring).
 HUGE = 2.0 ** 960
 
 
@@ -238,8 +243,9 @@ class ExpansionBackend:
         self.description = (f"float64 expansions, {self.K} components (every operation within "
                             f"2^-{self.prec - 1} relative; Ozaki GEMMs)")
         self._limit = 2.0 ** -self.prec
-        # The smallest |x0| kept exact: its lowest components and their products stay normal.
-        self.tiny = 2.0 ** (-1022 + _DOUBLE_BITS * (2 * self.K + 1))
+        # The smallest nonzero |x0| accepted: below it, subnormal losses of 2^-1075 a term could
+        # reach 2^-(prec+2) relative (module docstring, "Range").
+        self.tiny = 2.0 ** (-1074 + self.prec + 24)
 
     def __repr__(self):
         return f"<refnet backend expansion, {self.dps} digits, {self.K} float64 components>"
@@ -781,11 +787,10 @@ def _limb_terms(limbs, width, exponent):
             chunk *= 2.0 ** (d * width)
             terms.append(chunk)
             continue
-        low = exponent + d * width
-        if np.any((low < -1022 + _DOUBLE_BITS) & (chunk != 0)):
-            raise ExpansionRangeError("expansion backend: a product or sum reached below "
-                                      "float64's normal range, where it is not exact")
-        terms.append(np.ldexp(chunk, low))
+        # Low chunks may fall below the normal range: ldexp then loses at most 2^-1075 (the
+        # result's range check makes that negligible; module docstring, "Range").
+        with np.errstate(under="ignore"):
+            terms.append(np.ldexp(chunk, exponent + d * width))
     return [t.reshape(shape) for t in terms]
 
 
