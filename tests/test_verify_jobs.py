@@ -391,3 +391,23 @@ def test_the_study_on_an_executor_gives_the_rows_of_a_run_in_this_process():
         there = run_study(configs=configs, executor=executor)
     as_json = lambda rows: json.dumps([asdict(r) for r in rows])     # noqa: E731
     assert as_json(there) == as_json(here) and len(here) == 6
+
+
+def test_compare_prints_the_verify_ratio_with_the_mpmath_speedup_and_the_peak_rss(tmp_path):
+    """benchmarks/compare.py: a verify-* group's ratio is verify/float64, followed by the
+    speed-up over the mpmath path and the peak RSS where the run has them; --json stays one
+    ratio per group."""
+    run = {"benchmarks": [
+        {"group": "verify-lenet5", "params": {}, "stats": {"mean": 9.0},
+         "extra_info": {"ratio_to_float64": 1500.0, "speedup_over_mpmath": 1.25,
+                        "peak_rss_mib": 387.4}}]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    compare = str(ROOT / "benchmarks" / "compare.py")
+    text = subprocess.run([sys.executable, compare, str(path)], capture_output=True,
+                          text=True, check=True).stdout
+    assert ("verify-lenet5" in text and "1.5e+03  (verify/float64); 1.25x the mpmath path; "
+            "peak RSS 387 MiB" in text)
+    out = subprocess.run([sys.executable, compare, str(path), "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    assert json.loads(out) == {"verify-lenet5": 1500.0}

@@ -703,13 +703,14 @@ class _Preparer:
     def __init__(self, mp, name, exact, sigma, required, loss_abs):
         self.mp, self.name, self.exact, self.sigma = mp, name, exact, sigma
         self.required, self.loss_abs = required, loss_abs
-        self.abs_exact = mp.abs(exact)
 
     def __call__(self, v) -> _FDTask:
         mp = self.mp
-        v_mp = mp.asarray(v)
-        analytic = _scalar(mp.sum(self.exact * v_mp))
-        scale = _scalar(mp.sum(self.abs_exact * mp.abs(v_mp)))
+        terms = self.exact * mp.asarray(v)
+        analytic = _scalar(mp.sum(terms))
+        # Σ|g_i·v_i|: rounding to nearest is symmetric in sign, so |g_i·v_i| rounded is
+        # |g_i|·|v_i| rounded, bit for bit — one product per element, not two.
+        scale = _scalar(mp.sum(mp.abs(terms)))
         # The exact analytic value carries rounding noise of about M·10^-dps, M the magnitude of
         # the terms it was formed from (σ/u of the float64 analysis). A gradient that cancels to
         # (nearly) zero — the bias before a BatchNorm — is compared relative to M·10^-(dps −
