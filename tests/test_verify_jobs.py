@@ -236,7 +236,7 @@ def test_a_terminal_ctrl_c_reaches_the_workers_too_and_still_ends_in_one_line(tm
 
 def test_every_exact_backend_comes_from_exact_backend(monkeypatch):
     """verify (the dps-digit run and every FD precision) and spot_check construct no exact
-    backend but through the one factory."""
+    backend but through the one factory (engine mpmath, whose backend is MPBackend)."""
     made, asked = [], []
 
     class Counted(MPBackend):
@@ -247,9 +247,9 @@ def test_every_exact_backend_comes_from_exact_backend(monkeypatch):
     monkeypatch.setattr(triangle, "MPBackend", Counted)
     monkeypatch.setattr(triangle, "exact_backend",
                         lambda dps, engine="auto": asked.append(dps) or factory(dps, engine))
-    report = _bn_dropout_report(jobs=1)
+    report = _bn_dropout_report(jobs=1, engine="mpmath")
     model = Model(BN_DROPOUT)
-    spot_check(model, *model.prepare(), dps=30)
+    spot_check(model, *model.prepare(), dps=30, engine="mpmath")
     assert len(made) == len(asked) >= 3
     assert asked[0] == 50 and asked[-1] == 30           # verify's first, spot_check's last
     assert set(asked[1:-1]) >= {t.fd_dps for t in report.tensors}     # the FD precisions
@@ -323,7 +323,7 @@ def test_verify_names_the_engine_and_with_timings_the_seconds_of_each_leg(spec_p
     assert set(d["timings"]) == {"float64_and_bound", "exact", "fd_exact", "fd_float64", "total"}
     code, out, _ = _cli(["verify", spec_path, "--json"], capsys)
     assert code == 0 and "timings" not in json.loads(out)
-    code, out, _ = _cli(["verify", spec_path, "--timings"], capsys)
+    code, out, _ = _cli(["verify", spec_path, "--timings", "--engine", "mpmath"], capsys)
     lines = out.splitlines()
     assert code == 0 and "exact engine: <refnet backend mp, 50 digits>" in lines
     assert any(line.startswith("time: float64 + bound ") and " total " in line for line in lines)
