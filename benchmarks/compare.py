@@ -5,9 +5,10 @@
 
 Benchmarks are paired by group: ``impl=refnet`` against ``impl=torch`` of the same group. With
 ``--json`` the output is an object mapping each group to its refnet/torch ratio (mean times).
-Groups without a peer report their ``extra_info`` ratios: mp against refnet float64, the
-fp16/bf16 emulation against refnet float32 of the same model, ``study --quick`` against its 60 s
-target.
+Groups without a peer report their ``extra_info`` ratios: mp and verify against refnet float64
+of the same net, the fp16/bf16 emulation against refnet float32 of the same model, ``study
+--quick`` against its 60 s target. The text output adds, where a group has them, the speed-up
+over the mpmath path and the peak RSS.
 """
 
 import argparse
@@ -38,17 +39,36 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     with open(args.run) as f:
-        result = ratios(json.load(f))
+        run = json.load(f)
+    result = ratios(run)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
+        extras = extra_info(run)
         print(f"{'group':<36} {'ratio':>10}")
         for group, ratio in result.items():
             kind = ("refnet/float64" if group.startswith("mp-") else
+                    "verify/float64" if group.startswith("verify-") else
                     "emulated/float32" if group.startswith("emulation-") else
                     "time/60 s target" if group.startswith("study-") else "refnet/torch")
-            print(f"{group:<36} {ratio:>10.3g}  ({kind})")
+            line = f"{group:<36} {ratio:>10.3g}  ({kind})"
+            extra = extras.get(group, {})
+            if "speedup_over_mpmath" in extra:
+                line += f"; {extra['speedup_over_mpmath']:.3g}x the mpmath path"
+            if "peak_rss_mib" in extra:
+                line += f"; peak RSS {extra['peak_rss_mib']:.0f} MiB"
+            print(line)
     return 0
+
+
+def extra_info(run: dict) -> dict:
+    """group -> the refnet benchmark's extra_info."""
+    out = {}
+    for bench in run["benchmarks"]:
+        impl = bench.get("params", {}).get("impl") if bench.get("params") else None
+        if (impl or "refnet") == "refnet":
+            out[bench["group"]] = bench.get("extra_info", {})
+    return out
 
 
 if __name__ == "__main__":

@@ -172,28 +172,127 @@ def _mean_time(fn, rounds):
     return (time.perf_counter() - start) / rounds
 
 
+ISSUE_14_NETS = {"mlp784": "mlp-784-256-256-10", "lenet5": "lenet5"}
+
+
+SMOKE_WIDTH, SMOKE_CHANNELS = 16, 2
+
+
+def _issue_14_model(net, benchmark):
+    """The issue-14 net (benchmarks/models/). In the smoke run (--benchmark-disable, which
+    runs each body once so that it cannot rot) shrunk to a few seconds of work: batch 1, dense
+    layers at most SMOKE_WIDTH wide, convolutions at most SMOKE_CHANNELS channels — the same
+    layer types and input, so every code path still runs."""
+    model = Model.load(MODELS / f"{ISSUE_14_NETS[net]}.json")
+    if not benchmark.disabled:
+        return model
+    layers = []
+    for layer in model.spec["layers"]:
+        layer = dict(layer)
+        if "out" in layer:
+            layer["out"] = min(layer["out"], SMOKE_WIDTH)
+        if "out_channels" in layer:
+            layer["out_channels"] = min(layer["out_channels"], SMOKE_CHANNELS)
+        layers.append(layer)
+    return Model({**model.spec, "batch": 1, "layers": layers})
+
+
 @pytest.mark.parametrize("net", ["mlp784", "lenet5"])
 def test_mp_gradient_at_issue_14_sizes(benchmark, net):
     """The 50-digit loss + gradients of the issue-14 nets (benchmarks/models/: the ReLU MLP
-    784-256-256-10 at batch 32, LeNet-5 at batch 8) with the error-free BLAS engine. Peers, in
-    the same run: the float64 gradient of the same net (extra_info ratio_to_float64; issue 14's
-    goal is <= 100) and the big-integer reference engine, timed once (speedup_over_bigint)."""
+    784-256-256-10 at batch 32, LeNet-5 at batch 8) through ``exact_backend(50, "auto")``, the
+    engine verify uses. Peers, in the same run: the float64 gradient of the same net
+    (extra_info ratio_to_float64; issue 14's goal is <= 100) and the mpmath path,
+    ``MPBackend(50)`` (speedup_over_mpmath)."""
+    from refnet.verification.triangle import exact_backend
     benchmark.group = f"mp-gradient-{net}"
-    name = {"mlp784": "mlp-784-256-256-10", "lenet5": "lenet5"}[net]
-    model = Model.load(MODELS / f"{name}.json")
+    model = _issue_14_model(net, benchmark)
     params, x, y = model.prepare()
-    mp = MPBackend(50)
-    benchmark.pedantic(lambda: model.loss_and_grads(mp, params, x, y), rounds=3, iterations=1,
-                       warmup_rounds=1)
+    exact = exact_backend(50, "auto")
+    benchmark.pedantic(lambda: model.loss_and_grads(exact, params, x, y), rounds=3,
+                       iterations=1, warmup_rounds=1)
     if benchmark.disabled:                 # the smoke run: the body ran once, nothing timed
         return
     float64_time = _mean_time(lambda: model.loss_and_grads(FLOAT64, params, x, y), 20)
-    reference = MPBackend(50, engine="bigint")
-    bigint_time = _mean_time(lambda: model.loss_and_grads(reference, params, x, y), 1)
+    mpmath = MPBackend(50)
+    mpmath_time = _mean_time(lambda: model.loss_and_grads(mpmath, params, x, y), 1)
+    benchmark.extra_info["engine"] = getattr(exact, "description", repr(exact))
     benchmark.extra_info["ratio_to_float64"] = benchmark.stats.stats.mean / float64_time
     benchmark.extra_info["float64_seconds"] = float64_time
-    benchmark.extra_info["bigint_seconds"] = bigint_time
-    benchmark.extra_info["speedup_over_bigint"] = bigint_time / benchmark.stats.stats.mean
+    benchmark.extra_info["mpmath_seconds"] = mpmath_time
+    benchmark.extra_info["speedup_over_mpmath"] = mpmath_time / benchmark.stats.stats.mean
+
+
+# The LeNet verify's memory, measured in a fresh interpreter: its own peak RSS and the largest
+# of its children's (the FD workers; on Linux ru_maxrss is in KiB, on macOS in bytes).
+PEAK_RSS_LIMIT_MIB = 2048           # issue 14: the LeNet-5 verify stays under 2 GB
+RSS_SCRIPT = """
+import json, resource, sys
+from refnet import Model, verify
+from refnet.verification.triangle import available_cores
+report = verify(Model(json.loads(sys.argv[1])))
+unit = 1 if sys.platform == "darwin" else 1024
+peak = lambda who: resource.getrusage(who).ru_maxrss * unit / 2**20
+print(json.dumps({"passed": report.passed, "self_mib": peak(resource.RUSAGE_SELF),
+                  "workers_mib": peak(resource.RUSAGE_CHILDREN), "cores": available_cores()}))
+"""
+
+
+def _peak_rss(model):
+    """(own peak MiB, largest child's peak MiB, cores) of ``refnet.verify(model)`` run in a
+    subprocess with default options; None where the OS has no ``resource`` module."""
+    import json
+    import os
+    import subprocess
+    import sys
+    try:
+        import resource  # noqa: F401
+    except ImportError:
+        return None
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, json.dumps(model.spec)],
+                         capture_output=True, text=True, env=env, check=True, timeout=1800)
+    result = json.loads(out.stdout)
+    assert result["passed"]
+    return result
+
+
+@pytest.mark.parametrize("net", ["mlp784", "lenet5"])
+def test_verify_at_issue_14_sizes(benchmark, net):
+    """``refnet.verify`` of the issue-14 nets with default options (every core for the finite
+    differences, engine "auto"). Peers, in the same run: the float64 loss + gradients of the
+    same net (ratio_to_float64) and verify with engine="mpmath", the old path
+    (speedup_over_mpmath); the leg times of the timed run (timings). LeNet-5: peak RSS of a
+    verify in a fresh interpreter (peak_rss_mib: the largest process; peak_rss_total_mib: the
+    verify process plus every core's worker at the largest worker's peak, an upper bound of
+    the whole), which must stay under PEAK_RSS_LIMIT_MIB. Smoke run: batch 1, no peers, the
+    memory still measured."""
+    benchmark.group = f"verify-{net}"
+    model = _issue_14_model(net, benchmark)
+    reports = []
+    benchmark.pedantic(lambda: reports.append(verify(model)), rounds=1, iterations=1)
+    assert reports[-1].passed
+    if net == "lenet5":
+        rss = _peak_rss(model)
+        if rss is not None:
+            largest = max(rss["self_mib"], rss["workers_mib"])
+            benchmark.extra_info["peak_rss_mib"] = largest
+            benchmark.extra_info["peak_rss_total_mib"] = rss["self_mib"] + rss["cores"] * rss[
+                "workers_mib"]
+            assert largest < PEAK_RSS_LIMIT_MIB, f"LeNet-5 verify peaked at {largest:.0f} MiB"
+    if benchmark.disabled:
+        return
+    params, x, y = model.prepare()
+    float64_time = _mean_time(lambda: model.loss_and_grads(FLOAT64, params, x, y), 20)
+    mpmath_time = _mean_time(lambda: verify(model, engine="mpmath"), 1)
+    benchmark.extra_info["engine"] = reports[-1].engine
+    benchmark.extra_info["timings"] = reports[-1].timings
+    benchmark.extra_info["ratio_to_float64"] = benchmark.stats.stats.mean / float64_time
+    benchmark.extra_info["float64_seconds"] = float64_time
+    benchmark.extra_info["mpmath_seconds"] = mpmath_time
+    benchmark.extra_info["speedup_over_mpmath"] = mpmath_time / benchmark.stats.stats.mean
 
 
 def test_verification_triangle_of_a_500_parameter_cnn(benchmark):

@@ -42,7 +42,7 @@ from .model import Model
 from .numerics.backend import get_backend
 from .numerics.errorbound import LAMBDA
 from .progress import Interrupted, Reporter, after_from_env
-from .verification.triangle import FD_TARGET_DIGITS, verify
+from .verification.triangle import EXACT_ENGINES, FD_TARGET_DIGITS, verify
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130          # 128 + SIGINT, what a shell reports for a Ctrl-C'd program
@@ -168,7 +168,9 @@ def _fmt(value, spec=".1e"):
     return format(value, spec)
 
 
-def format_report(report, model: Model) -> str:
+def format_report(report, model: Model, timings: bool = False) -> str:
+    """The text report; ``timings``: with a line of the seconds of each leg (off by default, so
+    that the same command prints the same report, byte for byte)."""
     lines = []
     n_checks = sum(t.fd_checks for t in report.tensors)
     lines.append(f"loss {report.loss!r} ({model.loss.type}, {model.loss.reduction}); "
@@ -202,6 +204,10 @@ def format_report(report, model: Model) -> str:
     for t in report.tensors:
         for k in t.kinks:
             lines.append(f"kink in {t.name}: {k}")
+    if report.engine:
+        lines.append(f"exact engine: {report.engine}")
+    if timings and report.timings:
+        lines.append(_format_timings(report.timings))
     lines.append("")
     if report.incomplete:           # Ctrl-C: the tensors done, never a PASSED
         failed = [t.name for t in report.tensors if not t.passed]
@@ -217,15 +223,25 @@ def format_report(report, model: Model) -> str:
     return "\n".join(lines)
 
 
-VERIFY_DEFAULTS = {"dps": 50, "digits": 20.0, "mode": "auto", "directions": 2, "seed": 0,
-                   "prec": 150}
+TIMING_LABELS = (("float64_and_bound", "float64 + bound"), ("exact", "exact"),
+                 ("fd_exact", "FD exact (summed over workers)"), ("fd_float64", "FD float64"))
+
+
+def _format_timings(timings) -> str:
+    legs = ", ".join(f"{label} {timings[key]:.3g} s" for key, label in TIMING_LABELS
+                     if key in timings)
+    return f"time: {legs}; total {timings.get('total', math.nan):.3g} s"
+
+
+VERIFY_DEFAULTS = {"engine": "auto", "timings": False, "dps": 50, "digits": 20.0, "mode": "auto",
+                   "directions": 2, "seed": 0, "prec": 150}
 
 
 def _check_verify(args):
     """verify's options, before any work: ranges, and none that the mode given would ignore
     (--certify computes its own reference precision from --prec and runs no finite
     differences; --mode element differentiates along unit vectors, drawing no directions)."""
-    fd_options = ("dps", "digits", "mode", "directions", "seed")
+    fd_options = ("dps", "digits", "mode", "directions", "seed", "engine", "jobs", "timings")
     _only_with(args, fd_options, not args.certify,
                "has no effect with --certify (it runs interval arithmetic at --prec bits, with "
                "a reference precision of its own and no finite differences)")
@@ -238,6 +254,7 @@ def _check_verify(args):
                 f" bits ({MIN_PREC}: float64's own; {MAX_PREC} bits = {MAX_DPS} digits, the "
                 f"--dps limit)")
     _int_option(args, "directions", 1, why=" (random directions per tensor)")
+    _int_option(args, "jobs", 1, why=" (worker processes for the finite differences)")
     _int_option(args, "seed", 0, why=" (a numpy seed)")
     _real_option(args, "digits", low=0, high=MAX_DIGITS, low_open=True,
                  why=f" (the high-precision finite differences are set up to be good to "
@@ -267,15 +284,15 @@ def cmd_verify(args) -> int:
     try:
         report = verify(model, params, x, y, dps=args.dps, digits=args.digits, mode=args.mode,
                         directions=args.directions, seed=args.seed, train=_train(args),
-                        progress=_progress(args))
+                        progress=_progress(args), engine=args.engine, jobs=args.jobs)
     except Interrupted as interrupted:
         if interrupted.partial is None:
             return _interrupted(args, interrupted, "nothing to report")
         stop, report = interrupted, interrupted.partial
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
+        print(json.dumps(report.to_dict(timings=args.timings), indent=1))
     else:
-        print(format_report(report, model))
+        print(format_report(report, model, timings=args.timings))
     if stop:
         return _interrupted(args, stop, "the report of those is on stdout, marked INCOMPLETE")
     return EXIT_OK if report.passed else EXIT_FAIL
@@ -570,6 +587,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random directions per tensor, >= 1 (default 2)")
     v.add_argument("--seed", type=int, default=None,
                    help="seed of the random directions, >= 0 (default 0)")
+    v.add_argument("--engine", choices=list(EXACT_ENGINES), default=None,
+                   help="the exact engine of the dps-digit run and the high-precision finite "
+                        "differences (default auto: the fastest that applies)")
+    v.add_argument("--jobs", type=int, default=None,
+                   help="worker processes for the finite differences, >= 1 (default: every "
+                        "core, or 1 for a model too small to gain)")
+    v.add_argument("--timings", action="store_const", const=True, default=None,
+                   help="add the seconds of each leg to the report (text: one line; JSON: "
+                        "\"timings\"); off by default, so that the same command prints the "
+                        "same report")
     v.add_argument("--certify", action="store_true",
                    help="instead: enclose every gradient element in a proven interval "
                         "(interval arithmetic; exit 1 only if an enclosure excludes the "

@@ -24,7 +24,7 @@ import numpy as np
 
 from .layers.base import ForwardState
 from .layers.registry import build_layer
-from .layers.sequential import Sequential
+from .layers.sequential import Sequential, run_forward, split
 from .losses import Loss, make_loss
 from .regularize import l1_kink_signature, parse_regularization, penalty
 from .validate import finite_float64
@@ -45,6 +45,20 @@ class ForwardResult:
     kink_signatures: List[tuple] = field(default_factory=list)
     state: Optional[ForwardState] = None
     penalty_grads: Dict[str, object] = field(default_factory=dict)   # ∂(L1/L2 penalty)/∂w
+    inputs: List[object] = field(default_factory=list)   # each top-level layer's input, in order
+
+
+@dataclass
+class ForwardPrefix:
+    """What a forward that starts at top-level layer ``start`` takes as given
+    (``Model.forward_tensors(..., start=k, prefix=...)``): the kink signatures of layers < k, and
+    per regularized name its penalty terms (``terms[name]``: α₁·Σ|w| then (α₂/2)·Σw², those
+    present, as ``regularize.penalty`` forms them) and its L1 kink signature
+    (``regularize.l1_kink_signature(tensors, [name], l1)``). The verifier's finite differences
+    keep these from the unperturbed forward and replace the perturbed tensor's entries."""
+    signatures: List[tuple]
+    terms: Dict[str, list] = field(default_factory=dict)
+    l1_signatures: Dict[str, tuple] = field(default_factory=dict)
 
 
 @dataclass
@@ -222,24 +236,60 @@ class Model:
         ``state`` defaults to the spec's mode with its seeded dropout stream; pass the same state
         to several passes to reuse the dropout masks."""
         tensors = {name: bk.asarray(value) for name, value in params.items()}
-        return self._forward(bk, tensors, x, y, state)
+        return self.forward_tensors(bk, tensors, x, y, state)
 
-    def _forward(self, bk, tensors, x, y, state):
+    def forward_tensors(self, bk, tensors, x, y, state: Optional[ForwardState] = None, *,
+                        start: int = 0, prefix: Optional[ForwardPrefix] = None) -> ForwardResult:
+        """``forward`` with the parameters already of ``bk`` (no conversion pass), and optionally
+        only its end: the layers from top-level layer ``start`` on, ``x`` being that layer's input
+        (already of ``bk`` when start > 0), with ``prefix`` giving what the layers before it and
+        the penalty contribute. The loss is assembled here and only here: the full forward and
+        every partial one add the same terms in the same order, so their losses and kink
+        signatures agree bit for bit (``tests/test_fd_prefix.py``).
+
+        ``caches`` and ``inputs`` hold the layers run (start..); with a ``prefix``,
+        ``penalty_grads`` is empty (a partial forward is for the loss, not for backward)."""
+        if start and prefix is None:
+            raise ValueError(f"forward from layer {start}: the prefix of layers < {start} is needed")
         state = self.default_state() if state is None else state
-        h, caches = self.net.forward(bk, tensors, bk.asarray(x), state)
+        h = bk.asarray(x) if start == 0 else x
+        caches, inputs = [], []
+        signatures = [] if prefix is None else list(prefix.signatures[:start])
+        # Sequential.forward's loop, from layer ``start``, keeping every layer's input.
+        for j in range(start, len(self.layers)):
+            layer = self.layers[j]
+            inputs.append(h)
+            h, cache = run_forward(bk, layer, split(tensors, j), h, state)
+            caches.append(cache)
+            signatures.append(layer.kink_signature(cache))
+            if state.outputs is not None:
+                state.outputs.append((layer.name, layer.type, h))
         loss, loss_cache = self.loss.forward(bk, h, y)
-        signatures = self.net.layer_signatures(caches)
         penalty_grads = {}
         if self.l1 or self.l2:
-            reg, penalty_grads = penalty(bk, tensors, self.regularized, self.l1, self.l2)
+            if prefix is None:
+                reg, penalty_grads = penalty(bk, tensors, self.regularized, self.l1, self.l2)
+                l1_signature = l1_kink_signature(tensors, self.regularized, self.l1)
+            else:
+                # The terms summed in penalty()'s order: name by name, each name's in order.
+                reg = None
+                for name in self.regularized:
+                    for t in prefix.terms[name]:
+                        reg = t if reg is None else reg + t
+                reg = bk.zeros(()) if reg is None else reg
+                # l1_kink_signature's layout: every name's sign(w) ≠ 0, then every name's w > 0.
+                per_name = [prefix.l1_signatures[name] for name in self.regularized]
+                l1_signature = (tuple(s[0] for s in per_name if s)
+                                + tuple(s[1] for s in per_name if s))
             loss = loss + reg
-            signatures.append(l1_kink_signature(tensors, self.regularized, self.l1))
-        return ForwardResult(h, loss, caches, loss_cache, signatures, state, penalty_grads)
+            signatures.append(l1_signature)
+        return ForwardResult(h, loss, caches, loss_cache, signatures, state, penalty_grads,
+                             inputs)
 
     def loss_and_grads(self, bk, params, x, y, state: Optional[ForwardState] = None) -> Gradients:
         """Loss and the gradient of every parameter and of the input, in backend ``bk``."""
         tensors = {name: bk.asarray(value) for name, value in params.items()}
-        fwd = self._forward(bk, tensors, x, y, state)
+        fwd = self.forward_tensors(bk, tensors, x, y, state)
         dh = self.loss.backward(bk, fwd.loss_cache)
         dx, grads = self.net.backward(bk, tensors, dh, fwd.caches)
         grads.update({k: grads[k] + g for k, g in fwd.penalty_grads.items()})

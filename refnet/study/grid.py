@@ -245,7 +245,7 @@ def grid(quick: bool) -> List[Config]:
 
 def run_study(quick: bool = True, out: Optional[Path] = None, check: bool = True,
               progress=None, configs: Optional[List[Config]] = None,
-              precisions=PRECISIONS) -> List[Result]:
+              precisions=PRECISIONS, executor=None) -> List[Result]:
     """Measure every configuration; write results.json, results.csv and (with matplotlib) the
     figures to ``out``. Diverging configurations become verdicts, never exceptions.
 
@@ -253,18 +253,26 @@ def run_study(quick: bool = True, out: Optional[Path] = None, check: bool = True
     stderr; default silent). Ctrl-C raises ``refnet.progress.Interrupted`` whose ``partial`` is
     the rows of the configurations finished; with ``out``, they are first written to
     results.partial.json and results.partial.csv (the same columns; no figures), so that a
-    partial grid is never mistaken for the whole one."""
+    partial grid is never mistaken for the whole one.
+
+    ``executor``: any ``concurrent.futures.Executor`` (a ``dask.distributed`` client's, for a
+    cluster) measures the configurations, one task each; the rows are gathered in the grid's
+    order, so the results are those of a run in this process. Ctrl-C cancels what is pending."""
     configs = grid(quick) if configs is None else configs
     if progress is True:
         progress = Reporter(name="refnet study")
     progress = progress or SILENT
     progress.start(len(configs), "configurations", lines=LOG_LINES)
-    results = []
+    results, futures = [], []
     try:
+        if executor is not None:
+            futures = [executor.submit(measure, config, precisions, check) for config in configs]
         for k, config in enumerate(configs):
-            results += measure(config, precisions, check)
+            results += futures[k].result() if futures else measure(config, precisions, check)
             progress.update(k + 1, config.spec()["name"])
     except KeyboardInterrupt as stop:
+        for future in futures:
+            future.cancel()
         progress.close()
         done = len(results) // len(precisions)
         message = f"interrupted after {done} of {len(configs)} configurations"

@@ -24,20 +24,37 @@ Kinks. Layers report a *kink signature* (ReLU: z > 0). A finite difference whose
 different signature from the base point straddles a kink: it is reported as a kink, not compared.
 Where float64 and the exact run take different branches (a pre-activation within rounding of 0),
 the ulp comparison is reported as a kink too.
+
+Engines. Every exact backend made here comes from :func:`exact_backend` (``engine``: one of
+:data:`EXACT_ENGINES`); the report names the one that ran (``Report.engine``).
+
+Fan-out. The unit of work of check 2 is one FD vector of one tensor (:func:`_fd_vector`).
+``jobs`` runs them on that many local processes, ``executor`` on any
+``concurrent.futures.Executor`` (a ``dask.distributed`` client's, for a cluster). The random
+directions are drawn here, in the parent, in the order of a one-process run; the results are
+gathered in that order, and check 3's float64 differences run here, on the BLAS of the float64
+gradient they are compared with: the report is the same whatever ran it (timings aside).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import signal
+import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from multiprocessing.context import SpawnContext, SpawnProcess
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
 from ..layers.base import ForwardState
-from ..layers.sequential import run_forward, split
-from ..model import Model
+from ..model import ForwardPrefix, Model
 from ..numerics.backend import FLOAT64, MPBackend
 from ..numerics.errorbound import BOUND, LAMBDA
 from ..progress import SILENT, Interrupted
@@ -48,6 +65,30 @@ FD_STEP = 1e-15          # high-precision FD step (for |L| ~ |g|; smaller for st
 FD_TARGET_DIGITS = 30    # the FD itself is set up to be good to ~30 digits (truncation ~h²)
 FD_GUARD_DIGITS = 10
 MAX_FD_DPS = 2000
+
+# The exact engines verify and spot_check accept. "mpmath": MPBackend (numpy object arrays of
+# mpf at dps digits); "auto": the fastest engine that applies (today MPBackend as well).
+EXACT_ENGINES = ("auto", "mpmath")
+
+# jobs=None fans the FD vectors out over every core only when they are worth a pool. A pool of
+# spawned workers costs ~1 s to start (each imports numpy, mpmath and refnet; on two cores) and
+# every worker builds its own converted parameters and prefix per working precision; the FD
+# leg costs ~1-3 µs per value of one forward per FD check in mpmath (LeNet-5 at batch 8: 22
+# checks × ~180k values in ~10 s on one core). So below POOL_MIN_WORK = 1e6 checks × values
+# (~1-3 s of FD on one core) the FD leg runs in this process; above it a pool pays for itself.
+POOL_MIN_WORK = 1_000_000
+
+
+def exact_backend(dps: int, engine: str = "auto"):
+    """The exact (high-precision) backend at ``dps`` digits that ``engine`` names: the one
+    place verify, spot_check and the finite differences get theirs from."""
+    if engine not in EXACT_ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(EXACT_ENGINES)}, got {engine!r}")
+    return MPBackend(dps)
+
+
+def _engine_description(bk) -> str:
+    return getattr(bk, "description", repr(bk))
 
 
 @dataclass
@@ -91,9 +132,20 @@ class Report:
     # whatever the finished tensors say). Left out of to_dict() when None, so that the JSON of a
     # finished run is what it always was.
     incomplete: Optional[str] = None
+    engine: str = ""            # the exact backend that ran (its description)
+    # Seconds: "float64_and_bound" (the float64 and error-bound passes), "exact" (the dps-digit
+    # loss and gradients), "fd_exact" (the high-precision FD, summed over every vector where it
+    # ran: with several workers, more than its share of the wall clock), "fd_float64" (the
+    # float64 FD), "total" (the whole call, wall clock).
+    timings: Dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self, timings: bool = False) -> dict:
+        """The report as plain JSON data. Without ``timings`` it is a function of the inputs
+        alone (two runs of the same check give equal dicts, whatever ran them); ``timings=True``
+        adds the seconds of each leg (``refnet verify --json`` does)."""
         d = asdict(self)
+        if not timings:
+            del d["timings"]
         if d["incomplete"] is None:
             del d["incomplete"]
         for t in d["tensors"]:
@@ -157,29 +209,31 @@ class _Problem:
 
     ``prefix_cache``: an evaluation that perturbs a tensor of top-level layer k starts at layer
     k from the cached unperturbed input of that layer (per backend), carrying the cached kink
-    signatures of layers < k and the other tensors' penalty terms. Loss and signatures are bit
-    for bit those of the full forward (``tests/test_fd_prefix.py``); False runs the full forward
-    every time."""
+    signatures of layers < k and the other tensors' penalty terms (``Model.forward_tensors``
+    with a ``ForwardPrefix``). Loss and signatures are bit for bit those of the full forward
+    (``tests/test_fd_prefix.py``); False runs the full forward every time. ``engine``: the
+    exact engine of the high-precision evaluations (``exact_backend``)."""
 
     KEEP = 4        # backends whose converted inputs and prefixes are kept (most recent first)
 
     def __init__(self, model: Model, params: Dict[str, np.ndarray], x: np.ndarray, y,
-                 state: ForwardState, prefix_cache: bool = True):
+                 state: ForwardState, prefix_cache: bool = True, engine: str = "auto"):
         self.model, self.params, self.x, self.y = model, params, x, y
         self.state = state
         self.labels = _signature_labels(model)
         self.prefix_cache = prefix_cache
+        self.engine = engine
         self._cache = OrderedDict()        # backend name -> {"bk", "in", "prefix"}
-        self._backends = OrderedDict()     # dps -> MPBackend
+        self._backends = OrderedDict()     # dps -> exact backend
 
     def replay(self) -> ForwardState:
         """The same mode and the same dropout masks as the first pass; fresh buffer updates."""
         return ForwardState(train=self.state.train, rng=None, masks=self.state.masks)
 
-    def mp(self, dps: int) -> MPBackend:
-        """One MPBackend per precision: its converted inputs and prefix are reused by every
+    def mp(self, dps: int):
+        """One exact backend per precision: its converted inputs and prefix are reused by every
         check at that precision (a new backend's private context would convert them again)."""
-        return self._memo(self._backends, dps, lambda: MPBackend(dps))
+        return self._memo(self._backends, dps, lambda: exact_backend(dps, self.engine))
 
     def _memo(self, table, key, make):
         if key in table:
@@ -212,19 +266,15 @@ class _Problem:
         entry = self._entry(bk)
         if "prefix" not in entry:
             params, x = self._in(bk)
-            model, state = self.model, self.replay()
-            h = bk.asarray(x)
-            inputs, signatures = [], []
-            for j, layer in enumerate(model.layers):
-                inputs.append(h)
-                h, cache = run_forward(bk, layer, split(params, j), h, state)
-                signatures.append(layer.kink_signature(cache))
+            model = self.model
+            fwd = model.forward_tensors(bk, params, x, self.y, self.replay())
             terms, l1_signatures = {}, {}
             if model.l1 or model.l2:
                 for n in model.regularized:
                     terms[n] = _penalty_terms(bk, params[n], n, model.l1, model.l2)
                     l1_signatures[n] = l1_kink_signature(params, [n], model.l1)
-            entry["prefix"] = _Prefix(inputs, signatures, terms, l1_signatures)
+            entry["prefix"] = _Prefix(fwd.inputs, fwd.kink_signatures[:len(model.layers)],
+                                      terms, l1_signatures)
         return entry["prefix"]
 
     def loss(self, bk, name, value):
@@ -237,29 +287,20 @@ class _Problem:
         return self._loss_from(bk, int(name.split(".", 1)[0]), name, value)
 
     def _loss_from(self, bk, k, name, value):
-        """The loss with ``name`` (a tensor of top-level layer k) set to ``value``: layers k..
-        run from the cached input of layer k; what precedes comes from the cache."""
-        model, prefix, state = self.model, self._prefix(bk), self.replay()
+        """The loss with ``name`` (a tensor of top-level layer k) set to ``value``: the model's
+        forward from layer k, on the cached input of layer k; what precedes comes from the
+        cache, the perturbed tensor's penalty terms and L1 signature are its own."""
+        model, prefix = self.model, self._prefix(bk)
         params = {**self._in(bk)[0], name: value}    # value: already of bk, as in loss()
-        h = prefix.inputs[k]
-        signatures = list(prefix.signatures[:k])
-        for j in range(k, len(model.layers)):
-            layer = model.layers[j]
-            h, cache = run_forward(bk, layer, split(params, j), h, state)
-            signatures.append(layer.kink_signature(cache))
-        loss, _ = model.loss.forward(bk, h, self.y)
-        if model.l1 or model.l2:
-            total = None
-            for n in model.regularized:
-                terms = (_penalty_terms(bk, value, n, model.l1, model.l2) if n == name
-                         else prefix.terms[n])
-                for t in terms:
-                    total = t if total is None else total + t
-            loss = loss + (bk.zeros(()) if total is None else total)
-            l1 = [l1_kink_signature(params, [n], model.l1) if n == name else prefix.l1_signatures[n]
-                  for n in model.regularized]
-            signatures.append(tuple(s[0] for s in l1 if s) + tuple(s[1] for s in l1 if s))
-        return loss, signatures
+        terms, l1_signatures = prefix.terms, prefix.l1_signatures
+        if name in terms:
+            terms = {**terms, name: _penalty_terms(bk, value, name, model.l1, model.l2)}
+            l1_signatures = {**l1_signatures,
+                             name: l1_kink_signature(params, [name], model.l1)}
+        fwd = model.forward_tensors(bk, params, prefix.inputs[k], self.y, self.replay(),
+                                    start=k, prefix=ForwardPrefix(prefix.signatures[:k], terms,
+                                                                  l1_signatures))
+        return fwd.loss, fwd.kink_signatures
 
     def base(self, name):
         return self.x if name == "x" else self.params[name]
@@ -283,22 +324,254 @@ def _fd_vectors(mode, shape, count, rng):
             yield v / np.linalg.norm(v)
 
 
+# --- the fan-out of the FD vectors ---------------------------------------------------------
+
+class _FDTask(NamedTuple):
+    """One FD vector of one tensor, as plain data (numpy, ints, floats: no mpf crosses a
+    process). ``analytic`` and ``scale`` are exact: (m, e) with value m·2^e."""
+    name: str
+    v: np.ndarray
+    analytic: tuple     # Σ g_exact·v at dps digits
+    scale: tuple        # what agreement is counted relative to (Σ|g_exact·v|, or the floor)
+    scale_float: float  # the same, correctly rounded to float64 (it sets the step and the dps)
+    loss_abs: float     # |L| at the base point (float64 of the exact loss; 1e-300 if 0)
+
+
+class _FDResult(NamedTuple):
+    digits: float
+    dps: int
+    kink: Optional[str]
+    seconds: float
+
+
+def _exact_pair(value) -> tuple:
+    """An mpf as (m, e), m·2^e exactly; ``ctx.mpf((m, e))`` reads it back rounded to ctx's
+    precision, as ``ctx.mpf(value)`` would."""
+    sign, man, exp, _ = value._mpf_
+    if not man and exp:
+        raise ValueError(f"verify: a non-finite exact value ({value}) in the FD setup")
+    return (-int(man) if sign else int(man), int(exp))
+
+
+def _fd_vector(problem: "_Problem", task: _FDTask, base_signatures) -> _FDResult:
+    """The unit of work that fans out: the high-precision central difference along ``task.v``
+    (check 2). Its float64 twin (check 3) runs where the float64 gradient ran, in the parent
+    (``_fd64``): float64 sums follow the BLAS and its thread count (a worker's BLAS runs one
+    thread, a cluster's may be another library), and check 3 compares the float64 FD with that
+    float64 gradient; so the float64 column too is the same whatever ran the vectors."""
+    t0 = time.perf_counter()
+    d, dps_used, kink = _fd_check(problem, task.name, task.v, task.analytic, task.scale,
+                                  task.scale_float, task.loss_abs, base_signatures)
+    return _FDResult(d, dps_used, kink, time.perf_counter() - t0)
+
+
+def _fd64(problem: "_Problem", name, v, h64) -> float:
+    """The float64 central difference along v (check 3)."""
+    base = problem.base(name)
+    lp, _ = problem.loss(FLOAT64, name, base + h64 * v)
+    lm, _ = problem.loss(FLOAT64, name, base - h64 * v)
+    return (float(lp) - float(lm)) / (2 * h64)
+
+
+class _Payload(NamedTuple):
+    """What a worker needs to build its own ``_Problem``: plain numpy and JSON data (the model
+    is rebuilt from its spec; the dropout masks are the parent's)."""
+    spec: dict
+    params: Dict[str, np.ndarray]
+    x: np.ndarray
+    y: np.ndarray
+    train: bool
+    masks: Dict[str, np.ndarray]
+    base_signatures: list
+    engine: str
+    prefix_cache: bool
+
+    def key(self) -> str:
+        """A digest of the content: equal payloads (and only they, short of a SHA-256
+        collision) share a worker's cached problem, whichever client sent them."""
+        h = hashlib.sha256(json.dumps([self.spec, self.train, self.engine, self.prefix_cache],
+                                      sort_keys=True).encode())
+
+        def add(a):
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        for table in (self.params, self.masks):
+            for k in sorted(table):
+                h.update(k.encode())
+                add(table[k])
+        add(self.x)
+        add(self.y)
+        for layer in self.base_signatures:
+            h.update(b"|")
+            for sig in layer:
+                add(sig)
+        return h.hexdigest()
+
+
+# The problems built in this worker (process, or thread: each thread of a threaded executor
+# has its own), by payload key. One is kept: a worker serves one verify at a time.
+_WORKER = threading.local()
+
+
+def _worker_problem(key: str, payload: Optional[_Payload]):
+    cached = getattr(_WORKER, "problem", None)
+    if cached is None or cached[0] != key:
+        if payload is None:
+            raise RuntimeError("verify: an FD task reached a worker that holds no problem")
+        model = Model(payload.spec)
+        state = ForwardState(train=payload.train, rng=None, masks=payload.masks)
+        problem = _Problem(model, payload.params, payload.x, payload.y, state,
+                           prefix_cache=payload.prefix_cache, engine=payload.engine)
+        _WORKER.problem = cached = (key, problem, payload.base_signatures)
+    return cached[1], cached[2]
+
+
+def _init_worker(key: str, payload: _Payload):
+    """A pool worker of ``jobs``: builds the problem once. Ctrl-C is the parent's to handle
+    (it cancels what is pending); a terminal's SIGINT reaches the whole process group, and a
+    worker must not die of it with a traceback of its own. The worker was spawned with SIGINT
+    blocked (``_WorkerProcess``), so that one arriving while it starts waits; here it is
+    ignored for good, and what was pending is dropped."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _worker_problem(key, payload)
+
+
+# A pool worker's BLAS runs one thread: the pool already puts one worker on every core, and N
+# workers each running a BLAS of N threads oversubscribe the machine (measured on 2 cores:
+# LeNet-5's FD leg took 3.5 times as long as in one process). The variables are set for the
+# moment a worker is spawned (what loky does); the parent's own BLAS is already running and
+# keeps its threads.
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                         "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+_SPAWN_LOCK = threading.Lock()
+
+
+class _WorkerProcess(SpawnProcess):
+    """A spawned process (a fresh interpreter on every OS: nothing inherited — no threads, no
+    monkeypatches) whose BLAS runs one thread."""
+
+    @staticmethod
+    def _Popen(process_obj):
+        # SIGINT is blocked in this thread while the worker is spawned, and the child inherits
+        # the mask: a Ctrl-C during its start stays pending there until _init_worker ignores
+        # it (here it is delivered when the mask is restored: nothing is lost).
+        block = hasattr(signal, "pthread_sigmask")
+        with _SPAWN_LOCK:
+            saved = {k: os.environ.get(k) for k in BLAS_THREAD_VARIABLES}
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if block else None
+            os.environ.update({k: "1" for k in BLAS_THREAD_VARIABLES})
+            try:
+                return SpawnProcess._Popen(process_obj)
+            finally:
+                for k, value in saved.items():
+                    if value is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = value
+                if block:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+class _WorkerContext(SpawnContext):
+    Process = _WorkerProcess
+
+
+def _fd_task(key: str, payload: Optional[_Payload], task: _FDTask) -> _FDResult:
+    """What a worker runs: ``payload`` None in a ``jobs`` pool (its initializer built the
+    problem), the whole payload with every task on an ``executor`` (built once per worker, on
+    the first task of a verify that reaches it, then looked up by ``key``)."""
+    problem, base_signatures = _worker_problem(key, payload)
+    return _fd_vector(problem, task, base_signatures)
+
+
+class _Deferred:
+    """A future computed when its result is asked for: the FD vectors of ``jobs=1``, which run
+    in this process, one tensor after the other, as their results are gathered."""
+
+    def __init__(self, fn, *args):
+        self._fn, self._args, self._done, self._value = fn, args, False, None
+
+    def result(self):
+        if not self._done:
+            self._value, self._done = self._fn(*self._args), True
+        return self._value
+
+    def done(self):
+        return self._done
+
+    def cancel(self):
+        return not self._done
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:              # not Linux
+        return os.cpu_count() or 1
+
+
+def _forward_values(model: Model, params, x) -> int:
+    """The values one forward holds: parameters, input, every top-level layer's output."""
+    batch = x.shape[0]
+    return (x.size + sum(int(np.size(p)) for p in params.values())
+            + batch * sum(int(np.prod(layer.out_shape)) for layer in model.layers))
+
+
+def _check_jobs(jobs, executor):
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, (int, np.integer))
+                             or jobs < 1):
+        raise ValueError(f"verify: jobs must be an integer >= 1 (or None: every core), "
+                         f"got {jobs!r}")
+    if executor is not None:
+        if jobs is not None:
+            raise ValueError("verify: give jobs or executor, not both (an executor brings its "
+                             "own workers)")
+        if not callable(getattr(executor, "submit", None)):
+            raise ValueError(f"verify: executor must have concurrent.futures.Executor's submit, "
+                             f"got {type(executor).__name__}")
+
+
 def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: float = 20,
            mode: str = "auto", directions: int = 2, seed: int = 0,
            max_elementwise: int = 100, train: Optional[bool] = None,
-           progress=None) -> Report:
+           progress=None, engine: str = "auto", jobs: Optional[int] = None,
+           executor=None) -> Report:
     """Check every gradient of ``model`` at (params, x, y) three ways; see the module docstring.
 
     mode: "element" (every element gets its own FD), "direction" (``directions`` random unit
     directions per tensor), or "auto" (element when the model has at most ``max_elementwise``
     parameters and inputs in all, direction otherwise). ``train``: the mode (default: the
     spec's); in train mode dropout masks are drawn once and every pass uses the same ones.
+    ``engine``: the exact engine (:data:`EXACT_ENGINES`, :func:`exact_backend`).
     ``progress``: a ``refnet.progress.Reporter`` told of every tensor checked (default silent).
+
+    Where the FD vectors run (the report is the same, timings aside): ``jobs=1`` in this
+    process; ``jobs=N`` on a pool of N spawned worker processes, each initialized once with the
+    problem (so, as with any multiprocessing, a script must guard its entry point with
+    ``if __name__ == "__main__":``); ``jobs=None`` (default) on every core
+    (:func:`available_cores`) when the FD work exceeds :data:`POOL_MIN_WORK`, else in this
+    process. ``executor``: any ``concurrent.futures.Executor`` instead (a
+    ``ThreadPoolExecutor``, ``dask.distributed.Client(...).get_executor()``, ...): every task
+    then carries the whole problem (model spec, float64 parameters and input, the dropout
+    masks), which each worker builds once and keeps under the payload's digest. Workers rebuild
+    the model from its spec. The float64 FD column is computed by the workers' BLAS: on
+    machines whose BLAS sums in another order its last bits may differ (as the ulp columns do).
+
     Ctrl-C raises ``refnet.progress.Interrupted`` whose ``partial`` is the Report of the tensors
-    finished, marked ``incomplete`` and not passed (None if none was).
+    finished, marked ``incomplete`` and not passed (None if none was); the FD vectors not yet
+    run are cancelled and the pool's workers are shut down.
     """
+    began = time.perf_counter()
     if mode not in ("auto", "element", "direction"):
         raise ValueError(f"verify: mode must be auto, element or direction, got {mode!r}")
+    if engine not in EXACT_ENGINES:
+        raise ValueError(f"verify: engine must be one of {', '.join(EXACT_ENGINES)}, "
+                         f"got {engine!r}")
+    _check_jobs(jobs, executor)
     params, x, y = model.prepare(params, x, y)
     learnable = list(model.param_shapes())
     total = x.size + sum(params[name].size for name in learnable)
@@ -307,40 +580,93 @@ def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: 
 
     progress = SILENT if progress is None else progress
     names = learnable + ["x"]
-    tensors = []
+    n_checks = total if mode == "element" else directions * len(names)
+    tensors, futures, pool = [], [], None
+    timings = {"float64_and_bound": 0.0, "exact": 0.0, "fd_exact": 0.0, "fd_float64": 0.0}
+    description = ""
+
+    def report(passed, global_kinks, incomplete=None):
+        return Report(passed, float(g64.loss), dps, digits, mode, first.train, tensors,
+                      global_kinks, incomplete=incomplete, engine=description,
+                      timings={**timings, "total": time.perf_counter() - began})
+
     progress.start(len(names), "tensors")
     try:
         progress.update(0, "the float64 and error-bound passes")
+        t = time.perf_counter()
         first = model.default_state(train)
         g64 = model.loss_and_grads(FLOAT64, params, x, y, first)     # draws the dropout masks
-        problem = _Problem(model, params, x, y, first)
+        problem = _Problem(model, params, x, y, first, engine=engine)
         gb = model.loss_and_grads(BOUND, params, x, y, problem.replay())
+        timings["float64_and_bound"] = time.perf_counter() - t
         progress.update(0, f"the {dps}-digit pass")
-        mp = MPBackend(dps)
+        t = time.perf_counter()
+        mp = exact_backend(dps, engine)
+        description = _engine_description(mp)
         gm = model.loss_and_grads(mp, params, x, y, problem.replay())
+        timings["exact"] = time.perf_counter() - t
 
         loss_mp = gm.loss
+        loss_abs = abs(float(_scalar(loss_mp))) or 1e-300
         global_kinks = []
-        branch = _signature_difference(g64.forward.kink_signatures, gm.forward.kink_signatures,
+        base_signatures = gm.forward.kink_signatures
+        branch = _signature_difference(g64.forward.kink_signatures, base_signatures,
                                        problem.labels)
         if branch:
             global_kinks.append(f"float64 and exact take different branches at {branch}")
 
+        # Where the FD vectors run.
+        if executor is None:
+            workers = available_cores() if jobs is None else jobs
+            if jobs is None and n_checks * _forward_values(model, params, x) < POOL_MIN_WORK:
+                workers = 1
+            workers = min(workers, n_checks)
+        if executor is not None or workers > 1:
+            payload = _Payload(model.spec, params, x, y, first.train, dict(first.masks),
+                               base_signatures, engine, problem.prefix_cache)
+            key = payload.key()
+            if executor is not None:
+                submit = lambda task: executor.submit(_fd_task, key, payload, task)  # noqa: E731
+            else:
+                pool = ProcessPoolExecutor(workers, mp_context=_WorkerContext(),
+                                           initializer=_init_worker, initargs=(key, payload))
+                submit = lambda task: pool.submit(_fd_task, key, None, task)  # noqa: E731
+        else:
+            submit = None
+
+        # The directions, drawn in the order of a one-process run; each tensor's vectors
+        # submitted at once (in this process: deferred until its tensor is checked).
+        progress.update(0, f"the finite differences ({n_checks} checks"
+                           + (f", {workers} processes)" if executor is None and workers > 1
+                              else ")"))
         rng = np.random.default_rng(seed)
+        plan = []
         for name in names:
             f64 = np.asarray(g64.params[name] if name != "x" else g64.x, dtype=np.float64)
             # The bound is computed by the BoundBackend, whose values are those of float64 bit
             # for bit (a test checks); the result held to it is the float64 backend's own.
             bound_arr = gb.params[name] if name != "x" else gb.x
             exact = gm.params[name] if name != "x" else gm.x
+            base = problem.base(name)
+            h64 = U64 ** (1 / 3) * max(1.0, float(np.max(np.abs(base))) if base.size else 1.0)
+            prepare = _Preparer(mp, name, exact, bound_arr.sigma, digits, loss_abs)
+            vectors = list(_fd_vectors(mode, f64.shape, directions, rng))
+            if submit is None:
+                fd = [_Deferred(lambda v, p=prepare: _fd_vector(problem, p(v), base_signatures),
+                                v) for v in vectors]
+            else:
+                fd = [submit(prepare(v)) for v in vectors]
+            futures += fd
+            plan.append((name, f64, bound_arr, exact, vectors, fd, h64))
+
+        for name, f64, bound_arr, exact, vectors, fd, h64 in plan:
             bound = np.minimum(bound_arr.e, bound_arr.probabilistic_bound(LAMBDA))
-            tensors.append(_check_tensor(name, f64, bound, bound_arr.e, bound_arr.sigma, exact,
-                                         mp, problem, loss_mp,
-                                         float(g64.loss), mode, directions, rng, digits,
-                                         ulp_kink=bool(branch),
-                                         base_signatures=gm.forward.kink_signatures))
+            tensors.append(_check_tensor(name, f64, bound, bound_arr.e, exact, mp, problem,
+                                         float(g64.loss), mode, vectors, fd, h64, digits,
+                                         ulp_kink=bool(branch), timings=timings))
             progress.update(len(tensors), f"{name} {'ok' if tensors[-1].passed else 'FAIL'}")
     except KeyboardInterrupt as stop:
+        _cancel(futures, pool)
         # Keep the tensors finished; the one being checked is dropped. Before the first one
         # there is nothing to report.
         done = len(tensors)
@@ -349,20 +675,58 @@ def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: 
                               f"was checked", None, 0, len(names)
                               ).with_traceback(stop.__traceback__) from None
         message = f"interrupted after {done} of {len(names)} gradient tensors"
-        partial = Report(False, float(g64.loss), dps, digits, mode, first.train, tensors,
-                         global_kinks,
+        partial = report(False, global_kinks,
                          incomplete=f"{message}; not checked: {', '.join(names[done:])}")
         raise Interrupted(message, partial, done, len(names)
                           ).with_traceback(stop.__traceback__) from None
     finally:
+        _cancel(futures, pool)
         progress.close()
 
-    passed = all(t.passed for t in tensors)
-    return Report(passed, float(g64.loss), dps, digits, mode, first.train, tensors, global_kinks)
+    return report(all(t.passed for t in tensors), global_kinks)
 
 
-def _check_tensor(name, f64, bound, rigorous, sigma, exact, mp, problem, loss_mp, loss64, mode,
-                  directions, rng, required, ulp_kink, base_signatures):
+def _cancel(futures, pool):
+    """What has not run is not run: pending futures cancelled, the pool's workers joined (each
+    finishes the one vector it may be on; nothing is left running)."""
+    for f in futures:
+        if not f.done():
+            f.cancel()
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Preparer:
+    """The parent's part of an FD vector of one tensor: the exact analytic directional
+    derivative and the scale agreement is counted against, at the ``dps``-digit run."""
+
+    def __init__(self, mp, name, exact, sigma, required, loss_abs):
+        self.mp, self.name, self.exact, self.sigma = mp, name, exact, sigma
+        self.required, self.loss_abs = required, loss_abs
+
+    def __call__(self, v) -> _FDTask:
+        mp = self.mp
+        terms = self.exact * mp.asarray(v)
+        analytic = _scalar(mp.sum(terms))
+        # Σ|g_i·v_i|: rounding to nearest is symmetric in sign, so |g_i·v_i| rounded is
+        # |g_i|·|v_i| rounded, bit for bit — one product per element, not two.
+        scale = _scalar(mp.sum(mp.abs(terms)))
+        # The exact analytic value carries rounding noise of about M·10^-dps, M the magnitude of
+        # the terms it was formed from (σ/u of the float64 analysis). A gradient that cancels to
+        # (nearly) zero — the bias before a BatchNorm — is compared relative to M·10^-(dps −
+        # required − 5) instead of to its own noise.
+        magnitude = float(np.sum(self.sigma / U64 * np.abs(v)))
+        floor = magnitude * 10.0 ** -(mp.dps - self.required - 5)
+        if floor > float(scale):
+            scale = mp.ctx.mpf(floor)
+        return _FDTask(self.name, v, _exact_pair(analytic), _exact_pair(scale), float(scale),
+                       self.loss_abs)
+
+
+def _check_tensor(name, f64, bound, rigorous, exact, mp, problem, loss64, mode, vectors, fd,
+                  h64, required, ulp_kink, timings):
+    """Check 1 of one tensor; check 2 gathered from its FD vectors' results ``fd`` (futures, in
+    the order of ``vectors``); check 3 along the same vectors (``h64`` the float64 step)."""
     exact_f = mp.to_numpy(exact)
     err = mp.to_numpy(mp.abs(mp.asarray(f64) - exact))
     ulp = np.spacing(np.abs(exact_f))
@@ -374,38 +738,24 @@ def _check_tensor(name, f64, bound, rigorous, sigma, exact, mp, problem, loss_mp
     ulp_passed = None if ulp_kink else bool(np.all(err <= bound))
 
     # High-precision and float64 finite differences -----------------------------------------
-    base = problem.base(name)
     fd_digits, fd_dps, fd_kinks, checks = math.inf, 0, 0, 0
     fd64_rel, fd64_noise = 0.0, 0.0
     kink_notes = []
-    abs_exact = mp.abs(exact)
-    h64 = U64 ** (1 / 3) * max(1.0, float(np.max(np.abs(base))) if base.size else 1.0)
-    for v in _fd_vectors(mode, f64.shape, directions, rng):
+    for v, future in zip(vectors, fd):
+        r = future.result()
         checks += 1
-        v_mp = mp.asarray(v)
-        analytic = _scalar(mp.sum(exact * v_mp))
-        scale = _scalar(mp.sum(abs_exact * mp.abs(v_mp)))
-        # The exact analytic value carries rounding noise of about M·10^-dps, M the magnitude of
-        # the terms it was formed from (σ/u of the float64 analysis). A gradient that cancels to
-        # (nearly) zero — the bias before a BatchNorm — is compared relative to M·10^-(dps −
-        # required − 5) instead of to its own noise.
-        magnitude = float(np.sum(sigma / U64 * np.abs(v)))
-        floor = magnitude * 10.0 ** -(mp.dps - required - 5)
-        if floor > float(scale):
-            scale = mp.ctx.mpf(floor)
-        ok, d, dps_used, kink = _fd_check(problem, name, v, analytic, scale, loss_mp,
-                                          base_signatures)
-        fd_dps = max(fd_dps, dps_used)
-        if kink:
+        timings["fd_exact"] += r.seconds
+        fd_dps = max(fd_dps, r.dps)
+        if r.kink:
             fd_kinks += 1
             if len(kink_notes) < 3:
-                kink_notes.append(kink)
+                kink_notes.append(r.kink)
         else:
-            fd_digits = min(fd_digits, d)
+            fd_digits = min(fd_digits, r.digits)
         # float64 FD along the same vector
-        lp, _ = problem.loss(FLOAT64, name, base + h64 * v)
-        lm, _ = problem.loss(FLOAT64, name, base - h64 * v)
-        fd64 = (float(lp) - float(lm)) / (2 * h64)
+        t = time.perf_counter()
+        fd64 = _fd64(problem, name, v, h64)
+        timings["fd_float64"] += time.perf_counter() - t
         an64 = float(np.sum(f64 * v))
         s64 = float(np.sum(np.abs(f64 * v)))
         if s64 > 0:
@@ -439,10 +789,9 @@ def _check_tensor(name, f64, bound, rigorous, sigma, exact, mp, problem, loss_mp
             fd64_noise=float(fd64_noise), passed=bool(ulp_ok and fd_passed), kinks=kink_notes)
 
 
-def _fd_check(problem, name, v, analytic, scale, loss_mp, base_signatures):
-    """One high-precision central difference along v. Returns (ok, digits, dps, kink note)."""
-    loss_abs = abs(float(_scalar(loss_mp))) or 1e-300
-    s = float(scale)
+def _fd_check(problem, name, v, analytic, scale, s, loss_abs, base_signatures):
+    """One high-precision central difference along v: (digits, dps, kink note or None).
+    ``analytic``, ``scale``: exact (m, e) pairs; ``s``: the scale in float64."""
     if s > 0:
         h = FD_STEP * min(1.0, loss_abs / s)
         # Digits to resolve L(θ ± hv) − L(θ) ≈ h·s to FD_TARGET_DIGITS, plus guard digits.
@@ -460,7 +809,7 @@ def _fd_check(problem, name, v, analytic, scale, loss_mp, base_signatures):
     crossing = (_signature_difference(base_signatures, sig_p, problem.labels)
                 or _signature_difference(base_signatures, sig_m, problem.labels))
     if crossing:
-        return False, math.nan, dps, f"FD step crosses a kink at {crossing}"
+        return math.nan, dps, f"FD step crosses a kink at {crossing}"
     fd = (_scalar(lp) - _scalar(lm)) / (2 * ctx.mpf(h))
     a = ctx.mpf(analytic)
     if s > 0:
@@ -469,8 +818,7 @@ def _fd_check(problem, name, v, analytic, scale, loss_mp, base_signatures):
         # No gradient along v: FD must vanish to the rounding level of the loss at this dps.
         ref = ctx.mpf(loss_abs) * ctx.mpf(10) ** (-(dps - FD_TARGET_DIGITS)) / ctx.mpf(h)
     d = _digits(ctx, abs(fd - a), ref)
-    return True, min(d, float(dps)), dps, None
-
+    return min(d, float(dps)), dps, None
 
 
 @dataclass
@@ -484,15 +832,16 @@ class SpotCheck:
 
 
 def spot_check(model: Model, params, x, y, *, dps: int = 30,
-               train: Optional[bool] = None) -> SpotCheck:
+               train: Optional[bool] = None, engine: str = "auto") -> SpotCheck:
     """float64 gradients of (params, x, y) checked against the high-precision backend — the
-    cheap part of :func:`verify` (no finite differences), for sweeps such as ``refnet study``."""
+    cheap part of :func:`verify` (no finite differences), for sweeps such as ``refnet study``.
+    ``engine``: the exact engine (:func:`exact_backend`)."""
     params, x, y = model.prepare(params, x, y)
     first = model.default_state(train)
     g64 = model.loss_and_grads(FLOAT64, params, x, y, first)
     replay = lambda: ForwardState(train=first.train, rng=None, masks=first.masks)  # noqa: E731
     gb = model.loss_and_grads(BOUND, params, x, y, replay())
-    mp = MPBackend(dps)
+    mp = exact_backend(dps, engine)
     gm = model.loss_and_grads(mp, params, x, y, replay())
     if _signature_difference(g64.forward.kink_signatures, gm.forward.kink_signatures,
                              _signature_labels(model)):
