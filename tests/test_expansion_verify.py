@@ -56,7 +56,8 @@ for _act in ACTIVATIONS:
 
 
 def _plant(monkeypatch, kind):
-    """The layer class's backward returns its input gradient with element 0 off by RELATIVE."""
+    """The layer class's backward returns its input gradient with element 0 off by RELATIVE
+    times the largest element."""
     cls = layer_types()[kind]
     original = cls.backward
 
@@ -64,7 +65,9 @@ def _plant(monkeypatch, kind):
         dx, grads = original(self, bk, params, dy, cache)
         first = np.zeros(dx.shape, dtype=bool)
         first.flat[0] = True
-        return bk.where(first, dx * bk.const(repr(1 + RELATIVE)), dx), grads
+        # RELATIVE of the largest element, added to the first (which may be 0: max-pool).
+        size = float(np.max(np.abs(bk.to_numpy(dx))))
+        return dx + bk.where(first, bk.asarray(np.float64(RELATIVE * size)), 0), grads
     monkeypatch.setattr(cls, "backward", wrong)
 
 
@@ -97,3 +100,27 @@ def test_both_engines_reach_the_same_verdict_and_the_same_float64_comparison(exa
         assert a.grad_norm == b.grad_norm
         assert a.ulp_passed == b.ulp_passed
         assert (a.fd_digits >= 30) == (b.fd_digits >= 30)
+
+
+def _tiny_input_model():
+    """Large enough for "auto" to pick the expansion engine (a 2x4096 weight), with an input
+    of 1e-300: below the engine's exact range (2^(-1074 + prec + 24) ≈ 1e-265 at 50 digits)."""
+    model = Model({"input_shape": [4096], "seed": 0, "batch": 2, "loss": {"type": "mse"},
+                   "layers": [{"type": "dense", "out": 2}]})
+    params, x, y = model.prepare()
+    return model, params, x * 1e-300, y
+
+
+def test_auto_runs_mpmath_where_the_expansion_engine_refuses_and_says_so():
+    model, params, x, y = _tiny_input_model()
+    report = verify(model, params, x, y, engine="auto", directions=1)
+    assert report.passed
+    assert report.engine.startswith("<refnet backend mp, 50 digits>")
+    assert "the expansion engine refused" in report.engine
+
+
+def test_an_explicit_expansion_engine_that_cannot_run_is_a_one_line_error():
+    from refnet.numerics.expansion import ExpansionRangeError
+    model, params, x, y = _tiny_input_model()
+    with pytest.raises(ExpansionRangeError, match="^engine expansion: .*engine auto runs mpmath"):
+        verify(model, params, x, y, engine="expansion", directions=1)

@@ -246,7 +246,8 @@ def test_every_exact_backend_comes_from_exact_backend(monkeypatch):
     factory = triangle.exact_backend
     monkeypatch.setattr(triangle, "MPBackend", Counted)
     monkeypatch.setattr(triangle, "exact_backend",
-                        lambda dps, engine="auto": asked.append(dps) or factory(dps, engine))
+                        lambda dps, engine="auto", size=None: asked.append(dps)
+                        or factory(dps, engine, size))
     report = _bn_dropout_report(jobs=1, engine="mpmath")
     model = Model(BN_DROPOUT)
     spot_check(model, *model.prepare(), dps=30, engine="mpmath")
@@ -262,7 +263,7 @@ def test_the_report_names_the_engine_that_ran():
 
 
 @pytest.mark.parametrize("bad, needle", [
-    ({"engine": "bigint"}, "engine must be one of auto, mpmath"),
+    ({"engine": "bigint"}, "engine must be one of auto, expansion, mpmath"),
     ({"jobs": 0}, "jobs must be an integer >= 1"),
     ({"jobs": 1.5}, "jobs must be an integer >= 1"),
     ({"jobs": True}, "jobs must be an integer >= 1"),

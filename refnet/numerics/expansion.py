@@ -65,8 +65,9 @@ DOMINANCE = 2.0 ** -40
 HUGE = 2.0 ** 960
 
 
-class ExpansionRangeError(ArithmeticError):
-    """A value left the exponent range in which the expansion engine is exact."""
+class ExpansionRangeError(ValueError, ArithmeticError):
+    """A value left the exponent range in which the expansion engine is exact (a ValueError,
+    so that the command line reports it as one line and exit status 2)."""
 
 
 def _two_sum(a, b):

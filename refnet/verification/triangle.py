@@ -57,6 +57,7 @@ from ..layers.base import ForwardState
 from ..model import ForwardPrefix, Model
 from ..numerics.backend import FLOAT64, MPBackend
 from ..numerics.errorbound import BOUND, LAMBDA
+from ..numerics.expansion import ExpansionBackend, ExpansionRangeError
 from ..progress import SILENT, Interrupted
 from ..regularize import l1_kink_signature, penalty
 
@@ -66,9 +67,23 @@ FD_TARGET_DIGITS = 30    # the FD itself is set up to be good to ~30 digits (tru
 FD_GUARD_DIGITS = 10
 MAX_FD_DPS = 2000
 
-# The exact engines verify and spot_check accept. "mpmath": MPBackend (numpy object arrays of
-# mpf at dps digits); "auto": the fastest engine that applies (today MPBackend as well).
-EXACT_ENGINES = ("auto", "mpmath")
+# The exact engines verify and spot_check accept. "expansion": ExpansionBackend (arrays of
+# float64 expansions, every operation within 2^(1-prec); numerics/expansion.py); "mpmath":
+# MPBackend (numpy object arrays of mpf at dps digits, the reference); "auto": the expansion
+# engine where it is the faster one — a model with a tensor of at least EXPANSION_MIN_SIZE
+# elements (a parameter, the input, or a top-level layer's output over the batch), at most
+# EXPANSION_MAX_DPS digits — and mpmath otherwise, and wherever the expansion engine refuses
+# (ExpansionRangeError: values beyond the float64 exponent range it is exact in).
+EXACT_ENGINES = ("auto", "expansion", "mpmath")
+# Measured on two cores (spec/verification.md, "Engines"): the expansion engine spends ~50 numpy
+# calls per operation whatever the size, mpmath ~1 µs per element; on the shipped examples
+# (largest tensors 64-4096 elements) mpmath was as fast or up to 3x faster, on LeNet-5 (37k), the
+# 784-256-256-10 MLP (200k) and the 16-channel residual block (16k) the expansion engine 5-10x.
+EXPANSION_MIN_SIZE = 8192
+# K = ceil((prec + 12)/53) components: 7 at 100 digits, 9 at 120; the cost of a product grows
+# like K², mpmath's like K^1.6, and above ~120 digits (the FD checks of vanishing gradients)
+# mpmath is the better engine at any size.
+EXPANSION_MAX_DPS = 120
 
 # jobs=None fans the FD vectors out over every core only when they are worth a pool. A pool of
 # spawned workers costs ~1 s to start (each imports numpy, mpmath and refnet; on two cores) and
@@ -79,12 +94,30 @@ EXACT_ENGINES = ("auto", "mpmath")
 POOL_MIN_WORK = 1_000_000
 
 
-def exact_backend(dps: int, engine: str = "auto"):
+def exact_backend(dps: int, engine: str = "auto", size: Optional[int] = None):
     """The exact (high-precision) backend at ``dps`` digits that ``engine`` names: the one
-    place verify, spot_check and the finite differences get theirs from."""
+    place verify, spot_check and the finite differences get theirs from. ``size``: the
+    model's largest tensor (``largest_tensor``), which "auto" decides by (None: large)."""
     if engine not in EXACT_ENGINES:
         raise ValueError(f"engine must be one of {', '.join(EXACT_ENGINES)}, got {engine!r}")
+    if engine == "expansion" or (engine == "auto" and dps <= EXPANSION_MAX_DPS
+                                 and (size is None or size >= EXPANSION_MIN_SIZE)):
+        return ExpansionBackend(dps)
     return MPBackend(dps)
+
+
+def largest_tensor(model: Model, params, x) -> int:
+    """Elements of the model's largest tensor: a parameter, the input batch, or a top-level
+    layer's output over the batch (what "auto" chooses its engine by)."""
+    batch = x.shape[0] if x.ndim else 1
+    sizes = [int(np.size(v)) for v in params.values()] + [int(x.size)]
+    sizes += [batch * int(np.prod(layer.out_shape)) for layer in model.layers]
+    return max(sizes)
+
+
+def _refused(engine: str, error: ExpansionRangeError) -> ExpansionRangeError:
+    """An explicit ``engine="expansion"`` that the engine cannot run: the one-line reason."""
+    return ExpansionRangeError(f"engine expansion: {error}; engine auto runs mpmath there")
 
 
 def _engine_description(bk) -> str:
@@ -223,8 +256,10 @@ class _Problem:
         self.labels = _signature_labels(model)
         self.prefix_cache = prefix_cache
         self.engine = engine
+        self.size = largest_tensor(model, params, x)
         self._cache = OrderedDict()        # backend name -> {"bk", "in", "prefix"}
         self._backends = OrderedDict()     # dps -> exact backend
+        self._fallbacks = OrderedDict()    # dps -> MPBackend, where the expansion engine refused
 
     def replay(self) -> ForwardState:
         """The same mode and the same dropout masks as the first pass; fresh buffer updates."""
@@ -233,7 +268,12 @@ class _Problem:
     def mp(self, dps: int):
         """One exact backend per precision: its converted inputs and prefix are reused by every
         check at that precision (a new backend's private context would convert them again)."""
-        return self._memo(self._backends, dps, lambda: exact_backend(dps, self.engine))
+        return self._memo(self._backends, dps,
+                          lambda: exact_backend(dps, self.engine, self.size))
+
+    def fallback(self, dps: int):
+        """The mp backend at ``dps`` digits, for a check the expansion engine refused."""
+        return self._memo(self._fallbacks, dps, lambda: exact_backend(dps, "mpmath"))
 
     def _memo(self, table, key, make):
         if key in table:
@@ -601,9 +641,18 @@ def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: 
         timings["float64_and_bound"] = time.perf_counter() - t
         progress.update(0, f"the {dps}-digit pass")
         t = time.perf_counter()
-        mp = exact_backend(dps, engine)
+        mp = exact_backend(dps, engine, problem.size)
         description = _engine_description(mp)
-        gm = model.loss_and_grads(mp, params, x, y, problem.replay())
+        try:
+            gm = model.loss_and_grads(mp, params, x, y, problem.replay())
+        except ExpansionRangeError as refusal:
+            if engine != "auto":
+                raise _refused(engine, refusal) from None
+            # Beyond the engine's range: the reference engine, here and in every FD check.
+            mp = exact_backend(dps, "mpmath")
+            description = f"{_engine_description(mp)} (the expansion engine refused: {refusal})"
+            engine = problem.engine = "mpmath"
+            gm = model.loss_and_grads(mp, params, x, y, problem.replay())
         timings["exact"] = time.perf_counter() - t
 
         loss_mp = gm.loss
@@ -789,23 +838,38 @@ def _check_tensor(name, f64, bound, rigorous, exact, mp, problem, loss64, mode, 
             fd64_noise=float(fd64_noise), passed=bool(ulp_ok and fd_passed), kinks=kink_notes)
 
 
+def _central_pair(problem, bk, name, v, h):
+    """L(θ + h v) and L(θ − h v) with their kink signatures, in ``bk``."""
+    point = problem.converted_base(bk, name)
+    step = bk.asarray(v) * bk.ctx.mpf(h)
+    lp, sig_p = problem.loss(bk, name, point + step)
+    lm, sig_m = problem.loss(bk, name, point - step)
+    return lp, sig_p, lm, sig_m
+
+
 def _fd_check(problem, name, v, analytic, scale, s, loss_abs, base_signatures):
     """One high-precision central difference along v: (digits, dps, kink note or None).
     ``analytic``, ``scale``: exact (m, e) pairs; ``s``: the scale in float64."""
     if s > 0:
         h = FD_STEP * min(1.0, loss_abs / s)
         # Digits to resolve L(θ ± hv) − L(θ) ≈ h·s to FD_TARGET_DIGITS, plus guard digits.
-        dps = FD_TARGET_DIGITS + FD_GUARD_DIGITS + max(0, math.ceil(math.log10(loss_abs / (h * s))))
+        # (In logarithms where h·s underflows: a gradient of 1e-299.)
+        lost = (math.log10(loss_abs / (h * s)) if h * s > 1e-300
+                else math.log10(loss_abs) - math.log10(h) - math.log10(s))
+        dps = FD_TARGET_DIGITS + FD_GUARD_DIGITS + max(0, math.ceil(lost))
     else:
         h = FD_STEP
         dps = FD_TARGET_DIGITS + FD_GUARD_DIGITS + 2 * FD_TARGET_DIGITS
     dps = min(dps, MAX_FD_DPS)
     bk = problem.mp(dps)
+    try:
+        lp, sig_p, lm, sig_m = _central_pair(problem, bk, name, v, h)
+    except ExpansionRangeError as refusal:
+        if problem.engine != "auto":
+            raise _refused(problem.engine, refusal) from None
+        bk = problem.fallback(dps)
+        lp, sig_p, lm, sig_m = _central_pair(problem, bk, name, v, h)
     ctx = bk.ctx
-    point = problem.converted_base(bk, name)
-    step = bk.asarray(v) * ctx.mpf(h)
-    lp, sig_p = problem.loss(bk, name, point + step)
-    lm, sig_m = problem.loss(bk, name, point - step)
     crossing = (_signature_difference(base_signatures, sig_p, problem.labels)
                 or _signature_difference(base_signatures, sig_m, problem.labels))
     if crossing:
@@ -841,8 +905,14 @@ def spot_check(model: Model, params, x, y, *, dps: int = 30,
     g64 = model.loss_and_grads(FLOAT64, params, x, y, first)
     replay = lambda: ForwardState(train=first.train, rng=None, masks=first.masks)  # noqa: E731
     gb = model.loss_and_grads(BOUND, params, x, y, replay())
-    mp = exact_backend(dps, engine)
-    gm = model.loss_and_grads(mp, params, x, y, replay())
+    mp = exact_backend(dps, engine, largest_tensor(model, params, x))
+    try:
+        gm = model.loss_and_grads(mp, params, x, y, replay())
+    except ExpansionRangeError as refusal:
+        if engine != "auto":
+            raise _refused(engine, refusal) from None
+        mp = exact_backend(dps, "mpmath")
+        gm = model.loss_and_grads(mp, params, x, y, replay())
     if _signature_difference(g64.forward.kink_signatures, gm.forward.kink_signatures,
                              _signature_labels(model)):
         return SpotCheck(None, math.nan, dps)
