@@ -828,14 +828,49 @@ def _matmul_terms(ca, cb):
     A = _slices(Ma, sha, w, sa)                                   # (sa, ..., m, k)
     B = np.swapaxes(_slices(Mb, shb, w, sb), -1, -2)              # (sb, ..., k, n)
     limbs = np.zeros((sa + sb - 1 + _extra_limbs(w),) + out_shape)
-    m = ca.shape[-2]
-    a_stack = np.moveaxis(A, 0, -3).reshape(A.shape[1:-2] + (sa * m, k))
-    for q in range(sb):
-        prod = np.matmul(a_stack, B[q])
-        prod = np.moveaxis(prod.reshape(prod.shape[:-2] + (sa, m, prod.shape[-1])), -3, 0)
-        limbs[q:q + sa] += prod                            # slice pair (p, q) weighs 2^((p+q)w)
+    size = int(np.prod(out_shape, dtype=np.int64))
+    if sa * sb * size <= _MAX_PRODUCT_VALUES:
+        products = _slice_products(A, B)                      # (sa, sb, *out_shape)
+        for q in range(sb):
+            limbs[q:q + sa] += products[:, q]          # slice pair (p, q) weighs 2^((p+q)w)
+    else:                                             # one slice of B at a time: less memory
+        m = ca.shape[-2]
+        a_stack = np.moveaxis(A, 0, -3).reshape(A.shape[1:-2] + (sa * m, k))
+        for q in range(sb):
+            prod = np.matmul(a_stack, B[q])
+            prod = np.moveaxis(prod.reshape(prod.shape[:-2] + (sa, m, prod.shape[-1])), -3, 0)
+            limbs[q:q + sa] += prod
     exponent = np.broadcast_to(lowa[..., :, None] + lowb[..., None, :], out_shape)
     return _limb_terms(limbs, w, exponent), out_shape
+
+
+# Every slice product in one array up to this many values (128 MB); above, B's slices one at a
+# time.
+_MAX_PRODUCT_VALUES = 2 ** 24
+
+
+def _slice_products(A, B):
+    """(sa, sb, *out): A[p] @ B[q] for every slice pair, in as few GEMM calls as the shapes
+    allow — one when either operand has no batch axes (the batch folds into the other's rows
+    or columns), else one batched call — so that the BLAS sees a few large products instead of
+    sa·sb·batch small ones (small GEMMs are where a multithreaded BLAS loses most, above all
+    on a machine whose cores are busy)."""
+    sa, sb = A.shape[0], B.shape[0]
+    batch_a, batch_b = A.shape[1:-2], B.shape[1:-2]
+    m, k, n = A.shape[-2], A.shape[-1], B.shape[-1]
+    if not batch_a:                          # A (sa, m, k): B's batch folds into the columns
+        cols = np.moveaxis(B, -2, 0).reshape(k, -1)                    # (k, sb·batch·n)
+        prod = (A.reshape(sa * m, k) @ cols).reshape((sa, m, sb) + batch_b + (n,))
+        return np.moveaxis(prod, 1, -2)                                # (sa, sb, *batch, m, n)
+    if not batch_b:                          # B (sb, k, n): A's batch folds into the rows
+        cols = np.moveaxis(B, 0, -2).reshape(k, sb * n)                # (k, sb·n)
+        prod = (A.reshape(-1, k) @ cols).reshape((sa,) + batch_a + (m, sb, n))
+        return np.moveaxis(prod, -2, 1)                                # (sa, sb, *batch, m, n)
+    rows = np.moveaxis(A, 0, -3).reshape(batch_a + (sa * m, k))
+    cols = np.moveaxis(B, 0, -2).reshape(batch_b + (k, sb * n))
+    prod = np.matmul(rows, cols)
+    prod = prod.reshape(prod.shape[:-2] + (sa, m, sb, n))
+    return np.moveaxis(np.moveaxis(prod, -4, 0), -2, 1)              # (sa, sb, *batch, m, n)
 
 
 def _sum_terms(c):
