@@ -344,7 +344,7 @@ def _rows(text):
 
 @pytest.mark.slow
 def test_the_readme_sample_report_is_a_fresh_run_of_the_same_command(capsys):
-    """`refnet verify spec/examples/sigmoid-deep-20.json` (15 s), compared with the README's
+    """`refnet verify spec/examples/sigmoid-deep-20.json` (5 s), compared with the README's
     excerpt at the printed digits. Exact: tensor, shape, max|g|, FD digits and dps (mp
     arithmetic), the noise level, the result, and the float64 FD error where the noise is above
     1 (there the float64 difference is 0 and the error is |Σ g·v|/Σ|g·v|). Not compared: the
