@@ -114,8 +114,10 @@ def _signature_difference(a: List[tuple], b: List[tuple], labels: List[str]) -> 
 
 
 def _signature_labels(model: Model) -> List[str]:
-    """One label per kink-signature entry: the layers, then the L1 penalty's |w| (if any)."""
-    return [f"layers[{i}]" for i in range(len(model.layers))] + ["the L1 penalty (|w| at 0)"]
+    """One label per kink-signature entry: the layers, the loss, then the L1 penalty's |w| (if
+    any)."""
+    return ([f"layers[{i}]" for i in range(len(model.layers))] + [f"the loss ({model.loss.type})"]
+            + ["the L1 penalty (|w| at 0)"])
 
 
 def _digits(ctx, err, scale) -> float:
@@ -247,7 +249,8 @@ class _Problem:
             layer = model.layers[j]
             h, cache = run_forward(bk, layer, split(params, j), h, state)
             signatures.append(layer.kink_signature(cache))
-        loss, _ = model.loss.forward(bk, h, self.y)
+        loss, loss_cache = model.loss.forward(bk, h, self.y)
+        signatures.append(model.loss.kink_signature(loss_cache))
         if model.l1 or model.l2:
             total = None
             for n in model.regularized:
