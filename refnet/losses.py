@@ -41,6 +41,7 @@ BCE's form is overflow-free and keeps a confident prediction's tiny loss (z = �
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -311,9 +312,8 @@ def _sample_weight(where, key, value, out_shape):
         raise ValueError(f"{where}: {key} of shape {w.shape} does not broadcast to one sample's "
                          f"shape {tuple(out_shape)} (torch's (C,), (C, 1, 1), ...; a per-sample "
                          f"weight with a batch axis is not part of a model)")
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise ValueError(f"{where}: {key} must be finite and >= 0 (a negative weight makes the "
-                         f"loss unbounded below), got {w.ravel()[:5].tolist()}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{where}: {key} must be finite, got {w.ravel()[:5].tolist()}")
     return w
 
 
@@ -403,9 +403,9 @@ class _ClassLoss(Loss):
             w = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
             w = None
-        if w is None or w.shape != (self.classes,) or not np.all(np.isfinite(w)) or np.any(w < 0):
+        if w is None or w.shape != (self.classes,) or not np.all(np.isfinite(w)):
             raise ValueError(f"{self.where}: weight must be a list of {self.classes} class "
-                             f"weights (finite numbers >= 0, one per class), got {value!r}")
+                             f"weights (finite numbers, one per class), got {value!r}")
         return w
 
     def vector_shape(self, batch):
@@ -449,18 +449,19 @@ class _ClassLoss(Loss):
         return np.where(kept, labels, 0), kept
 
     def _total_weight(self, y):
-        """Σ w[y_n] over the kept labels (as float64 numpy: for the check), and their count."""
+        """Σ w[y_n] over the kept labels, correctly rounded (math.fsum: 0 exactly when the
+        exact sum is 0, whatever the signs of the weights), and their count."""
         labels, kept = self._labels(y)
         kept = np.ones(labels.shape, dtype=bool) if kept is None else kept
         if self.weight is None:
             return float(np.sum(kept)), int(np.sum(kept))
-        return float(np.sum(self.weight[labels[kept]])), int(np.sum(kept))
+        return math.fsum(self.weight[labels[kept]].tolist()), int(np.sum(kept))
 
     def _check_mean(self, y):
         total, count = self._total_weight(y)
         if total == 0:
             why = (f"every label is ignore_index {self.ignore_index}" if count == 0 else
-                   f"the class weights of the {count} labels not ignored are all 0")
+                   f"the class weights of the {count} labels not ignored sum to 0")
             raise ValueError(f"{self.where}: reduction 'mean' divides by the total weight of the "
                              f"labels, which is 0 here ({why}); torch returns nan. Use "
                              f"reduction 'sum' or 'none'")
