@@ -154,6 +154,7 @@ class Loss:
         y, u = split_targets(y)
         ell, inner = self.elementwise(bk, z, y)
         if self.reduction == "none":
+            u = np.ones(ell.shape) if u is None else u           # targets not checked: ones
             return bk.sum(ell * bk.asarray(u)), (inner, u)
         total = bk.sum(ell)
         if self.reduction == "sum":
@@ -179,6 +180,7 @@ class Loss:
         tile = lambda a: np.concatenate([np.asarray(a)] * groups, axis=0)   # noqa: E731
         ell, _ = self.elementwise(bk, z, tile(y))
         if self.reduction == "none":
+            u = np.ones(self.vector_shape(np.shape(y)[0])) if u is None else u
             ell = ell * bk.asarray(tile(u))
         per_group = ell.reshape(groups, -1)
         divisor = (self._mean_divisor(bk, y, z[:z.shape[0] // groups])
@@ -304,8 +306,10 @@ def _sample_weight(where, key, value, out_shape):
     try:
         w = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
+        w = None
+    if w is None or np.asarray(value).dtype == bool:
         raise ValueError(f"{where}: {key} must be a number or a nested list of numbers, got "
-                         f"{value!r}") from None
+                         f"{value!r}")
     fits = w.ndim <= len(out_shape) and all(
         a in (1, b) for a, b in zip(w.shape[::-1], out_shape[::-1]))
     if not fits:
@@ -400,7 +404,7 @@ class _ClassLoss(Loss):
         if value is None:
             return None
         try:
-            w = np.asarray(value, dtype=np.float64)
+            w = None if np.asarray(value).dtype == bool else np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
             w = None
         if w is None or w.shape != (self.classes,) or not np.all(np.isfinite(w)):

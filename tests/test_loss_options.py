@@ -328,13 +328,15 @@ def test_l1s_gradient_at_d_0_is_0_in_every_backend():
 def test_torchs_all_ignored_mean_is_an_error_here_and_sum_and_none_are_zero():
     """torch returns nan (or ±inf) for a mean over no weight (every label ignored, or their
     weights summing to 0 exactly, negative ones included); refnet refuses it with one message
-    naming the loss, and gives 0 for "sum" and "none" (as torch), with a zero gradient."""
+    naming the loss. Where every term is 0 (all ignored, all weights 0), "sum" and "none" give
+    0 and a zero gradient, as torch; weights that only sum to 0 leave "sum" a real loss."""
     z = np.random.default_rng(7).standard_normal((3, 4))
-    for config, y, why in (({}, [-100, -100, -100], "every label is ignore_index -100"),
-                           ({"weight": [0.0, 1.0, 1.0, 0.0]}, [0, 3, -100],
-                            "the class weights of the 2 labels not ignored sum to 0"),
-                           ({"weight": [0.5, 1.0, 1.0, -0.5]}, [0, 3, -100],
-                            "the class weights of the 2 labels not ignored sum to 0")):
+    for config, y, why, zero in (
+            ({}, [-100, -100, -100], "every label is ignore_index -100", True),
+            ({"weight": [0.0, 1.0, 1.0, 0.0]}, [0, 3, -100],
+             "the class weights of the 2 labels not ignored sum to 0", True),
+            ({"weight": [0.5, 1.0, 1.0, -0.5]}, [0, 3, -100],
+             "the class weights of the 2 labels not ignored sum to 0", False)):
         for kind in ("softmax_cross_entropy", "nll"):
             loss = make_loss({"type": kind, **config}, (4,))
             with pytest.raises(ValueError, match=f"{kind}.*reduction 'mean'.*0 here.*{why}.*nan"):
@@ -342,7 +344,7 @@ def test_torchs_all_ignored_mean_is_an_error_here_and_sum_and_none_are_zero():
             for reduction in ("sum", "none"):
                 other = make_loss({"type": kind, "reduction": reduction, **config}, (4,))
                 value, grad = run(other, z, other.check_target(np.array(y), 3), FLOAT64)
-                assert float(value) == 0.0 and not np.any(grad)
+                assert (float(value) == 0.0 and not np.any(grad)) is zero
 
 
 # --- the verifier, the FD sweep, the certificate -------------------------------------------------
@@ -511,6 +513,9 @@ def test_every_loss_option_runs_in_fp16_with_the_gradient_rounded_at_the_logits(
      r"weight must be a list of 3 class weights"),
     ({"type": "nll", "weight": [1.0, float("nan"), 1.0]}, (3,), r"weight must be a list"),
     ({"type": "nll", "weight": "heavy"}, (3,), r"weight must be a list"),
+    ({"type": "nll", "weight": [True, False, True]}, (3,), r"weight must be a list"),
+    ({"type": "bce_with_logits", "pos_weight": True}, (3,),
+     r"pos_weight must be a number or a nested list of numbers, got True"),
     ({"type": "softmax_cross_entropy", "ignore_index": 1.5}, (3,),
      r"ignore_index must be an integer"),
     ({"type": "nll", "ignore_index": True}, (3,), r"ignore_index must be an integer"),
