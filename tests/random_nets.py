@@ -14,10 +14,13 @@ What one comparison checks (``compare``):
 - **torch** (optional): torch's float64 loss (the penalty added in torch, over the parameters the
   spec's ``regularization`` names, chosen here from the torch modules) and gradients lie within
   the same bound of the 50-digit values. torch rounds in another order, which the bound allows
-  for; where it does not, the net is run again with torch's sigmoid, tanh and gelu swapped for
-  modules computing refnet's forms (``_accurate_forms``): a difference that goes away then is
-  torch's s(1 − s), 1 − t² or erf cancelling ("explained"), one that stays is a semantic
-  difference (a branch, a mask, a penalty term, a convention) and counts as unexplained.
+  for; where it does not, the net is run again with torch's sigmoid, tanh and gelu (and the
+  issue-18 activations: hardsigmoid's float32 1/6, celu, hardswish, softsign, silu, mish,
+  logsigmoid, gelu-tanh) swapped for modules computing refnet's forms (``_accurate_forms``): a
+  difference that goes away then is torch's s(1 − s), 1 − t², erf or constant
+  ("explained"), one that stays is a semantic difference (a branch, a mask, a penalty term, a
+  loss option, a convention) and counts as unexplained. The loss is built by the twin's
+  ``torch_objective`` with the spec's options (Σ u·ℓ for reduction "none").
 When float64 and mp lie on different sides of a kink (an input placed an ulp from softplus's
 switch, where mp decides by its own exact product) the exact values are another branch's: then
 torch is compared with refnet's float64 instead, within twice the bound (both err by at most
@@ -583,7 +586,7 @@ def sweep(count: int, seed: int, log=print):
     """``count`` random nets, net i from seed ``seed + i``: the tallies, and every net that
     failed a check (with its seed, so that ``check_one(seed)`` reruns it)."""
     keys = ["nets", "mask differences", "refnet errors", "torch differences",
-            "torch differences explained by torch's sigmoid'/tanh'/gelu forms",
+            "torch differences explained by torch's activation forms",
             "torch differences unexplained", "kink cases (compared with float64)", "train mode",
             "train mode with dropout drawing", "dropout p = 0", "dropout p = 1", "dropout2d",
             "residual", "nested residual", "projection shortcut", "conv", "batchnorm",
@@ -607,7 +610,7 @@ def sweep(count: int, seed: int, log=print):
         counts = {
             "nets": True, "mask differences": not result["masks"],
             "refnet errors": not result["refnet"], "torch differences": result["torch"] is False,
-            "torch differences explained by torch's sigmoid'/tanh'/gelu forms":
+            "torch differences explained by torch's activation forms":
                 result.get("torch explained") is True,
             "torch differences unexplained": result.get("torch explained") is False,
             "kink cases (compared with float64)": result["kink"],

@@ -420,6 +420,25 @@ def test_verify_reports_an_fd_step_across_l1s_kink_instead_of_comparing_it():
     assert report.passed
 
 
+@pytest.mark.parametrize("name", sorted(VERIFY))
+def test_a_network_with_each_loss_option_runs_in_the_expansion_engine_within_its_bound(name):
+    """``model.loss_and_grads(ExpansionBackend(50), …)`` against 100 digits: every parameter
+    and input gradient within 2·(2^(1−prec)/u)·e of the exact one (e: the float64 running
+    bound of the same network), as tests/test_expansion.py holds the layers."""
+    config, in_shape, out, reduction = VERIFY[name]
+    model = model_of(config, in_shape, out, reduction=reduction)
+    params, x, y = model.prepare(None, *_data(model, np.random.default_rng(13)))
+    got = model.loss_and_grads(E, params, x, y)
+    want = model.loss_and_grads(REF, params, x, y)
+    bound = model.loss_and_grads(BOUND, params, x, y)
+    scale = 2 * EPS / 2.0 ** -53
+    for key in list(want.params) + ["x"]:
+        pick = (lambda g: g.x) if key == "x" else (lambda g: g.params[key])
+        diff = REF.to_numpy(REF.abs(REF.asarray(E.to_mpf(pick(got))) - pick(want)))
+        allowed = scale * pick(bound).e + 1e-95 * np.abs(REF.to_numpy(pick(want)))
+        assert np.all(diff <= allowed), key
+
+
 @pytest.mark.parametrize("name", ["smooth_l1-none", "ce-spatial-none", "bce-weights-none",
                                   "nll-spatial"])
 def test_the_fd_sweep_differentiates_the_upstream_weighted_loss(name):
