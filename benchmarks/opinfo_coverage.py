@@ -10,7 +10,9 @@ a refnet model spec where it can (the layer and its options, the input shape, th
 - a layer op (linear, conv2d, the pools, the norms, the activations, dropout) becomes the model
   [that layer] with loss mse, reduction sum, against a seeded target t: L = Σ (op(x) − t)², in
   torch as ``((out − t) ** 2).sum()``;
-- a loss op becomes the model [identity] with that loss, its reduction and the sample's target.
+- a loss op becomes the model [identity] with that loss, its options by torch's name (weight,
+  pos_weight, ignore_index, label_smoothing, beta, delta), its reduction and the sample's target;
+  for reduction 'none' a seeded upstream vector u, torch's L then (ℓ·u).sum().
 
 refnet computes L and its gradients in float64 (``Model.loss_and_grads``), torch with autograd
 on the sample's own tensors, and each gradient torch has of a tensor refnet differentiates (the
@@ -24,9 +26,10 @@ axes) is x[None], an elementwise op's 0-d or 1-D input is (1, numel), and refnet
 (its gradient dx[0]) is torch's. A train-mode dropout sample uses torch's own mask, read from
 its output (kept where out ≠ 0), as refnet's ``ForwardState`` mask. Everything a sample asks that
 refnet lacks is *inexpressible*, with the reason: an option or layer refnet does not have
-(refnet's own error message when the spec is built), a reduction of 'none', an empty tensor, ...
+(refnet's own error message when the spec is built), an empty tensor, ...
 Target gradients (mse_loss's target requires grad) are not compared: refnet differentiates the
-prediction only.
+prediction only. Every leaf's ``grad`` is cleared before torch's backward: OpInfo samples may
+share tensors, and a gradient accumulated from another sample would read as a mismatch.
 
 Prints per op: samples, expressible, matched, the worst normwise error, and the reasons for the
 inexpressible samples, grouped.
@@ -47,7 +50,7 @@ import numpy as np
 from refnet import BOUND, FLOAT64, Model, MPBackend
 from refnet.layers.base import ForwardState
 from refnet.layers.registry import layer_types
-from refnet.losses import LOSSES
+from refnet.losses import LOSSES, Targets
 from refnet.numerics.errorbound import LAMBDA
 
 TOLERANCE = 1e-12
@@ -264,8 +267,11 @@ def map_sample(name, sample, rng):
             params["0.bias"], leaves["0.bias"] = numpy_of(b), b
         return _layer_model(layer, xb, rng, params, leaves)
 
+    if name == "instance_norm":
+        return _map_instance_norm(a, x, leaves, rng)
+
     if name in ("group_norm", "instance_norm"):
-        kind = name.replace("_", "")
+        kind = {"group_norm": "groupnorm", "instance_norm": "instancenorm2d"}[name]
         if kind not in layer_types():
             raise Inexpressible(f"refnet has no layer type {kind!r} (yet)")
         options = {k: v for k, v in a.items() if not hasattr(v, "shape") and v is not None}
@@ -302,43 +308,91 @@ def map_sample(name, sample, rng):
         return _layer_model({"type": "dropout", "p": p}, xb, rng, leaves=leaves, train=training)
 
     if name in LOSS_TYPES:
-        kind = LOSS_TYPES[name]
-        if kind not in LOSSES:
-            raise Inexpressible(f"refnet has no loss {kind!r} (torch {name})")
-        if a.get("size_average") is not None or a.get("reduce") is not None:
-            raise Inexpressible("the deprecated size_average/reduce arguments")
-        reduction = a.get("reduction", "mean")
-        if reduction == "none":
-            raise Inexpressible("reduction='none' (refnet's losses reduce: mean or sum)")
-        for key in ("weight", "pos_weight", "ignore_index", "label_smoothing"):
-            value = a.get(key)
-            if value is not None and not (key == "ignore_index" and value == -100) and not (
-                    key == "label_smoothing" and value == 0.0):
-                raise Inexpressible(f"{key} (refnet's {kind} has no {key})")
-        target = a["target"]
-        y = numpy_of(target)
-        if kind == "softmax_cross_entropy":
-            if target.dtype.is_floating_point:
-                raise Inexpressible("class-probability targets (refnet takes labels)")
-            if x.ndim == 1:
-                xb, y = x[None], y.reshape(1)
-            elif x.ndim == 2:
-                xb = x
-            else:
-                raise Inexpressible(f"cross-entropy over (N, C, d1, ...) ({x.ndim}-D logits)")
-            y = y.astype(np.int64)
-        else:
-            if y.shape != x.shape:
-                raise Inexpressible(f"a target of shape {y.shape} broadcast to {x.shape}")
-            xb = x.reshape(1, -1) if x.ndim < 2 else x
-            y = y.reshape(xb.shape)
-        options = {k: a[k] for k in ("beta", "delta") if k in a and a[k] is not None}
-        spec = {"input_shape": list(xb.shape[1:]), "batch": xb.shape[0], "seed": 0,
-                "layers": [{"type": "identity"}],
-                "loss": {"type": kind, "reduction": reduction, **options}}
-        return Mapped(spec, xb, y, {}, leaves)
+        return _map_loss(name, a, x, leaves, rng)
 
     raise Inexpressible(f"no mapping for {name}")
+
+
+def _map_instance_norm(a, x, leaves, rng):
+    """F.instance_norm as instancenorm2d: running statistics given make it track them;
+    use_input_stats=False is eval mode (the running statistics normalize), as torch's module."""
+    if x.ndim != 4:
+        raise Inexpressible(f"instance_norm on a {x.ndim}-D input (refnet has instancenorm2d: "
+                            f"(N, C, H, W))")
+    w, b = a.get("weight"), a.get("bias")
+    mean, var = a.get("running_mean"), a.get("running_var")
+    if (mean is None) != (var is None):
+        raise Inexpressible("a running mean without a running variance")
+    affine = w is not None or b is not None
+    layer = {"type": "instancenorm2d", "eps": float(a.get("eps", 1e-5)),
+             "momentum": float(a.get("momentum", 0.1)), "affine": affine,
+             "track_running_stats": mean is not None}
+    params = {}
+    channels = x.shape[1]
+    if affine:           # a weight alone is affine with bias 0; a bias alone with weight 1
+        params["0.weight"] = numpy_of(w) if w is not None else np.ones(channels)
+        params["0.bias"] = numpy_of(b) if b is not None else np.zeros(channels)
+        leaves.update({k: t for k, t in (("0.weight", w), ("0.bias", b)) if t is not None})
+    if mean is not None:
+        params.update({"0.running_mean": numpy_of(mean), "0.running_var": numpy_of(var),
+                       "0.num_batches_tracked": np.array(0.0)})
+    return _layer_model(layer, x, rng, params, leaves,
+                        train=bool(a.get("use_input_stats", True)))
+
+
+def _loss_weight(key, value, x, batched_input):
+    """A weight tensor as refnet's option: class weights (C,) as they are; BCE's weight and
+    pos_weight broadcast against the input, and refnet takes them over one sample's shape (a
+    leading axis of 1 dropped; one of N > 1 is per-sample data: inexpressible)."""
+    w = numpy_of(value)
+    if batched_input and w.ndim == x.ndim:
+        if w.shape[0] != 1:
+            raise Inexpressible(f"a {key} with a batch axis {w.shape} (refnet's is a model "
+                                f"option over one sample's shape)")
+        w = w[0]
+    return w.tolist() if w.ndim else float(w)
+
+
+def _map_loss(name, a, x, leaves, rng):
+    """A loss op: the model [identity] with that loss, its options by torch's name (weight,
+    pos_weight, ignore_index, label_smoothing, beta, delta) and reduction; for reduction "none"
+    a seeded upstream vector u (torch: (ℓ·u).sum())."""
+    kind = LOSS_TYPES[name]
+    if kind not in LOSSES:
+        raise Inexpressible(f"refnet has no loss {kind!r} (torch {name})")
+    if a.get("size_average") is not None or a.get("reduce") is not None:
+        raise Inexpressible("the deprecated size_average/reduce arguments")
+    reduction = a.get("reduction", "mean")
+    target = a["target"]
+    y = numpy_of(target)
+    classes = kind in ("softmax_cross_entropy", "nll")
+    options = {k: a[k] for k in ("beta", "delta") if a.get(k) is not None}
+    if classes:
+        if target.dtype.is_floating_point and kind == "nll":
+            raise Inexpressible("nll_loss with floating-point targets")
+        xb, y = (x[None], y[None]) if x.ndim == 1 else (x, y)       # unbatched (C,): x[None]
+        y = y if target.dtype.is_floating_point else y.astype(np.int64)
+        if a.get("ignore_index") is not None:
+            options["ignore_index"] = int(a["ignore_index"])
+        if a.get("label_smoothing"):
+            options["label_smoothing"] = float(a["label_smoothing"])
+        if a.get("weight") is not None:
+            options["weight"] = numpy_of(a["weight"]).tolist()
+    else:
+        if y.shape != x.shape:
+            raise Inexpressible(f"a target of shape {y.shape} broadcast to {x.shape}")
+        xb = x.reshape(1, -1) if x.ndim < 2 else x
+        y = y.reshape(xb.shape)
+        for key in ("weight", "pos_weight"):
+            if a.get(key) is not None:
+                options[key] = _loss_weight(key, a[key], x, x.ndim >= 2)
+    spec = {"input_shape": list(xb.shape[1:]), "batch": xb.shape[0], "seed": 0,
+            "layers": [{"type": "identity"}],
+            "loss": {"type": kind, "reduction": reduction, **options}}
+    if reduction == "none":
+        loss = Model(spec).loss
+        y = Targets(y, rng.standard_normal(loss.vector_shape(xb.shape[0])))
+    return Mapped(spec, xb, y, {}, leaves)
 
 
 def torch_loss(name, sample, mapped):
@@ -348,6 +402,8 @@ def torch_loss(name, sample, mapped):
     if isinstance(out, (tuple, list)):
         out = out[0]
     if name in LOSS_TYPES:
+        if isinstance(mapped.y, Targets):                 # reduction "none": ℓ.backward(u)
+            return (out * torch.tensor(mapped.y.upstream).reshape(out.shape)).sum()
         return out
     if name == "dropout" and mapped.train and mapped.spec["layers"][0]["p"] > 0:
         keep = (out.detach().numpy() != 0).reshape(mapped.x.shape)
@@ -430,6 +486,9 @@ def measure(ops, verbose=False):
                 r["inexpressible"][reason_key(str(e))] += 1
                 continue
             try:
+                for leaf in mapped.leaves.values():     # samples may share tensors: no
+                    if isinstance(leaf, torch.Tensor):  # gradient carried over from another
+                        leaf.grad = None
                 loss_t = torch_loss(name, sample, mapped)
                 loss_t.backward()
             except RuntimeError as e:

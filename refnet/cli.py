@@ -38,6 +38,7 @@ from .io import (
     load_params,
     save_gradients,
 )
+from .losses import Targets
 from .model import Model
 from .numerics.backend import get_backend
 from .numerics.errorbound import LAMBDA
@@ -138,9 +139,13 @@ def _load_params(model, path):
 
 
 def _load_data(model, path):
+    """x and y of a data file; y a ``Targets`` (y with its upstream) where the file has an
+    ``upstream`` (a loss with reduction "none"), checked against the loss here."""
     if path is None:
         return None, None
-    x, y = load_data(path)
+    x, y, upstream = load_data(path, upstream=True)
+    if upstream is not None:
+        y = Targets(y, upstream)
     try:
         model.loss.check_target(y, model.check_input(x).shape[0])
     except (ValueError, TypeError) as e:
@@ -173,7 +178,7 @@ def format_report(report, model: Model, timings: bool = False) -> str:
     that the same command prints the same report, byte for byte)."""
     lines = []
     n_checks = sum(t.fd_checks for t in report.tensors)
-    lines.append(f"loss {report.loss!r} ({model.loss.type}, {model.loss.reduction}); "
+    lines.append(f"loss {report.loss!r} ({model.loss.type}, {model.loss.summary()}); "
                  f"{len(report.tensors)} gradient tensors; {'train' if report.train else 'eval'} mode")
     lines.append(f"1. float64 vs mp ({report.dps} digits): error in ulps of the exact value, held to "
                  f"min(rigorous running bound, {LAMBDA:g}σ)")
@@ -310,9 +315,13 @@ def cmd_grads(args) -> int:
     # mp results are written correctly rounded to float64 (npz holds no mpf without pickle).
     out_dtype = np.float32 if args.precision == "float32" else np.float64
     as_out = lambda a: bk.to_numpy(a).astype(out_dtype)
+    losses = (as_out(model.loss.unreduced(bk, grads.forward.output, y))
+              if model.loss.reduction == "none" else None)       # the loss vector, torch's
     save_gradients(args.out, as_out(grads.loss), {k: as_out(v) for k, v in grads.params.items()},
-                   as_out(grads.x))
-    print(f"loss {float(bk.to_numpy(grads.loss))!r}; wrote loss, grad/x and "
+                   as_out(grads.x), losses)
+    print(f"loss {float(bk.to_numpy(grads.loss))!r}; wrote loss, "
+          f"{'losses (the loss vector; loss = Σ upstream·losses), ' if losses is not None else ''}"
+          f"grad/x and "
           f"{len(grads.params)} parameter gradients ({args.precision}) to {args.out}")
     return EXIT_OK
 
@@ -567,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("spec", nargs="?" if optional_spec else None,
                        help="model spec (JSON, see spec/model-format.md)")
         p.add_argument("--params", help=".npz of parameters by torch name (default: the spec's inits)")
-        p.add_argument("--data", help=".npz with x and y (default: a seeded batch)")
+        p.add_argument("--data", help=".npz with x and y, and upstream for a loss with "
+                       "reduction 'none' (default: a seeded batch)")
         if dps_help:
             p.add_argument("--dps", type=int, default=None, help=dps_help)
         p.add_argument("--eval", action="store_true",

@@ -3,7 +3,9 @@
 - params ``.npz``: one array per parameter, keyed by torch name (``"0.weight"``), torch layout.
   A torch ``state_dict`` saved with ``np.savez(path, **{k: v.numpy() for k, v in sd.items()})``
   loads as it is.
-- data ``.npz``: ``x`` (N, *input_shape) and ``y`` (integer labels or float targets).
+- data ``.npz``: ``x`` (N, *input_shape) and ``y`` (integer labels or float targets), and for a
+  loss with reduction ``"none"`` optionally ``upstream``: the gradient of the loss vector
+  (its shape; ones if left out), as torch's ``loss.backward(upstream)``.
 - gradients ``.npz`` (written): ``loss`` (0-d), ``grad/x`` and ``grad/<param name>``; written to
   exactly the path given (numpy would append ``.npz`` to a name without it).
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict
 
 import numpy as np
 
@@ -56,13 +58,20 @@ def load_params(path) -> Dict[str, np.ndarray]:
     return _load_npz(path, "params")
 
 
-def load_data(path) -> Tuple[np.ndarray, np.ndarray]:
+def load_data(path, upstream: bool = False):
+    """(x, y) of a data file; with ``upstream=True`` (x, y, upstream or None), the file then
+    allowed an ``upstream`` array too (checked against the loss by the caller)."""
     arrays = _load_npz(path, "data")
     missing = [k for k in ("x", "y") if k not in arrays]
-    extra = sorted(set(arrays) - {"x", "y"})
+    optional = {"upstream"} if upstream else set()
+    extra = sorted(set(arrays) - {"x", "y"} - optional)
     if missing or extra:
-        raise ValueError(f"data {path}: expected exactly the keys ['x', 'y'], missing {missing}, "
+        expected = ("the keys ['x', 'y'] and optionally 'upstream'" if upstream
+                    else "exactly the keys ['x', 'y']")
+        raise ValueError(f"data {path}: expected {expected}, missing {missing}, "
                          f"unexpected {extra}")
+    if upstream:
+        return arrays["x"], arrays["y"], arrays.get("upstream")
     return arrays["x"], arrays["y"]
 
 
@@ -77,8 +86,12 @@ def save_params(path, params: Dict[str, np.ndarray]) -> None:
     _savez(path, {k: np.asarray(v) for k, v in params.items()})
 
 
-def save_gradients(path, loss, grads: Dict[str, np.ndarray], grad_x) -> None:
+def save_gradients(path, loss, grads: Dict[str, np.ndarray], grad_x, losses=None) -> None:
+    """``losses``: the loss vector of a reduction-"none" loss (written as ``losses``; ``loss``
+    is then Σ upstream·losses, the function the gradients are of)."""
     arrays = {"loss": np.asarray(loss), "grad/x": np.asarray(grad_x)}
+    if losses is not None:
+        arrays["losses"] = np.asarray(losses)
     arrays.update({f"grad/{k}": np.asarray(v) for k, v in grads.items()})
     _savez(path, arrays)
 

@@ -37,7 +37,8 @@ MODES = ("train", "eval")
 @dataclass
 class ForwardResult:
     """One forward pass: the output, the loss, each layer's cache (for backward), each layer's
-    kink signature, and the state (mode, dropout masks, running-statistics updates)."""
+    kink signature and then the loss's, and the state (mode, dropout masks, running-statistics
+    updates)."""
     output: object
     loss: object
     caches: List[object]
@@ -265,6 +266,7 @@ class Model:
             if state.outputs is not None:
                 state.outputs.append((layer.name, layer.type, h))
         loss, loss_cache = self.loss.forward(bk, h, y)
+        signatures.append(self.loss.kink_signature(loss_cache))   # l1's d = 0, huber's |d| = δ
         penalty_grads = {}
         if self.l1 or self.l2:
             if prefix is None:

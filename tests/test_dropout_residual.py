@@ -190,8 +190,8 @@ def _sample_shape_after(layer, shape):
     """The sample shape after ``layer``, for the layer types the mask tests use (a tiny shape
     rule, independent of refnet's layers: enough to know each dropout layer's input shape)."""
     kind = layer["type"]
-    if kind == "dense":
-        return (layer["out"],)
+    if kind == "dense":                           # on the last axis, as nn.Linear
+        return tuple(shape[:-1]) + (layer["out"],)
     if kind == "conv2d":
         assert layer.get("padding") == "same" and layer.get("stride", 1) == 1, layer
         return (layer["out_channels"],) + shape[1:]

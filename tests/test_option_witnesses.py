@@ -351,3 +351,234 @@ def test_the_kink_table_test_fails_when_a_kink_convention_is_changed(monkeypatch
             change(mp)
             with pytest.raises(AssertionError):
                 kink_test(*row)
+
+
+# --- the losses: "Options by torch name: the losses" ---------------------------------------------
+
+import refnet.losses as losses  # noqa: E402
+
+# Rows that name a convention or a kind of input rather than a config key.
+LOSS_CONVENTIONS = {("l1", "d = 0"), ("smooth_l1", "beta=0"),
+                    ("softmax_cross_entropy", "target: class probabilities"),
+                    ("softmax_cross_entropy", "input (N, C, d1, ...)")}
+
+
+def loss_table():
+    """{(loss, option): [vector names]} from the losses' options table of spec/operations.md."""
+    text = (ROOT / "spec" / "operations.md").read_text()
+    section = text.split("### Options by torch name: the losses", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+        if not line.startswith("|") or len(cells) != 5 or cells[0] in ("loss", "---"):
+            continue
+        rows[(cells[0].strip("`"), cells[1].strip("`"))] = re.findall(r"`([^`]+)`", cells[3])
+    return rows
+
+
+def _upstream_ignored(mp):
+    original = losses.Loss.forward
+
+    def forward(self, bk, z, y):
+        if isinstance(y, losses.Targets):
+            y = losses.Targets(y.y, np.ones(np.shape(y.upstream)))
+        return original(self, bk, z, y)
+    mp.setattr(losses.Loss, "forward", forward)
+
+
+def _mean_over_the_batch(mp):
+    mp.setattr(losses.Loss, "_mean_divisor", lambda self, bk, y, z: z.shape[0])
+
+
+def _sign_of_zero_one(mp):
+    mp.setattr(losses, "_sign", lambda bk, d: bk.where(_where(d >= 0), 1.0, -1.0))
+
+
+def _mean_and_sum_swapped(cls):
+    def plant(mp):
+        original = losses.Loss.forward
+
+        def forward(self, bk, z, y):
+            if isinstance(self, cls) and self.reduction in ("mean", "sum"):
+                saved, self.reduction = self.reduction, {"mean": "sum", "sum": "mean"}[
+                    self.reduction]
+                try:
+                    return original(self, bk, z, y)
+                finally:
+                    self.reduction = saved
+            return original(self, bk, z, y)
+        mp.setattr(losses.Loss, "forward", forward)
+    return plant
+
+
+def _smooth_l1_beta_multiplied(mp):
+    def elementwise(self, bk, z, y):
+        d = z - bk.asarray(y)
+        a, beta = bk.abs(d), self.beta
+        if beta == 0:
+            return a, d
+        return bk.where(_where(a < beta), 0.5 * a * a * beta, a - 0.5 * beta), d
+    mp.setattr(losses.SmoothL1, "elementwise", elementwise)
+
+
+def _smooth_l1_kernel_at_beta_zero(mp):
+    original = losses.SmoothL1.d_elementwise
+
+    def d_elementwise(self, bk, d):
+        if self.beta == 0:                 # torch's kernel: x <= -beta -> -1, x >= beta -> 1
+            return bk.where(_where(d <= 0), -1.0, 1.0)
+        return original(self, bk, d)
+    mp.setattr(losses.SmoothL1, "d_elementwise", d_elementwise)
+
+
+def _huber_without_the_delta_factor(mp):
+    def elementwise(self, bk, z, y):
+        d = z - bk.asarray(y)
+        a, delta = bk.abs(d), self.delta
+        return bk.where(_where(a < delta), 0.5 * a * a, a - 0.5 * delta), d
+    mp.setattr(losses.Huber, "elementwise", elementwise)
+
+
+def _option_ignored(key):
+    def plant(mp):
+        original = losses._sample_weight
+        mp.setattr(losses, "_sample_weight", lambda where, k, value, shape: (
+            None if k == key else original(where, k, value, shape)))
+    return plant
+
+
+def _pos_weight_on_the_negatives(mp):
+    original_f, original_d = losses.BCEWithLogits.elementwise, losses.BCEWithLogits.d_elementwise
+
+    def flipped(y):
+        return 1 - np.asarray(y)
+
+    def elementwise(self, bk, z, y):
+        ell, cache = original_f(self, bk, z, y)
+        if self.pos_weight is None:
+            return ell, cache
+        base, _ = original_f(self.__class__({"type": self.type}, self.out_shape), bk, z, y)
+        e = bk.exp(-bk.abs(z))
+        p = bk.asarray(self.pos_weight)
+        ell = base + bk.asarray(flipped(y)) * (p - 1) * (bk.maximum(-z, 0) + bk.log1p(e))
+        if self.weight is not None:
+            ell = ell * bk.asarray(self.weight)
+        return ell, cache + (flipped(y),)
+
+    def d_elementwise(self, bk, cache):
+        if len(cache) == 4:
+            return original_d(self, bk, cache)
+        z, y, p, w, negatives = cache
+        s, _ = losses.stable_sigmoid(bk, z)
+        g = s - y - bk.asarray(negatives) * (p - 1) * (1 - s)
+        return g if w is None else g * w
+    mp.setattr(losses.BCEWithLogits, "elementwise", elementwise)
+    mp.setattr(losses.BCEWithLogits, "d_elementwise", d_elementwise)
+
+
+def _weighted_mean_over_the_count(mp):
+    def divisor(self, bk, y, z):
+        labels, kept = self._labels(y)
+        return labels.size if kept is None else int(np.sum(kept))
+    mp.setattr(losses._ClassLoss, "_mean_divisor", divisor)
+
+
+def _ignored_labels_in_the_divisor(mp):
+    def divisor(self, bk, y, z):
+        labels, _ = self._labels(y)
+        if self.weight is not None:
+            return bk.sum(bk.asarray(self.weight[labels]))
+        return labels.size
+    mp.setattr(losses._ClassLoss, "_mean_divisor", divisor)
+
+
+def _smoothing_over_the_other_classes(mp):
+    mp.setattr(losses.SoftmaxCrossEntropy, "_share", lambda self, eps: eps / (self.classes - 1))
+
+
+def _probabilities_mean_over_the_elements(mp):
+    original = losses.SoftmaxCrossEntropy._mean_divisor
+    mp.setattr(losses.SoftmaxCrossEntropy, "_mean_divisor", lambda self, bk, y, z: (
+        int(np.prod(z.shape)) if self._probabilities(y) else original(self, bk, y, z)))
+
+
+def _class_axis_last(mp):
+    mp.setattr(losses._ClassLoss, "_rows", lambda self, a: a.reshape(-1, self.classes))
+    mp.setattr(losses._ClassLoss, "_unrows", lambda self, g, shape: g.reshape(shape))
+
+
+def _class_weight_ignored(mp):
+    mp.setattr(losses._ClassLoss, "_class_weight", lambda self, value: None)
+
+
+def _ignored_as_class_zero(mp):
+    original = losses._ClassLoss._labels
+    mp.setattr(losses._ClassLoss, "_labels", lambda self, y: (original(self, y)[0], None))
+
+
+LOSS_PLANTS = {
+    ("mse", "reduction"): _upstream_ignored,
+    ("l1", "reduction"): _mean_over_the_batch,
+    ("l1", "d = 0"): _sign_of_zero_one,
+    ("smooth_l1", "reduction"): _mean_and_sum_swapped(losses.SmoothL1),
+    ("smooth_l1", "beta"): _smooth_l1_beta_multiplied,
+    ("smooth_l1", "beta=0"): _smooth_l1_kernel_at_beta_zero,
+    ("huber", "reduction"): _mean_over_the_batch,
+    ("huber", "delta"): _huber_without_the_delta_factor,
+    ("bce_with_logits", "reduction"): _upstream_ignored,
+    ("bce_with_logits", "weight"): _option_ignored("weight"),
+    ("bce_with_logits", "pos_weight"): _pos_weight_on_the_negatives,
+    ("softmax_cross_entropy", "reduction"): _upstream_ignored,
+    ("softmax_cross_entropy", "weight"): _weighted_mean_over_the_count,
+    ("softmax_cross_entropy", "ignore_index"): _ignored_labels_in_the_divisor,
+    ("softmax_cross_entropy", "label_smoothing"): _smoothing_over_the_other_classes,
+    ("softmax_cross_entropy", "target: class probabilities"):
+        _probabilities_mean_over_the_elements,
+    ("softmax_cross_entropy", "input (N, C, d1, ...)"): _class_axis_last,
+    ("nll", "reduction"): _mean_and_sum_swapped(losses.NLL),
+    ("nll", "weight"): _class_weight_ignored,
+    ("nll", "ignore_index"): _ignored_as_class_zero,
+}
+
+
+def test_the_loss_table_lists_every_option_of_every_loss_and_its_vectors_exist():
+    """Every loss's options (``reduction`` and its ``defaults``, torch's names) are rows, besides
+    the named conventions; every row has a planted change here; every vector it names is a
+    committed file that ``cases()`` generates."""
+    rows = loss_table()
+    expected = {(kind, option) for kind, cls in losses.LOSSES.items()
+                for option in ["reduction"] + sorted(cls.defaults)}
+    assert set(rows) == expected | LOSS_CONVENTIONS
+    assert set(LOSS_PLANTS) == set(rows)
+    generated = {c.name for c in cases()}
+    for key, names in rows.items():
+        assert names, key
+        for name in names:
+            assert (VECTORS / f"{name}.json").is_file() and name in generated, (key, name)
+
+
+def _drifted_or_broken(tmp_path, names):
+    """The named vectors that no longer check: a drifted field, or a computation that cannot
+    run on the file any more (a shape or an index that no longer fits)."""
+    out = set()
+    for name in names:
+        single = tmp_path / name
+        single.mkdir(parents=True, exist_ok=True)
+        shutil.copy(VECTORS / f"{name}.json", single / f"{name}.json")
+        try:
+            if check(single):
+                out.add(name)
+        except (ValueError, IndexError):
+            out.add(name)
+    return out
+
+
+@pytest.mark.parametrize("row", sorted(LOSS_PLANTS), ids=lambda r: f"{r[0]}-{r[1]}")
+def test_a_changed_loss_formula_makes_its_golden_vectors_fail(row, monkeypatch, tmp_path):
+    """Unchanged, every vector of the row checks; with the row's formula changed — the upstream
+    ignored, a mean over the batch, sign(0) = 1, ε/(C − 1), the weighted mean over the count,
+    the class axis taken last, ... — every one of them fails."""
+    names = loss_table()[row]
+    assert _drifted_or_broken(tmp_path / "before", names) == set()
+    LOSS_PLANTS[row](monkeypatch)
+    assert _drifted_or_broken(tmp_path / "after", names) == set(names)

@@ -74,7 +74,7 @@ def run_torch(record: dict, dtype: str):
     """(outputs, grads) of one vector computed by torch on the CPU, as float64 numpy arrays."""
     import torch
 
-    from .torch_twin import torch_loss, torch_twin
+    from .torch_twin import torch_objective, torch_twin
     tdtype = getattr(torch, dtype)
     model = Model(record["model"])
     params, x, y, dy = stored_inputs(record)
@@ -84,13 +84,10 @@ def run_torch(record: dict, dtype: str):
     out = net(tx)
     outputs = {"output": out.detach().double().numpy()}
     if record["upstream"] == "loss":
-        if model.loss.type == "softmax_cross_entropy":
-            target = torch.tensor(y, dtype=torch.long)
-        else:
-            target = torch.tensor(y, dtype=tdtype)
-        loss = torch_loss(model)(out, target)
-        loss.backward()
-        outputs["loss"] = np.array([loss.item()])
+        # the loss's options by torch's name; reduction "none": ℓ.backward(upstream)
+        objective, loss = torch_objective(model, out, y)
+        objective.backward()
+        outputs["loss"] = loss.detach().double().numpy().reshape(-1)
     else:
         out.backward(torch.tensor(dy, dtype=tdtype))
     grads = {name: p.grad.double().numpy() for name, p in net.named_parameters()}

@@ -15,6 +15,9 @@ Without, they are ``nn.Dropout``/``nn.Dropout2d`` drawing torch's masks (for tim
 Pools carry every option refnet has, by torch's name (dilation, ceil_mode, count_include_pad,
 divisor_override); adaptive_avgpool2d and adaptive_maxpool2d are nn.AdaptiveAvgPool2d and
 nn.AdaptiveMaxPool2d; dense on (N, *, in) is nn.Linear on the last axis.
+
+Losses (``torch_loss``, ``torch_objective``): torch's functional of each loss with its options
+by torch's name; a reduction "none" loss is differentiated as Σ upstream·ℓ.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..losses import split_targets
 from ..model import Model
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
@@ -153,7 +157,36 @@ def torch_twin(model: Model, params, dtype=torch.float64, masks=None):
     return net
 
 
+_LOSS_FUNCTIONS = {"mse": "mse_loss", "softmax_cross_entropy": "cross_entropy",
+                   "bce_with_logits": "binary_cross_entropy_with_logits", "l1": "l1_loss",
+                   "smooth_l1": "smooth_l1_loss", "huber": "huber_loss", "nll": "nll_loss"}
+
+
 def torch_loss(model: Model):
-    kind = model.loss.type
-    return {"mse": nn.functional.mse_loss, "softmax_cross_entropy": nn.functional.cross_entropy,
-            "bce_with_logits": nn.functional.binary_cross_entropy_with_logits}[kind]
+    """torch's functional loss of ``model`` with the model's options by torch's name (weight,
+    ignore_index, label_smoothing, pos_weight, beta, delta) and its reduction:
+    ``f(output, target, reduction=...)`` (a reduction given overrides the model's)."""
+    loss = model.loss
+    function = getattr(nn.functional, _LOSS_FUNCTIONS[loss.type])
+    options = {k: v for k, v in loss.config.items() if v is not None}
+
+    def f(output, target, reduction=None):
+        kw = {k: (torch.tensor(np.asarray(v, dtype=np.float64), dtype=output.dtype)
+                  if k in ("weight", "pos_weight") else v) for k, v in options.items()}
+        return function(output, target, reduction=reduction or loss.reduction, **kw)
+    return f
+
+
+def torch_objective(model: Model, output, y):
+    """(the scalar torch differentiates, torch's loss output) for refnet targets ``y`` (as
+    ``Model.prepare`` returns them): labels as int64, everything else in the output's dtype;
+    for reduction "none" the scalar is Σ upstream·ℓ — what ``ℓ.backward(upstream)``
+    differentiates — and the output ℓ itself."""
+    target, upstream = split_targets(y)
+    target = np.asarray(target)
+    t = (torch.tensor(target, dtype=torch.long) if target.dtype.kind in "iu"
+         else torch.tensor(target, dtype=output.dtype))
+    out = torch_loss(model)(output, t)
+    if model.loss.reduction != "none":
+        return out, out
+    return (out * torch.tensor(np.asarray(upstream), dtype=output.dtype)).sum(), out

@@ -7,9 +7,10 @@ read with plain ``json`` (never pickle). The format (``spec/vectors.md``)::
     {"format": "refnet-vectors/1", "name": "...", "description": "...",
      "model": {...a refnet model spec...}, "mode": "train" | "eval",
      "upstream": "loss" | "given",          # the gradient of the loss, or Jᵀ·dy for a given dy
-     "inputs": {"x": T, "y": T | labels, "dy": T (upstream "given")},
+     "inputs": {"x": T, "y": T | labels, "dy": T (upstream "given"),
+                "upstream": T (a loss with reduction "none": the gradient of its vector)},
      "params": {"0.weight": T, ...},        # torch names and layouts
-     "outputs": {"output": R, "loss": R (upstream "loss")},
+     "outputs": {"output": R, "loss": R (upstream "loss"; reduction "none": the vector)},
      "grads": {"0.weight": R, ..., "x": R}}
 
     T = {"shape": [...], "hex": ["0x1.8p-1", ...]}                  exact float64 inputs
@@ -43,6 +44,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..layers.base import ForwardState
+from ..losses import Targets, split_targets
 from ..model import Model
 from ..numerics.backend import MPBackend, fraction_of
 from ..numerics.errorbound import BOUND, LAMBDA
@@ -70,6 +72,8 @@ class Case:
     x_special: Dict[int, float] = field(default_factory=dict)   # flat index -> exact value
     # parameter or buffer name -> its exact values (row-major), replacing the initial ones
     params_special: Dict[str, List[float]] = field(default_factory=dict)
+    # the targets (row-major; ints for class labels), replacing the seeded ones
+    y_values: Optional[list] = None
 
 
 def _op(layer: dict, shape, loss="mse"):
@@ -131,7 +135,7 @@ def cases() -> List[Case]:
                           "body": [{"type": "dense", "out": 5}, {"type": "tanh"}]},
                          {"type": "dense", "out": 2}]}, upstream="loss"),
     ]
-    return ops + losses + nets + _pool_and_shape_cases() + option_cases()
+    return ops + losses + nets + _pool_and_shape_cases() + option_cases() + loss_option_cases()
 
 
 def _pool_and_shape_cases() -> List[Case]:
@@ -235,6 +239,77 @@ def option_cases() -> List[Case]:
     ]
 
 
+def loss_option_cases() -> List[Case]:
+    """The issue-18 losses and their options, by torch's names: reduction "none" with a seeded
+    upstream vector, l1, smooth_l1 and huber with differences placed on their kinks (d = 0,
+    |d| = β, δ), BCE's weight and pos_weight, cross-entropy's class weights, ignored labels,
+    label smoothing, class probabilities and (N, C, d…) logits, nll. The loss takes x itself
+    (one identity layer), so grads/x is ∂L/∂z; one CNN takes cross-entropy over (N, C, H, W)."""
+    def loss(name, description, input_shape, config, batch=3, **kw):
+        spec = {"input_shape": input_shape, "seed": 21, "batch": batch,
+                "layers": [{"type": "identity"}], "loss": config}
+        return Case(name, description, spec, upstream="loss", **kw)
+    weight3 = [0.5, 2.0, 1.25]
+    weight4 = [0.5, 2.0, 1.25, 0.75]
+    return [
+        loss("loss-mse-none", "mse, reduction none: the gradient of Σ upstream·ℓ, upstream "
+             "seeded", [4], {"type": "mse", "reduction": "none"}),
+        loss("loss-l1", "l1 (mean); d = 0 at two elements (kinks: l1' = sign(0) = 0, as torch)",
+             [3], {"type": "l1"}, batch=2, x_special={0: 0.5, 4: -1.25},
+             y_values=[0.5, 0.25, -0.5, 1.0, -1.25, 0.75]),
+        loss("loss-smooth_l1", "smooth_l1, beta 0.5, reduction sum; d = 0.5, −0.5 (the pieces "
+             "meet: ∂ = ±1) and both sides", [3], {"type": "smooth_l1", "beta": 0.5,
+                                                    "reduction": "sum"}, batch=2,
+             x_special={0: 1.0, 1: 0.0, 2: 0.25, 3: 2.0, 4: -1.0, 5: 0.125},
+             y_values=[0.5, 0.5, 0.0, 0.0, -2.0, 0.0]),
+        loss("loss-smooth_l1-beta0", "smooth_l1, beta 0 (torch: l1_loss); d = 0 at one element "
+             "(kink: sign(0) = 0)", [3], {"type": "smooth_l1", "beta": 0.0}, batch=2,
+             x_special={2: 0.75}, y_values=[0.0, 1.0, 0.75, -0.5, 0.25, 2.0]),
+        loss("loss-huber", "huber, delta 0.75; d = 0.75, −0.75 (the pieces meet: ∂ = ±δ) and "
+             "both sides", [3], {"type": "huber", "delta": 0.75}, batch=2,
+             x_special={0: 1.0, 1: 0.0, 2: 3.0, 3: -0.5, 4: 0.5, 5: 0.0},
+             y_values=[0.25, 0.75, 0.0, 0.0, 0.0, 0.0]),
+        loss("loss-bce-weight-pos_weight", "bce_with_logits, weight (4,) and pos_weight (4,), "
+             "soft targets", [4], {"type": "bce_with_logits", "weight": weight4,
+                                   "pos_weight": [3.0, 0.5, 1.0, 2.5]},
+             y_values=[0.0, 1.0, 0.25, 0.75, 1.0, 0.0, 0.5, 1.0, 0.125, 0.0, 1.0, 0.625]),
+        loss("loss-bce-none", "bce_with_logits, pos_weight 2.5 (a scalar), reduction none",
+             [4], {"type": "bce_with_logits", "pos_weight": 2.5, "reduction": "none"}),
+        loss("loss-cross_entropy-weight-ignore", "cross_entropy, class weights, one label "
+             "ignore_index −100: the mean divides by Σ w[y] of the others", [3],
+             {"type": "softmax_cross_entropy", "weight": weight3}, batch=4,
+             y_values=[2, -100, 0, 1]),
+        loss("loss-cross_entropy-label_smoothing", "cross_entropy, label_smoothing 0.2 with "
+             "class weights (torch weighs the smoothing term too)", [3],
+             {"type": "softmax_cross_entropy", "weight": weight3, "label_smoothing": 0.2},
+             batch=4, y_values=[2, 1, 0, 1]),
+        loss("loss-cross_entropy-probabilities", "cross_entropy on class probabilities, class "
+             "weights, label_smoothing 0.1: the mean divides by N", [3],
+             {"type": "softmax_cross_entropy", "weight": weight3, "label_smoothing": 0.1},
+             y_values=[0.25, 0.5, 0.25, 1.0, 0.0, 0.0, 0.0, 0.375, 0.625]),
+        loss("loss-cross_entropy-spatial", "cross_entropy over (N, C, d1, d2) = (2, 3, 2, 2) "
+             "logits, labels (N, d1, d2) with one ignored: the mean divides by the 7 others",
+             [3, 2, 2], {"type": "softmax_cross_entropy"}, batch=2,
+             y_values=[0, 2, 1, 1, 2, -100, 0, 1]),
+        loss("loss-cross_entropy-spatial-none", "cross_entropy over (N, C, d) = (3, 3, 2), "
+             "class weights, reduction none: ℓ (N, d), its upstream seeded", [3, 2],
+             {"type": "softmax_cross_entropy", "weight": weight3, "reduction": "none"}),
+        loss("loss-nll", "nll on log-probabilities, class weights, ignore_index 1, reduction "
+             "sum", [3], {"type": "nll", "weight": weight3, "ignore_index": 1,
+                          "reduction": "sum"}, batch=4, y_values=[2, 1, 0, 2]),
+        loss("loss-nll-spatial", "nll over (N, C, d) = (2, 3, 4), mean with one label ignored",
+             [3, 4], {"type": "nll"}, batch=2, y_values=[0, 1, 2, -100, 2, 2, 1, 0]),
+        Case("net-cnn-segmentation", "conv 3×3 (padding 1) → tanh → conv 1×1 to 3 classes, "
+             "cross_entropy per pixel with class weights",
+             {"input_shape": [2, 3, 3], "seed": 22, "batch": 2,
+              "loss": {"type": "softmax_cross_entropy", "weight": weight3},
+              "layers": [{"type": "conv2d", "out_channels": 4, "kernel_size": 3, "padding": 1},
+                         {"type": "tanh"},
+                         {"type": "conv2d", "out_channels": 3, "kernel_size": 1}]},
+             upstream="loss"),
+    ]
+
+
 # --- exact values -------------------------------------------------------------------------
 
 def round_exact(value: Fraction, fmt: str) -> float:
@@ -311,6 +386,16 @@ def _inputs(case: Case, model: Model):
         x.flat[index] = value
     for name, values in case.params_special.items():
         params[name] = np.array(values, dtype=np.float64).reshape(params[name].shape)
+    if case.y_values is not None:
+        values = np.array(case.y_values)
+        labels = model.loss.vector_shape(x.shape[0])      # class labels, or one per element
+        y = values.reshape(labels if values.size == int(np.prod(labels))
+                           else (x.shape[0],) + model.output_shape)
+    if model.loss.reduction == "none":
+        # The upstream gradient of the loss vector: seeded, as dy is for op vectors.
+        shape = model.loss.vector_shape(x.shape[0])
+        upstream = np.random.default_rng(case.spec.get("seed", 0) + 2000).standard_normal(shape)
+        y = Targets(y, upstream)
     return params, x, y
 
 
@@ -320,8 +405,18 @@ KINK_POINTS = {"hardtanh": lambda c: (c["min_val"], c["max_val"]),
                "hardsigmoid": lambda c: (-3.0, 3.0), "hardswish": lambda c: (-3.0, 3.0)}
 
 
-def _kinks(case: Case, model: Model, x) -> Optional[np.ndarray]:
-    """Elements of x where the op's derivative sits exactly on a kink."""
+# Where a loss's derivative is a convention: |d|'s at d = 0 (sign(0) = 0, torch's). smooth_l1
+# and huber are C¹ at |d| = β, δ: both pieces give the same derivative there, no convention.
+LOSS_KINK_POINTS = {"l1": lambda c: (0.0,),
+                    "smooth_l1": lambda c: (0.0,) if c["beta"] == 0 else None}
+
+
+def _kinks(case: Case, model: Model, x, y=None) -> Optional[np.ndarray]:
+    """Elements of x where the op's derivative sits exactly on a kink (a loss's: where the
+    loss takes x itself, through one identity layer)."""
+    if case.upstream == "loss" and [layer.type for layer in model.layers] == ["identity"]:
+        at = LOSS_KINK_POINTS.get(model.loss.type, lambda c: None)(model.loss.config)
+        return None if at is None else np.isin(x - np.asarray(split_targets(y)[0]), at)
     kind = model.layers[0].type if case.upstream == "given" else None
     if kind in KINK_POINTS:
         return np.isin(x, KINK_POINTS[kind](model.layers[0].config))
@@ -360,10 +455,17 @@ def compute(case: Case, params=None, x=None, y=None, dy=None) -> dict:
         exact = model.loss_and_grads(mp, params, x, y, ForwardState(train=train))
         bound = model.loss_and_grads(BOUND, params, x, y, ForwardState(train=train))
         outputs = {"output": _reference(exact.forward.output, bound.forward.output, mp.ctx),
-                   "loss": _reference(np.array([exact.loss], dtype=object), None, mp.ctx)}
+                   "loss": _reference(np.asarray(exact.loss, dtype=object).reshape(1), None,
+                                      mp.ctx)}
         grads_mp, grads_b = exact.params, bound.params
         dx_mp, dx_b = exact.x, bound.x
-        inputs = {"x": _tensor_in(x), "y": _labels_or_tensor(y)}
+        target, upstream = split_targets(y)
+        inputs = {"x": _tensor_in(x), "y": _labels_or_tensor(target)}
+        if upstream is not None:                 # reduction "none": ℓ itself, and its upstream
+            inputs["upstream"] = _tensor_in(upstream)
+            outputs["loss"] = _reference(model.loss.unreduced(mp, exact.forward.output, y),
+                                         model.loss.unreduced(BOUND, bound.forward.output, y),
+                                         mp.ctx)
     else:
         if dy is None:
             dy = np.random.default_rng(case.spec.get("seed", 0) + 1000).standard_normal(
@@ -382,7 +484,7 @@ def compute(case: Case, params=None, x=None, y=None, dy=None) -> dict:
     record["params"] = {k: _tensor_in(v) for k, v in params.items()}
     record["outputs"] = outputs
     grads = {k: _reference(grads_mp[k], grads_b[k], mp.ctx) for k in learnable}
-    grads["x"] = _reference(dx_mp, dx_b, mp.ctx, _kinks(case, model, x))
+    grads["x"] = _reference(dx_mp, dx_b, mp.ctx, _kinks(case, model, x, y))
     record["grads"] = grads
     return record
 
@@ -430,6 +532,8 @@ def stored_inputs(record: dict):
     params = {k: _tensor_from(v) for k, v in record["params"].items()}
     x = _tensor_from(record["inputs"]["x"])
     y = _labels_or_tensor_from(record["inputs"]["y"]) if "y" in record["inputs"] else None
+    if "upstream" in record["inputs"]:
+        y = Targets(y, _tensor_from(record["inputs"]["upstream"]))
     dy = _tensor_from(record["inputs"]["dy"]) if "dy" in record["inputs"] else None
     return params, x, y, dy
 

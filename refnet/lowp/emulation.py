@@ -483,14 +483,32 @@ def _loss_backward(loss, cache, upstream, logits_fmt):
     value is held in the logits' dtype before log_softmax's backward forms dlogp − p·Σdlogp. When
     −S/N overflows (S = 2²⁴, N = 64 in fp16), that gives +inf off the label and NaN on it — what
     the GPU gives under autocast (shared/PRECISION.md). mse and bce_with_logits: S times the
-    gradient, computed in float32 and then stored."""
-    if isinstance(loss, SoftmaxCrossEntropy):
-        logp, labels, divisor = cache
+    gradient, computed in float32 and then stored.
+
+    Cross-entropy with options (class weights, ignore_index, label smoothing, probabilities,
+    reduction "none", (N, C, d…) logits): the same composition, with nll's (or the probability
+    sum's) gradient −S·q·scale on log p (q: the loss's per-class weights, scale 1/divisor or
+    the upstream vector) held in the logits' format, and log_softmax's backward
+    g − p·Σ_k g_k on it."""
+    if isinstance(loss, SoftmaxCrossEntropy) and loss.is_plain(cache):
+        inner, divisor = cache
+        logp, labels = inner.rows, inner.labels
         onehot = np.zeros(logp.shape, dtype=bool)
         onehot[np.arange(logp.shape[0]), labels] = True
         g = np.float32(plain(store(np.asarray([upstream / np.float32(divisor)]), logits_fmt))[0])
         p = np.exp(logp)
-        grad = np.where(onehot, p * g - g, p * g)
+        grad = loss._unrows(np.where(onehot, p * g - g, p * g), inner.shape)
+    elif isinstance(loss, SoftmaxCrossEntropy):
+        inner, scale = cache
+        q = loss.logp_weights(cache).astype(np.float32)
+        if loss.reduction == "none":                  # u (N, d…): one value per row
+            g_logp = -q * (upstream * np.asarray(scale, dtype=np.float32).reshape(-1, 1))
+        else:
+            g_logp = -q * (upstream / np.asarray(scale, dtype=np.float32))
+        g_logp = plain(store(g_logp, logits_fmt))
+        p = np.exp(inner.rows)
+        grad = loss._unrows(g_logp - p * np.sum(g_logp, axis=1, keepdims=True, dtype=np.float32),
+                            inner.shape)
     else:
         grad = loss.backward(FLOAT32, cache) * upstream
     return store(grad, logits_fmt)

@@ -93,8 +93,8 @@ def train(model: Model, params, x, y, optimizer: Optimizer, steps: int, *,
         raise ValueError(f"train: steps must be a positive integer, got {steps!r}")
     params, x, y = model.prepare(params, x, y)
     probe_x = x if probe is None else model.check_input(probe)
-    probe_y = y if probe is None else model.loss.default_targets(np.random.default_rng(0),
-                                                                  probe_x.shape[0])
+    probe_y = y if probe is None else model.loss.check_target(     # ("none": upstream ones)
+        model.loss.default_targets(np.random.default_rng(0), probe_x.shape[0]), probe_x.shape[0])
     learnable = list(model.param_shapes())
     first = model.default_state()
     rng, train_mode = first.rng, first.train       # dropout: a fresh mask every step

@@ -96,6 +96,8 @@ def certify(model: Model, params=None, x=None, y=None, *, prec: int = 150,
     for layer, cache in zip(model.layers, gi.forward.caches):
         ib.current_layer = f"layer {layer.name} ({layer.type})"
         layer.kink_signature(cache)
+    ib.current_layer = f"the loss ({model.loss.type})"        # l1's d = 0, huber's |d| = δ, …
+    model.loss.kink_signature(gi.forward.loss_cache)
     ib.recording = False
     mp = MPBackend(dps)
     gm = model.loss_and_grads(mp, params, x, y, replay())
@@ -131,7 +133,7 @@ def certify(model: Model, params=None, x=None, y=None, *, prec: int = 150,
         tensors.append(CertifiedTensor(name, list(f64.shape), int(f64.size),
                                        max(widths) if widths else 0.0,
                                        max(rel) if rel else 0.0, outside, inside, within, shown))
-    lo, hi = _endpoints(gi.loss)
+    lo, hi = _endpoints(np.asarray(gi.loss, dtype=object)[()])     # a sum may be 0-d
     loss = [str(float(lo)), str(float(hi))]
     return Certificate(not failed and not ib.straddles, failed, dict(ib.straddles), prec, dps,
                        loss, tensors)

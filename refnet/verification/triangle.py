@@ -199,8 +199,10 @@ def _signature_difference(a: List[tuple], b: List[tuple], labels: List[str]) -> 
 
 
 def _signature_labels(model: Model) -> List[str]:
-    """One label per kink-signature entry: the layers, then the L1 penalty's |w| (if any)."""
-    return [f"layers[{i}]" for i in range(len(model.layers))] + ["the L1 penalty (|w| at 0)"]
+    """One label per kink-signature entry: the layers, the loss, then the L1 penalty's |w| (if
+    any)."""
+    return ([f"layers[{i}]" for i in range(len(model.layers))] + [f"the loss ({model.loss.type})"]
+            + ["the L1 penalty (|w| at 0)"])
 
 
 def _digits(ctx, err, scale) -> float:
