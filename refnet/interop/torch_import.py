@@ -609,7 +609,7 @@ def from_program(program, loss, *, default_mode: str = "train", name: str = "") 
     try:
         model = Model(spec)
     except ValueError as e:
-        _fail(f"the layers read from the graph do not make a refnet model: {e}")
+        _fail(f"the refnet model read from the graph is refused: {e}")
     params = {fqn: _numpy(state[fqn]) for fqn in g.consumed if fqn in state}
     return model, params
 
