@@ -12,12 +12,15 @@ right three ways (see :mod:`refnet.verification`). Runtime dependencies: numpy a
 The package is grouped by concept, one floor importing only the floors below it
 (spec/architecture.md): ``numerics`` (backends, error bounds, intervals, formats) → ``layers`` →
 ``losses``/``regularize`` → ``model`` → ``lowp`` (fp16/bf16 emulation) → ``verification``,
-``interop``, ``training`` → ``study`` → ``cli``. The names below are the public API.
+``interop``, ``training`` → ``study`` → ``cli``. The names below are the public API;
+``from_torch``/``to_torch`` need torch (imported when called), and ``refnet.testing`` holds the
+assertions for other projects' test suites.
 """
 
 __version__ = "0.1.0"
 
 from .init import calculate_gain, initialize
+from .interop.torch_import import from_torch, to_torch
 from .lowp import Diagnosis, GradScaler, Precision, diagnose
 from .model import Model
 from .numerics import (
@@ -42,4 +45,4 @@ __all__ = ["FLOAT32", "FLOAT64", "MPBackend", "ExpansionBackend", "NumpyBackend"
            "initialize", "Model", "Diagnosis", "GradScaler", "Precision", "diagnose",
            "Report", "TensorReport", "verify", "spot_check", "Certificate", "certify",
            "clip_grad_norm", "clip_grad_value", "make_optimizer", "train", "run_study",
-           "__version__"]
+           "from_torch", "to_torch", "__version__"]

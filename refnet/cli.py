@@ -1,6 +1,6 @@
 """Command line: ``refnet study``, ``refnet verify``, ``refnet grads``, ``refnet train``,
-``refnet diagnose``, ``refnet presets``, ``refnet vectors``, ``refnet conformance`` (also
-``python -m refnet``).
+``refnet diagnose``, ``refnet presets``, ``refnet vectors``, ``refnet conformance``,
+``refnet import`` (also ``python -m refnet``).
 
 Exit status: 0 all checks pass, 1 a check fails (verify, vectors check, conformance), training
 stopped on a non-finite loss (train) or inf/NaN appeared (diagnose), 2 bad input (the message
@@ -515,14 +515,49 @@ def cmd_conformance(args) -> int:
 
     from .interop.conformance import conformance, format_results
     check_input_dir(args.dir, "--dir")
-    results = conformance(args.dir, args.framework, args.dtype)
+    results = conformance(args.dir, args.framework, args.dtype, args.strict_kinks)
     if args.json:
         print(json.dumps({"framework": args.framework, "dtype": args.dtype,
+                          "strict_kinks": args.strict_kinks,
                           "passed": all(v.passed for v in results),
                           "vectors": [asdict(v) for v in results]}, indent=1))
     else:
         print(format_results(results, args.dtype))
     return EXIT_OK if all(v.passed for v in results) else EXIT_FAIL
+
+
+def cmd_import(args) -> int:
+    """``refnet import MODEL.pt2 --out SPEC.json --params P.npz --loss TYPE``: a program saved
+    with ``torch.export.save`` as a refnet spec (each layer's torch_name its module path) and
+    its parameters and buffers under torch's names (``refnet.interop.torch_import``)."""
+    from .io import save_params
+    for option, path in (("--out", args.out), ("--params", args.params)):
+        check_output_file(path, option)
+    if Path(args.out).resolve() == Path(args.params).resolve():
+        raise ValueError(f"--out and --params name the same file {args.out}")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ValueError("refnet import needs torch (pip install torch==2.13.0)") from None
+    from .interop.torch_import import (
+        UnsupportedModel,
+        check_program,
+        from_program,
+        load_program,
+    )
+    program = load_program(args.model)
+    try:
+        model, params = from_program(program, {"type": args.loss, "reduction": args.reduction},
+                                     name=Path(args.model).stem)
+        check_program(model, params, program, args.model)
+    except UnsupportedModel as e:
+        raise ValueError(f"MODEL {args.model}: {str(e).removeprefix('from_torch: ')}") from None
+    Path(args.out).write_text(json.dumps(model.spec, indent=1) + "\n")
+    save_params(args.params, params)
+    print(f"imported {args.model}: {len(model.layers)} layers, {model.mode} mode, "
+          f"{len(model.param_shapes())} parameters and {len(params) - len(model.param_shapes())}"
+          f" buffers (torch names); wrote {args.out} and {args.params}")
+    return EXIT_OK
 
 
 def cmd_presets(args) -> int:
@@ -689,11 +724,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     co = sub.add_parser("conformance", help="run the golden vectors in another framework and "
                                             "report its errors in ulps")
-    co.add_argument("--framework", default="torch", help="torch (the only one built in)")
+    co.add_argument("--framework", default="torch",
+                    help="torch (default) or jax (spec/conformance.md: any other by hand)")
+    co.add_argument("--strict-kinks", action="store_true",
+                    help="hold the elements flagged kink to the vectors' values (torch's "
+                         "conventions) too; by default they are reported apart, not failed")
     co.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     co.add_argument("--dir", default="spec/vectors", help="vector directory (spec/vectors)")
     co.add_argument("--json", action="store_true")
     co.set_defaults(func=cmd_conformance)
+
+    im = sub.add_parser("import", help="a torch.export program (.pt2) as a refnet spec and "
+                                       "parameters, under torch's names")
+    im.add_argument("model", metavar="MODEL", help="a .pt2 file written by torch.export.save "
+                    "(torch.save/pickle files are refused: refnet never unpickles)")
+    im.add_argument("--out", required=True, help="the refnet model spec to write (JSON)")
+    im.add_argument("--params", required=True, help="the .npz of parameters and buffers to "
+                                                     "write, keyed by torch names")
+    im.add_argument("--loss", required=True,
+                    help="the loss the spec gets (a .pt2 holds none): mse, "
+                         "softmax_cross_entropy, bce_with_logits")
+    im.add_argument("--reduction", choices=["mean", "sum"], default="mean")
+    im.set_defaults(func=cmd_import)
 
     pr = sub.add_parser("presets", help="list the named models diagnose --preset accepts")
     pr.set_defaults(func=cmd_presets)

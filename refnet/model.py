@@ -16,6 +16,7 @@ third draws the dropout masks (spec/operations.md gives their exact order).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -116,6 +117,7 @@ class Model:
         self.net = Sequential(spec["layers"], self.input_shape, "", build=build_layer)
         self.layers = self.net.layers
         self.output_shape = self.net.out_shape
+        self.torch_names = torch_names(self.net)      # refnet name -> torch name (torch_name)
         self.loss: Loss = make_loss(spec["loss"], self.output_shape)
         self.l1, self.l2, self.regularized = parse_regularization(
             spec.get("regularization", {}), self.net.weight_names(), self.net.param_shapes())
@@ -184,15 +186,19 @@ class Model:
         Every parameter must be present; buffers (a torch state_dict has them) are optional and
         default to their initial values; a given buffer must hold a value its layer can use
         (``check_buffers``: a running variance is >= 0, a batch count a whole number).
-        ``source`` begins every message (the CLI passes "params FILE")."""
+        ``source`` begins every message (the CLI passes "params FILE"). Tensors may be named
+        by refnet's names or by the layers' torch names (``torch_names``); the copies returned
+        carry refnet's."""
+        params = self.refnet_named(params, source)
         expected = self.param_shapes()
         buffers = self.buffer_shapes()
         missing = sorted(set(expected) - set(params))
         extra = sorted(set(params) - set(expected) - set(buffers))
         if missing or extra:
-            raise ValueError(f"{source}: names do not match the spec: missing {missing}, "
-                             f"unexpected {extra}; expected {sorted(expected)}"
-                             + (f" (and optionally the buffers {sorted(buffers)})" if buffers else ""))
+            shown = lambda names: sorted(self.torch_names.get(n, n) for n in names)  # noqa: E731
+            raise ValueError(f"{source}: names do not match the spec: missing {shown(missing)}, "
+                             f"unexpected {extra}; expected {shown(expected)}"
+                             + (f" (and optionally the buffers {shown(buffers)})" if buffers else ""))
         checked = dict(self.net.init_buffers())
         expected = {**expected, **{k: v for k, v in buffers.items() if k in params}}
         for name, shape in expected.items():
@@ -211,7 +217,8 @@ class Model:
         return checked
 
     def _owner(self, name):
-        return self.layers[int(name.split(".")[0])].where
+        return next((layer.where for layer in _leaves(self.net)
+                     if name.startswith(f"{layer.name}.")), name)
 
     # data ---------------------------------------------------------------------------------------
     def check_input(self, x) -> np.ndarray:
@@ -236,6 +243,7 @@ class Model:
 
         ``state`` defaults to the spec's mode with its seeded dropout stream; pass the same state
         to several passes to reuse the dropout masks."""
+        params = self.refnet_named(params)
         tensors = {name: bk.asarray(value) for name, value in params.items()}
         return self.forward_tensors(bk, tensors, x, y, state)
 
@@ -289,13 +297,16 @@ class Model:
                              inputs)
 
     def loss_and_grads(self, bk, params, x, y, state: Optional[ForwardState] = None) -> Gradients:
-        """Loss and the gradient of every parameter and of the input, in backend ``bk``."""
+        """Loss and the gradient of every parameter and of the input, in backend ``bk``. Each
+        gradient is named as its parameter was given: by its torch name or by refnet's."""
+        given = {r: k for k, r in self.refnet_keys(params).items()}
+        params = self.refnet_named(params)
         tensors = {name: bk.asarray(value) for name, value in params.items()}
         fwd = self.forward_tensors(bk, tensors, x, y, state)
         dh = self.loss.backward(bk, fwd.loss_cache)
         dx, grads = self.net.backward(bk, tensors, dh, fwd.caches)
         grads.update({k: grads[k] + g for k, g in fwd.penalty_grads.items()})
-        ordered = {name: grads[name] for name in self.param_shapes()}
+        ordered = {given.get(name, name): grads[name] for name in self.param_shapes()}
         return Gradients(fwd.loss, ordered, dx, fwd)
 
     def prepare(self, params=None, x=None, y=None):
@@ -311,3 +322,67 @@ class Model:
             raise ValueError("data: x was given without targets y")
         y = self.loss.check_target(y, x.shape[0])
         return params, x, y
+
+    # torch names --------------------------------------------------------------------------------
+    # A layer with "torch_name" (spec/model-format.md) gives its tensors a second name, the one
+    # they have in the torch module it came from (refnet.from_torch, refnet import): "3.body.0.
+    # weight" is also "layer1.0.conv1.weight". Inside, refnet runs on its own names (the
+    # verifier, the FD sweep and the emulation index layers by them); these methods translate
+    # at the edges.
+
+    def torch_name(self, name: str) -> str:
+        """The torch name of a parameter or buffer (its refnet name if its layer has none)."""
+        return self.torch_names.get(name, name)
+
+    def refnet_keys(self, keys) -> Dict[str, str]:
+        """key -> refnet name for the keys of one dict. A dict is read in refnet's names when
+        every key is one (the names inside, which the verifier uses); otherwise every key is
+        read as the name the model answers to — torch's where its layer has torch_name. (The
+        two can overlap: a torch "1.weight" can be refnet's name for another tensor, when torch
+        nests Sequentials that refnet flattens.)"""
+        keys = list(keys)
+        if not self.torch_names or all(k in self._refnet_set for k in keys):
+            return {k: k for k in keys}
+        back = {t: r for r, t in self.torch_names.items()}
+        return {k: back.get(k, k) for k in keys}
+
+    def refnet_named(self, tensors: Dict[str, object], source: str = "params") -> Dict[str, object]:
+        """``tensors`` keyed by refnet's names, from either naming (``refnet_keys``)."""
+        if not self.torch_names:
+            return tensors
+        out = {}
+        for key, name in self.refnet_keys(tensors).items():
+            if name in out:
+                raise ValueError(f"{source}: {name} is given twice, also as "
+                                 f"{self.torch_name(name)!r}")
+            out[name] = tensors[key]
+        return out
+
+    def torch_named(self, tensors: Dict[str, object]) -> Dict[str, object]:
+        """``tensors`` (refnet's names) keyed by their torch names."""
+        return {self.torch_name(k): v for k, v in tensors.items()}
+
+    @functools.cached_property
+    def _refnet_set(self):
+        return set(self.net.param_shapes()) | set(self.net.buffer_shapes())
+
+
+def torch_names(net) -> Dict[str, str]:
+    """refnet name -> torch name of every parameter and buffer of a layer with ``torch_name``:
+    ``<torch_name>.<local name>`` (``<local name>`` alone for the root module, ""). The names a
+    model answers to — torch's where given, refnet's elsewhere — must be unique."""
+    names, owner = {}, {}
+    for layer in _leaves(net):
+        prefix = getattr(layer, "torch_name", None)
+        if prefix is None:
+            continue
+        for local in {**layer.param_shapes(), **layer.buffer_shapes()}:
+            names[f"{layer.name}.{local}"] = f"{prefix}.{local}" if prefix else local
+    for layer in _leaves(net):
+        for local in {**layer.param_shapes(), **layer.buffer_shapes()}:
+            public = names.get(f"{layer.name}.{local}", f"{layer.name}.{local}")
+            if public in owner:
+                raise ValueError(f"{layer.where}: its tensor {public!r} has the name of a tensor "
+                                 f"of {owner[public]} (torch_name must make every name unique)")
+            owner[public] = layer.where
+    return names

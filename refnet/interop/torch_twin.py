@@ -190,3 +190,54 @@ def torch_objective(model: Model, output, y):
     if model.loss.reduction != "none":
         return out, out
     return (out * torch.tensor(np.asarray(upstream), dtype=output.dtype)).sum(), out
+
+
+# --- a twin under torch names (refnet.to_torch of a model from refnet.from_torch) ------------
+
+class NamedTwin(nn.Module):
+    """The twin of a model whose layers carry ``torch_name``: it runs the refnet-ordered twin
+    (held, not registered) and registers that twin's very parameter and buffer objects under
+    their torch names, so ``named_parameters()``, ``state_dict()`` and every ``.grad`` use the
+    names of the module the model came from. ``.to()``/``.double()`` and ``.train()`` act on the
+    held twin and then share its tensors again."""
+
+    def __init__(self, run: nn.Module, model: Model):
+        super().__init__()
+        object.__setattr__(self, "_run", run)
+        object.__setattr__(self, "_model", model)
+        self._share()
+
+    def _share(self):
+        self._parameters.clear()
+        self._buffers.clear()
+        self._modules.clear()
+        tensors = dict(self._run.named_parameters())
+        tensors.update(self._run.named_buffers())
+        for refnet_name, value in tensors.items():
+            path = self._model.torch_name(refnet_name).split(".")
+            owner = self
+            for part in path[:-1]:
+                if part not in owner._modules:
+                    owner.add_module(part, nn.Module())
+                owner = owner._modules[part]
+            if isinstance(value, nn.Parameter):
+                owner.register_parameter(path[-1], value)
+            else:
+                owner.register_buffer(path[-1], value)
+
+    def _apply(self, fn, recurse=True):
+        self._run._apply(fn, recurse)
+        self._share()
+        return self
+
+    def train(self, mode: bool = True):
+        self._run.train(mode)
+        return super().train(mode)
+
+    def forward(self, x):
+        return self._run(x)
+
+
+def named_twin(model: Model, params, dtype=torch.float64, masks=None) -> NamedTwin:
+    """``torch_twin`` of a model with torch names (``params`` in refnet's names)."""
+    return NamedTwin(torch_twin(model, params, dtype, masks), model)

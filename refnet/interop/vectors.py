@@ -4,7 +4,7 @@
 every case from the inputs stored in its file and fails on any drift of any field. Files are
 read with plain ``json`` (never pickle). The format (``spec/vectors.md``)::
 
-    {"format": "refnet-vectors/1", "name": "...", "description": "...",
+    {"format": "refnet-vectors/2", "name": "...", "description": "...",
      "model": {...a refnet model spec...}, "mode": "train" | "eval",
      "upstream": "loss" | "given",          # the gradient of the loss, or Jᵀ·dy for a given dy
      "inputs": {"x": T, "y": T | labels, "dy": T (upstream "given"),
@@ -15,15 +15,23 @@ read with plain ``json`` (never pickle). The format (``spec/vectors.md``)::
 
     T = {"shape": [...], "hex": ["0x1.8p-1", ...]}                  exact float64 inputs
     R = {"shape": [...], "value": ["1.23...e-5", ...],               30 significant digits
+                                                                     (more at a rounding tie;
+                                                                     "0": exactly zero)
          "float64": [hex], "float32": [hex], "fp16": [hex],          each rounded once from
                                                                      the exact value, to nearest
-         "tolerance": {"float64": {"ulps": 2, "abs": a}, "float32": ...},
+         "tolerance": {"float64": {"ulps": 2, "abs": a}, "float32": ...,
+                       "rule": "..."},                               which rule gave them
          "kink": [bool, ...]}                                        only where a kink applies
 
 The reference values are the analytic gradients at ``DPS`` = 50 digits (refnet's mp backend), so
-their first 30 digits are settled. Tolerances: an implementation computing in dtype d passes an
-element if |got − ref_d| ≤ ulps·ulp_d(ref) + abs. ``abs`` is the float64 error analysis of the
-same computation (``refnet.numerics.errorbound``: 8σ, the verifier's probabilistic bound, taken at the
+their first 30 digits are settled; a value within that run's own error bound of 0 is stored as
+exactly 0 (``_reference_zeros``), and a value 30 digits would round to another float64, float32
+or fp16 number gets more (``_decimal``). Losses are held to their error analysis like every
+other tensor, and each tolerance names its rule (``RULE_ANALYSIS``, ``RULE_EXACT``).
+
+Tolerances: an implementation computing in dtype d passes an element if
+|got − ref_d| ≤ ulps·ulp_d(ref) + abs. ``abs`` is the float64 error analysis of the same
+computation (``refnet.numerics.errorbound``: 8σ, the verifier's probabilistic bound, taken at the
 tensor's worst element) scaled by u_d/u_64: an algorithm with the same structure in dtype d
 makes rounding errors of that size; ``ulps`` = 2 leaves room for the final rounding of each side.
 ``abs`` is stored rounded up to ``TOLERANCE_DIGITS`` significant digits (``round_up`` says why:
@@ -47,9 +55,13 @@ from ..layers.base import ForwardState
 from ..losses import Targets, split_targets
 from ..model import Model
 from ..numerics.backend import MPBackend, fraction_of
-from ..numerics.errorbound import BOUND, LAMBDA
+from ..numerics.errorbound import BOUND, LAMBDA, BoundArray
 
-FORMAT = "refnet-vectors/1"
+# Version 2 (spec/vectors.md, "Format 2"): a value that 30 digits would round to another float64,
+# float32 or fp16 than the exact one gets the digits it needs; a value within the reference's own
+# error bound of 0 is stored as exactly 0; losses carry an error-analysis tolerance; every
+# tolerance names its rule.
+FORMAT = "refnet-vectors/2"
 DPS = 50
 DIGITS = 30
 ULPS = 2
@@ -135,7 +147,8 @@ def cases() -> List[Case]:
                           "body": [{"type": "dense", "out": 5}, {"type": "tanh"}]},
                          {"type": "dense", "out": 2}]}, upstream="loss"),
     ]
-    return ops + losses + nets + _pool_and_shape_cases() + option_cases() + loss_option_cases()
+    return (ops + losses + nets + _pool_and_shape_cases() + option_cases()
+            + loss_option_cases() + convention_cases())
 
 
 def _pool_and_shape_cases() -> List[Case]:
@@ -310,6 +323,46 @@ def loss_option_cases() -> List[Case]:
     ]
 
 
+def convention_cases() -> List[Case]:
+    """Issue 15: inputs placed where a pinned convention of spec/operations.md decides the
+    numbers, so that each convention, changed, fails some vector (spec/vectors.md lists which):
+    leaky_relu, prelu and elu exactly at 0 (kinks: f′(0) = slope, a, α, torch's — JAX's
+    leaky_relu takes 1 there), average pooling with padding counted and not counted
+    (count_include_pad, without ceil mode), softplus exactly at its threshold (βz = threshold:
+    torch's test βz > threshold keeps the smooth branch there; a kink) and above it (the linear
+    branch: σ(βz) ≠ 1 visibly in float32 for βz = 12), and sigmoid and tanh saturated (±40,
+    ±800: exp(800) overflows float64, so a form that forms exp(−z) for z < 0 returns inf/inf)."""
+    at_zero = lambda name, layer, description: Case(                   # noqa: E731
+        name, description, _op(layer, [5]), x_special={0: 0.0, 3: 0.0, 6: 0.0})
+    saturated = {0: 40.0, 1: -40.0, 2: 800.0, 3: -800.0, 5: 20.0, 6: -20.0}
+    return [
+        at_zero("leaky_relu-zero", {"type": "leaky_relu", "slope": 0.02},
+                "leaky_relu(slope 0.02); three inputs exactly 0 (kinks: f′(0) = slope, as torch)"),
+        Case("prelu-zero", "prelu, one slope per channel, on (N, 3, 2); three inputs exactly "
+             "0 (kinks: f′(0) = a, and ∂L/∂a gets 0·dy there, as torch)",
+             _op({"type": "prelu", "num_parameters": 3}, [3, 2]),
+             x_special={0: 0.0, 3: 0.0, 6: 0.0}, params_special={"0.weight": [0.25, -0.5, 1.5]}),
+        at_zero("elu-zero", {"type": "elu", "alpha": 1.3},
+                "elu(alpha 1.3); three inputs exactly 0 (kinks: f′(0) = α, as torch)"),
+        Case("avgpool2d-pad", "AvgPool2d 3×3, stride 2, padding 1 on 5×5, count_include_pad "
+             "true: every border window divides by 9, padding counted",
+             _op({"type": "avgpool2d", "kernel_size": 3, "stride": 2, "padding": 1}, [2, 5, 5])),
+        Case("avgpool2d-pad-exclude", "AvgPool2d 3×3, stride 2, padding 1 on 5×5, "
+             "count_include_pad false: a corner window divides by 4, an edge one by 6",
+             _op({"type": "avgpool2d", "kernel_size": 3, "stride": 2, "padding": 1,
+                  "count_include_pad": False}, [2, 5, 5])),
+        Case("softplus-threshold", "softplus(beta 2, threshold 10); inputs 5 (βz = threshold "
+             "exactly: the smooth branch, torch's βz > threshold; kink), 6 and 40 (linear "
+             "branch), −40, 4.75",
+             _op({"type": "softplus", "beta": 2.0, "threshold": 10.0}, [5]),
+             x_special={0: 5.0, 1: 6.0, 2: 40.0, 3: -40.0, 4: 4.75}),
+        Case("sigmoid-saturated", "sigmoid saturated: inputs ±40, ±800, ±20",
+             _op({"type": "sigmoid"}, [5]), x_special=saturated),
+        Case("tanh-saturated", "tanh saturated: inputs ±40, ±800, ±20",
+             _op({"type": "tanh"}, [5]), x_special=saturated),
+    ]
+
+
 # --- exact values -------------------------------------------------------------------------
 
 def round_exact(value: Fraction, fmt: str) -> float:
@@ -351,7 +404,44 @@ def round_up(value: float, digits: int = TOLERANCE_DIGITS) -> float:
 
 
 def _decimal(v, ctx) -> str:
-    return ctx.nstr(v, DIGITS, min_fixed=1, max_fixed=0, strip_zeros=False) if v != 0 else "0"
+    """``v`` to ``DIGITS`` significant digits — or more, where that many would round to another
+    float64, float32 or fp16 number than ``v`` itself: a value at (or within 10⁻³⁰ of) a rounding
+    tie, such as an average of two float64 numbers that needs 54 bits. Its digits then run on
+    until the decimal rounds as the exact value does in every format (a dyadic tie has a finite
+    decimal expansion, so this ends)."""
+    if v == 0:
+        return "0"
+    text = ctx.nstr(v, DIGITS, min_fixed=1, max_fixed=0, strip_zeros=False)
+    exact = fraction_of(v)
+    digits = DIGITS
+    while not _rounds_alike(Fraction(text), exact):
+        digits += 1
+        text = _scientific(exact, digits)
+    return text
+
+
+def _rounds_alike(a: Fraction, b: Fraction) -> bool:
+    return all(round_exact(a, fmt) == round_exact(b, fmt) for fmt in ROUNDED)
+
+
+def _scientific(value: Fraction, digits: int) -> str:
+    """``value`` rounded (half even) to ``digits`` significant digits, written as mpmath's nstr
+    writes them (``-1.2345e-5``; no exponent for 1 ≤ |value| < 10), computed exactly."""
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    exponent = len(str(value.numerator // value.denominator)) - 1 if value >= 1 else \
+        -len(str(value.denominator // value.numerator))
+    while Fraction(10) ** exponent > value:
+        exponent -= 1
+    while Fraction(10) ** (exponent + 1) <= value:
+        exponent += 1
+    mantissa = round(value / Fraction(10) ** (exponent - digits + 1))      # half to even
+    if mantissa >= 10 ** digits:                                            # 9.99… rounded up
+        mantissa //= 10
+        exponent += 1
+    body = str(mantissa)
+    text = f"{sign}{body[0]}.{body[1:]}"
+    return text if exponent == 0 else f"{text}e{'+' if exponent > 0 else '-'}{abs(exponent)}"
 
 
 def _tensor_in(a) -> dict:
@@ -363,17 +453,42 @@ def _tensor_from(t) -> np.ndarray:
     return np.array([float.fromhex(h) for h in t["hex"]], dtype=np.float64).reshape(t["shape"])
 
 
+# Which rule produced a tensor's tolerance (stored beside it as "rule"; spec/vectors.md).
+RULE_ANALYSIS = (f"ulps {ULPS}: the final rounding of each side; abs: {LAMBDA:g}σ of the float64 "
+                 f"error analysis of the same computation at the tensor's worst element, scaled "
+                 f"by u_d/u_64, rounded up to {TOLERANCE_DIGITS} digits")
+RULE_EXACT = (f"ulps {ULPS}: the final rounding of each side; abs 0: the error analysis finds no "
+              f"rounding error that is not the result's own (σ = 0)")
+
+
+def _reference_zeros(exact, bound, ctx) -> np.ndarray:
+    """The elements that are 0 to the reference's own accuracy: |v| at most the rigorous error
+    bound of the float64 run (``BOUND``'s e) scaled from u_64 to the mp run's unit roundoff
+    2^−prec — the same computation, run with that unit roundoff, can err that much, so such a v
+    cannot be told from 0 (the gradient of a bias before a BatchNorm: exactly 0 in exact
+    arithmetic, a ±2e-52 residue at 50 digits). They are stored as exactly 0."""
+    flat = np.asarray(exact, dtype=object).ravel()
+    if bound is None:
+        return np.zeros(flat.size, dtype=bool)
+    scale = 2.0 ** -ctx.prec / UNIT_ROUNDOFF["float64"]
+    e = np.broadcast_to(np.asarray(bound.e, dtype=np.float64), np.asarray(exact).shape).ravel()
+    return np.array([v != 0 and bool(abs(v) <= ctx.mpf(float(b)) * scale)
+                     for v, b in zip(flat, e)], dtype=bool)
+
+
 def _reference(exact, bound, ctx, kink=None) -> dict:
-    flat = list(np.asarray(exact, dtype=object).ravel())
+    zeros = _reference_zeros(exact, bound, ctx)
+    flat = [ctx.zero if z else v for v, z in zip(np.asarray(exact, dtype=object).ravel(), zeros)]
     fractions = [fraction_of(v) for v in flat]
     record = {"shape": list(np.asarray(exact, dtype=object).shape),
               "value": [_decimal(v, ctx) for v in flat]}
     for fmt in ROUNDED:
         record[fmt] = [round_exact(f, fmt).hex() for f in fractions]
-    sigma = float(np.max(bound.sigma)) if bound is not None and bound.v.size else 0.0
+    sigma = float(np.max(bound.sigma)) if bound is not None and np.asarray(bound.v).size else 0.0
     record["tolerance"] = {fmt: {"ulps": ULPS, "abs": round_up(LAMBDA * sigma * UNIT_ROUNDOFF[fmt]
                                                                / UNIT_ROUNDOFF["float64"])}
                            for fmt in ROUNDED}
+    record["tolerance"]["rule"] = RULE_ANALYSIS if sigma > 0 else RULE_EXACT
     if kink is not None and np.any(kink):
         record["kink"] = [bool(k) for k in np.asarray(kink).ravel()]
     return record
@@ -422,6 +537,12 @@ def _kinks(case: Case, model: Model, x, y=None) -> Optional[np.ndarray]:
         return np.isin(x, KINK_POINTS[kind](model.layers[0].config))
     if kind in ("relu", "leaky_relu", "prelu", "elu", "selu"):
         return x == 0
+    if kind == "softplus":
+        # torch's branch test βz > threshold, at equality (decided exactly: both are float64).
+        c = model.layers[0].config
+        at = [Fraction(float(c["beta"])) * Fraction(float(v)) == Fraction(float(c["threshold"]))
+              for v in np.ravel(x)]
+        return np.array(at, dtype=bool).reshape(x.shape)
     if kind in ("maxpool2d", "adaptive_maxpool2d"):
         return _window_ties(model.layers[0].windows, x)
     return None
@@ -455,8 +576,8 @@ def compute(case: Case, params=None, x=None, y=None, dy=None) -> dict:
         exact = model.loss_and_grads(mp, params, x, y, ForwardState(train=train))
         bound = model.loss_and_grads(BOUND, params, x, y, ForwardState(train=train))
         outputs = {"output": _reference(exact.forward.output, bound.forward.output, mp.ctx),
-                   "loss": _reference(np.asarray(exact.loss, dtype=object).reshape(1), None,
-                                      mp.ctx)}
+                   "loss": _reference(np.asarray(exact.loss, dtype=object).reshape(1),
+                                      _as_vector(bound.loss), mp.ctx)}
         grads_mp, grads_b = exact.params, bound.params
         dx_mp, dx_b = exact.x, bound.x
         target, upstream = split_targets(y)
@@ -487,6 +608,11 @@ def compute(case: Case, params=None, x=None, y=None, dy=None) -> dict:
     grads["x"] = _reference(dx_mp, dx_b, mp.ctx, _kinks(case, model, x, y))
     record["grads"] = grads
     return record
+
+
+def _as_vector(b: BoundArray) -> BoundArray:
+    """A 0-d bound (the loss) as one element, like the loss's stored reference."""
+    return BoundArray(np.reshape(b.v, (1,)), np.reshape(b.e, (1,)), np.reshape(b.s2, (1,)))
 
 
 def _labels_or_tensor(y):

@@ -63,11 +63,15 @@ class Layer:
     def __init__(self, config: dict, in_shape: Tuple[int, ...], where: str):
         self.where = where                  # e.g. "layers[3] (dense)": used in every message
         self.name = ""                      # torch prefix, e.g. "3" or "3.body.0"; set by owner
-        unknown = sorted(set(config) - set(self.defaults) - {"type"})
+        unknown = sorted(set(config) - set(self.defaults) - {"type", "torch_name"})
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; expected a subset of "
                              f"{sorted(self.defaults)}")
-        self.config = {**self.defaults, **{k: v for k, v in config.items() if k != "type"}}
+        # The torch module path of the layer (spec/model-format.md, "torch names"): its tensors
+        # are then also known as "<torch_name>.weight", ...; None keeps refnet's names only.
+        self.torch_name = _torch_name(config.get("torch_name"), where)
+        self.config = {**self.defaults, **{k: v for k, v in config.items()
+                                           if k not in ("type", "torch_name")}}
         self.in_shape = tuple(in_shape)
         self.out_shape = self.output_shape(self.in_shape)
 
@@ -103,6 +107,19 @@ class Layer:
 
     def __repr__(self):
         return f"<{self.where} {self.in_shape} -> {self.out_shape}>"
+
+
+def _torch_name(value, where):
+    """A torch module path ("layer1.0.conv1"; "" for the root module), or None."""
+    if value is None:
+        return None
+    # torch's module names are any non-empty strings without "." (ModuleDict keys included)
+    parts = value.split(".") if isinstance(value, str) else None
+    if parts is None or (value and not all(p and not any(c.isspace() for c in p)
+                                           for p in parts)):
+        raise ValueError(f"{where}: torch_name must be a torch module path such as "
+                         f"'layer1.0.conv1' (or '' for the root module), got {value!r}")
+    return value
 
 
 class WeightedLayer(Layer):
