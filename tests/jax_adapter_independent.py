@@ -322,17 +322,55 @@ def activation(kind, c, p, z, mutations):       # noqa: C901
     raise NotImplementedError(f"layer type {kind!r}")
 
 
-def loss_fn(spec, z, y):
+def loss_fn(spec, z, y, u=None):
+    """The loss by the guide (spec/model-format.md "Losses", spec/conformance.md): torch's
+    functions with their options; returns (the scalar to differentiate, the stored loss output:
+    ℓ for reduction "none", whose gradient is that of Σ u·ℓ)."""
     kind, reduction = spec["type"], spec.get("reduction", "mean")
-    if kind == "mse":
-        terms = (z - y) ** 2
-    elif kind == "softmax_cross_entropy":
-        terms = -jnp.take_along_axis(jax.nn.log_softmax(z, axis=1), y[:, None], axis=1)
+    divisor = None
+    if kind in ("mse", "l1", "smooth_l1", "huber"):
+        d = z - y
+        a = d * jnp.sign(d)                  # |d| with torch's derivative 0 at d = 0
+        if kind == "mse":
+            terms = d * d
+        elif kind == "l1":
+            terms = a
+        elif kind == "smooth_l1":
+            beta = spec.get("beta", 1.0)
+            terms = a if beta == 0 else jnp.where(a < beta, 0.5 * d * d / beta, a - 0.5 * beta)
+        else:
+            delta = spec.get("delta", 1.0)
+            terms = jnp.where(a < delta, 0.5 * d * d, delta * (a - 0.5 * delta))
     elif kind == "bce_with_logits":
-        terms = jnp.maximum(z, 0) - z * y + jnp.log1p(jnp.exp(-jnp.abs(z)))
+        softplus_neg = jnp.maximum(-z, 0) + jnp.log1p(jnp.exp(-jnp.abs(z)))   # −log σ(z)
+        p = 1.0 if spec.get("pos_weight") is None else jnp.asarray(spec["pos_weight"], z.dtype)
+        terms = (1 - y) * z + (1 + (p - 1) * y) * softplus_neg
+        if spec.get("weight") is not None:
+            terms = terms * jnp.asarray(spec["weight"], z.dtype)
+    elif kind in ("softmax_cross_entropy", "nll"):
+        logp = jax.nn.log_softmax(z, axis=1) if kind == "softmax_cross_entropy" else z
+        c = z.shape[1]
+        w = (np.ones(c) if spec.get("weight") is None else np.asarray(spec["weight"], float))
+        wz = jnp.asarray(w, z.dtype).reshape((1, c) + (1,) * (z.ndim - 2))
+        eps = spec.get("label_smoothing", 0.0)
+        if jnp.issubdtype(y.dtype, jnp.floating):       # class probabilities
+            q = (y * (1 - eps) + eps / c) * wz
+        else:
+            labels = np.asarray(y)
+            kept = labels != spec.get("ignore_index", -100)
+            safe = np.where(kept, labels, 0)
+            onehot = jax.nn.one_hot(jnp.asarray(safe), c, axis=1, dtype=z.dtype)
+            q = ((1 - eps) * onehot + eps / c) * wz * jnp.asarray(np.expand_dims(kept, 1),
+                                                                  z.dtype)
+            divisor = float(np.sum(w[safe[kept]]))    # the weighted mean's Σ w[y], kept only
+        terms = -jnp.sum(q * logp, axis=1)
     else:
         raise NotImplementedError(f"loss {kind!r}")
-    return jnp.sum(terms) if reduction == "sum" else jnp.mean(terms)
+    if reduction == "none":
+        return jnp.sum((jnp.ones_like(terms) if u is None else u) * terms), terms
+    total = jnp.sum(terms) if reduction == "sum" else jnp.sum(terms) / (
+        terms.size if divisor is None else divisor)
+    return total, total
 
 
 # --- one vector, and the comparison of the guide ----------------------------------------------
@@ -354,10 +392,15 @@ def forward_backward(v, dtype, mutations=frozenset()):
     if v["upstream"] == "loss":
         y_in = v["inputs"]["y"]
         y = jnp.asarray(tensor(y_in)) if "labels" in y_in else cast(tensor(y_in))
-        (loss, out), (gw, gx) = jax.value_and_grad(
-            lambda w, xx: (lambda o: (loss_fn(spec["loss"], o, y), o))(f(w, xx)),
-            argnums=(0, 1), has_aux=True)(w, x)
-        outputs = {"output": out, "loss": jnp.reshape(loss, (1,))}
+        u = cast(tensor(v["inputs"]["upstream"])) if "upstream" in v["inputs"] else None
+
+        def objective(w, xx):
+            o = f(w, xx)
+            total, stored = loss_fn(spec["loss"], o, y, u)
+            return total, (o, stored)
+        (_, (out, stored)), (gw, gx) = jax.value_and_grad(objective, argnums=(0, 1),
+                                                          has_aux=True)(w, x)
+        outputs = {"output": out, "loss": jnp.reshape(stored, (-1,))}
     else:
         out, vjp = jax.vjp(f, w, x)
         gw, gx = vjp(cast(tensor(v["inputs"]["dy"])))

@@ -31,6 +31,7 @@ import contextlib
 
 import numpy as np
 
+from ..losses import split_targets
 from ..model import Model
 from .vectors import stored_inputs
 
@@ -198,22 +199,63 @@ def _sequence(layers, params, x, train, jnp, jax):
     return x
 
 
-def _loss(model: Model, z, y, jnp, jax):
-    spec = model.spec["loss"]
-    extra = sorted(set(spec) - {"type", "reduction"})
-    if extra:
-        raise NotImplementedError(f"loss: the JAX twin knows no loss option {extra}")
-    kind, reduction = model.loss.type, model.loss.reduction
-    if kind == "mse":
-        terms = (z - y) ** 2
-    elif kind == "softmax_cross_entropy":
-        logp = jax.nn.log_softmax(z, axis=1)
-        terms = -jnp.take_along_axis(logp, y[:, None], axis=1)
+def _loss(model: Model, z, y, upstream, jnp, jax):
+    """The model's loss in JAX with every option refnet has, by torch's definitions
+    (refnet/losses.py): ℓ per element or sample, then the reduction — "mean" over ℓ's elements,
+    or over Σ w[y] of the labels not ignored for class labels; "sum"; "none" as Σ u·ℓ with the
+    vector's upstream u (what refnet differentiates). Returns (that scalar, the loss output a
+    vector stores: ℓ itself for "none", else the scalar)."""
+    loss = model.loss
+    kind, reduction = loss.type, loss.reduction
+    dtype = z.dtype
+    count = None
+    if kind in ("mse", "l1", "smooth_l1", "huber"):
+        d = z - y
+        # |d| as d·sign(d): its derivative is sign(d), 0 at d = 0 as torch's (jnp.abs' is 1).
+        a = d * jnp.sign(d)
+        if kind == "mse":
+            ell = d * d
+        elif kind == "l1":
+            ell = a
+        elif kind == "smooth_l1":
+            b = loss.beta
+            ell = a if b == 0 else jnp.where(a < b, 0.5 * d * d / b, a - 0.5 * b)
+        else:
+            t = loss.delta
+            ell = jnp.where(a < t, 0.5 * d * d, t * (a - 0.5 * t))
     elif kind == "bce_with_logits":
-        terms = jnp.maximum(z, 0) - z * y + jnp.log1p(jnp.exp(-jnp.abs(z)))
+        e = jnp.log1p(jnp.exp(-jnp.abs(z)))
+        ell = jnp.maximum(z, 0) - z * y + e
+        if loss.pos_weight is not None:
+            p = jnp.asarray(loss.pos_weight, dtype=dtype)
+            ell = ell + (p - 1) * y * (jnp.maximum(-z, 0) + e)
+        if loss.weight is not None:
+            ell = ell * jnp.asarray(loss.weight, dtype=dtype)
+    elif kind in ("softmax_cross_entropy", "nll"):
+        logp = jax.nn.log_softmax(z, axis=1) if kind == "softmax_cross_entropy" else z
+        classes = z.shape[1]
+        w = (jnp.ones(classes, dtype=dtype) if loss.weight is None
+             else jnp.asarray(loss.weight, dtype=dtype)).reshape((1, classes) + (1,) * (z.ndim - 2))
+        eps = getattr(loss, "smoothing", 0.0)
+        if jnp.issubdtype(y.dtype, jnp.floating):          # class probabilities t
+            q = (y * (1 - eps) + eps / classes) * w
+        else:
+            labels = np.asarray(y)
+            kept = labels != loss.ignore_index
+            onehot = jax.nn.one_hot(jnp.asarray(np.where(kept, labels, 0)), classes, axis=1,
+                                    dtype=dtype)
+            q = ((1 - eps) * onehot * w + (eps / classes) * w) * jnp.asarray(
+                np.expand_dims(kept, 1), dtype=dtype)
+            count = loss._total_weight(labels)[0]          # Σ w[y] of the kept labels
+        ell = -jnp.sum(q * logp, axis=1)
     else:
         raise NotImplementedError(f"loss: no JAX twin for loss type {kind!r}")
-    return jnp.sum(terms) if reduction == "sum" else jnp.mean(terms)
+    if reduction == "none":
+        u = jnp.ones_like(ell) if upstream is None else jnp.asarray(upstream, dtype=dtype)
+        return jnp.sum(u * ell), ell
+    total = jnp.sum(ell) if reduction == "sum" else (
+        jnp.sum(ell) / (ell.size if count is None else count))
+    return total, total
 
 
 def run_jax(record: dict, dtype: str):
@@ -236,16 +278,20 @@ def run_jax(record: dict, dtype: str):
                                           jnp, jax)
         jx = cast(x)
         if record["upstream"] == "loss":
+            y, upstream = split_targets(y)
+            y = np.asarray(y)
             target = jnp.asarray(y) if y.dtype.kind in "iu" else cast(y)
+            upstream = None if upstream is None else cast(upstream)
 
             def objective(w, xx):
                 out = forward(w, xx)
-                return _loss(model, out, target, jnp, jax), out
+                total, stored = _loss(model, out, target, upstream, jnp, jax)
+                return total, (out, stored)
 
-            (loss, out), (gw, gx) = jax.value_and_grad(objective, argnums=(0, 1),
-                                                       has_aux=True)(weights, jx)
+            (_, (out, stored)), (gw, gx) = jax.value_and_grad(objective, argnums=(0, 1),
+                                                              has_aux=True)(weights, jx)
             outputs = {"output": np.asarray(out, dtype=np.float64),
-                       "loss": np.array([float(loss)])}
+                       "loss": np.asarray(stored, dtype=np.float64).reshape(-1)}
         else:
             out, vjp = jax.vjp(forward, weights, jx)
             gw, gx = vjp(cast(dy))
