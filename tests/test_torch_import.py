@@ -477,3 +477,28 @@ def test_torchs_own_gradients_of_an_unseen_model_pass_refnet_testing(name, dtype
     net, x, y = _unseen(name, dtype)
     results = assert_torch_module_gradients(net, x, y, loss="softmax_cross_entropy")
     assert max(r.ratio for r in results) < 0.5
+
+
+def test_an_unbatched_conv_input_imports_as_a_batch_of_one_with_torchs_gradients():
+    """torch's Conv2d and pooling take an unbatched (C, H, W) input; refnet's format always has
+    the batch axis. ``unbatched=True`` builds the model for x[None]: its gradients are torch's
+    autograd on the unbatched input (x's with a leading axis of 1), normwise 1e-12. Without it
+    the (C, H, W) input reads as a batch of C and the conv is refused by name."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(),
+                                 torch.nn.MaxPool2d(2)).double()
+    x = torch.randn(2, 6, 6, dtype=torch.float64)
+    with pytest.raises(torch_import.UnsupportedModel, match="Conv2d"):
+        refnet.from_torch(module, x, loss="mse")
+    model, params = refnet.from_torch(module, x, loss="mse", unbatched=True)
+    assert model.batch == 1 and list(model.spec["input_shape"]) == [2, 6, 6]
+    xx = x.clone().requires_grad_(True)
+    module.zero_grad()
+    out = module(xx)
+    y = np.linspace(-1, 1, out.numel()).reshape((1,) + tuple(out.shape))
+    torch.nn.functional.mse_loss(out, torch.tensor(y[0])).backward()
+    got = model.loss_and_grads(refnet.FLOAT64, params, x.numpy()[None], y)
+    for name, p in module.named_parameters():
+        ref = p.grad.numpy()
+        assert np.linalg.norm(got.params[name] - ref) <= 1e-12 * np.linalg.norm(ref), name
+    assert np.linalg.norm(got.x[0] - xx.grad.numpy()) <= 1e-12 * np.linalg.norm(xx.grad.numpy())

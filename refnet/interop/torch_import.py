@@ -619,7 +619,7 @@ def _numpy(t) -> np.ndarray:
         t.detach().cpu().numpy().astype(np.float64)
 
 
-def from_torch(module, example_input, loss, *, check: bool = True) \
+def from_torch(module, example_input, loss, *, check: bool = True, unbatched: bool = False) \
         -> Tuple[Model, Dict[str, np.ndarray]]:
     """``(model, params)``: the refnet model of a torch ``module`` and its parameters and buffers
     under the module's own names (float64 numpy), for a batch like ``example_input``
@@ -628,11 +628,18 @@ def from_torch(module, example_input, loss, *, check: bool = True) \
 
     ``check``: compare refnet's float64 output with the module's own on ``example_input`` (a
     float64 copy), within twice refnet's error bound plus 2 ulps — skipped where train-mode
-    dropout makes the two draw different masks."""
+    dropout makes the two draw different masks.
+
+    ``unbatched``: ``example_input`` is one sample without the batch axis, as torch's conv and
+    pooling modules accept it ((C, H, W) for Conv2d): refnet's model format always has the batch
+    axis, so the model is built for ``example_input[None]`` — a batch of one, whose gradients
+    are torch's on the unbatched input with a leading axis of 1 on x's."""
     import torch
     if not isinstance(module, torch.nn.Module):
         _fail(f"expected a torch.nn.Module, got {type(module).__name__}")
     x = torch.as_tensor(example_input)
+    if unbatched:
+        x = x[None]
     if x.ndim < 2 or not x.is_floating_point():
         _fail(f"example_input must be a floating-point batch (N, *sample shape), got "
               f"{tuple(x.shape)} {x.dtype}")
