@@ -30,16 +30,23 @@ ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")       # a zip's first entry, or an em
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def _load_npz(path, what) -> Dict[str, np.ndarray]:
+def read_input(path, what: str, expected: str, size: int = -1) -> bytes:
+    """The bytes of an input file (the first ``size``; all by default), or the one-line error
+    every reader of refnet gives: ``what`` (the file as the user knows it) with no such file, a
+    directory (``expected``: what should have been there) or unreadable."""
     try:
         with open(path, "rb") as f:
-            head = f.read(6)
+            return f.read(size)
     except FileNotFoundError:
-        raise ValueError(f"{what} {path}: no such file") from None
+        raise ValueError(f"{what}: no such file") from None
     except IsADirectoryError:
-        raise ValueError(f"{what} {path}: is a directory; expected an .npz file") from None
+        raise ValueError(f"{what}: is a directory; expected {expected}") from None
     except OSError as e:
-        raise ValueError(f"{what} {path}: cannot be read ({e.strerror})") from None
+        raise ValueError(f"{what}: cannot be read ({e.strerror})") from None
+
+
+def _load_npz(path, what) -> Dict[str, np.ndarray]:
+    head = read_input(path, f"{what} {path}", "an .npz file", size=6)
     if head.startswith(NPY_MAGIC):
         raise ValueError(f"{what} {path}: a single .npy array (numpy.save); expected an .npz of "
                          f"named arrays (numpy.savez)")

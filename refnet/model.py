@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .io import read_input
 from .layers.base import ForwardState
 from .layers.registry import build_layer
 from .layers.sequential import Sequential, run_forward, split
@@ -132,18 +133,12 @@ class Model:
         """Read a JSON model spec. A file that is not one (binary, a directory, missing) is
         named as the model spec, with what was found."""
         what = f"model spec {path}"
+        raw = read_input(path, what, "a JSON file")
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise ValueError(f"{what}: no such file") from None
-        except IsADirectoryError:
-            raise ValueError(f"{what}: is a directory; expected a JSON file") from None
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"{what}: not a JSON text file (byte {e.object[e.start]:#04x} at "
                              f"offset {e.start} is not UTF-8)") from None
-        except OSError as e:
-            raise ValueError(f"{what}: cannot be read ({e.strerror})") from None
         try:
             spec = json.loads(text)
         except json.JSONDecodeError as e:

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..io import read_input
 from ..model import Model
 from ..numerics.backend import FLOAT64
 from ..numerics.errorbound import BOUND, LAMBDA
@@ -397,11 +398,16 @@ def _batch_norm(g, node, a):
               f"refnet's; give a number")
     layer = {"type": "batchnorm", "eps": float(a["eps"]), "momentum": float(a["momentum"]),
              "affine": tensors["weight"] is not None, "track_running_stats": track}
-    layer = _named(g, node, layer, tensors)
+    return _consume_count(g, _named(g, node, layer, tensors), track, "batch_norm")
+
+
+def _consume_count(g, layer, track, op):
+    """The layer, with its torch module's ``num_batches_tracked`` buffer marked as read (refnet
+    keeps its own count): batch_norm and instance_norm alike."""
     count = f"{layer['torch_name']}.num_batches_tracked" if layer.get("torch_name") else \
         "num_batches_tracked"
     if track and count in g.state:
-        g.consumed[count] = "batch_norm"
+        g.consumed[count] = op
     return layer
 
 
@@ -415,12 +421,7 @@ def _instance_norm(g, node, a):
         g.vote(bool(a["use_input_stats"]), node)
     layer = {"type": "instancenorm2d", "eps": float(a["eps"]), "momentum": float(a["momentum"]),
              "affine": tensors["weight"] is not None, "track_running_stats": track}
-    layer = _named(g, node, layer, tensors)
-    count = f"{layer['torch_name']}.num_batches_tracked" if layer.get("torch_name") else \
-        "num_batches_tracked"
-    if track and count in g.state:
-        g.consumed[count] = "instance_norm"
-    return layer
+    return _consume_count(g, _named(g, node, layer, tensors), track, "instance_norm")
 
 
 def _layer_norm(g, node, a):
@@ -719,15 +720,7 @@ def load_program(path):
     refnet therefore opens the archive first, refuses one with any pickled weight or constant,
     and hands torch a copy whose sample inputs are empty (refnet takes the input shape from the
     graph). A ``torch.save`` file (``.pt``, a pickle) is refused outright."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise ValueError(f"MODEL {path}: no such file") from None
-    except IsADirectoryError:
-        raise ValueError(f"MODEL {path}: is a directory; expected a .pt2 file") from None
-    except OSError as e:
-        raise ValueError(f"MODEL {path}: cannot be read ({e.strerror})") from None
+    raw = read_input(path, f"MODEL {path}", "a .pt2 file")
     if raw[:1] == b"\x80":
         raise ValueError(f"MODEL {path}: a pickle (torch.save's legacy format); refnet never "
                          f"unpickles; {PT2_HINT}")

@@ -115,9 +115,20 @@ def largest_tensor(model: Model, params, x) -> int:
     return max(sizes)
 
 
-def _refused(engine: str, error: ExpansionRangeError) -> ExpansionRangeError:
-    """An explicit ``engine="expansion"`` that the engine cannot run: the one-line reason."""
-    return ExpansionRangeError(f"engine expansion: {error}; engine auto runs mpmath there")
+def _exact_run(engine: str, bk, run, fallback):
+    """``(backend, run(backend), refusal or None)``: ``run`` in the exact backend ``bk``, and
+    where the expansion engine refuses (``ExpansionRangeError``) under ``engine="auto"``, in
+    ``fallback()`` (an mp backend) instead — the one place verify's exact pass, spot_check and
+    every FD check fall back. An explicit ``engine="expansion"`` that cannot run is a one-line
+    error."""
+    try:
+        return bk, run(bk), None
+    except ExpansionRangeError as refusal:
+        if engine != "auto":
+            raise ExpansionRangeError(f"engine expansion: {refusal}; engine auto runs mpmath "
+                                      f"there") from None
+        bk = fallback()
+        return bk, run(bk), refusal
 
 
 def _engine_description(bk) -> str:
@@ -643,18 +654,15 @@ def verify(model: Model, params=None, x=None, y=None, *, dps: int = 50, digits: 
         timings["float64_and_bound"] = time.perf_counter() - t
         progress.update(0, f"the {dps}-digit pass")
         t = time.perf_counter()
-        mp = exact_backend(dps, engine, problem.size)
+        mp, gm, refusal = _exact_run(
+            engine, exact_backend(dps, engine, problem.size),
+            lambda bk: model.loss_and_grads(bk, params, x, y, problem.replay()),
+            lambda: exact_backend(dps, "mpmath"))
         description = _engine_description(mp)
-        try:
-            gm = model.loss_and_grads(mp, params, x, y, problem.replay())
-        except ExpansionRangeError as refusal:
-            if engine != "auto":
-                raise _refused(engine, refusal) from None
+        if refusal is not None:
             # Beyond the engine's range: the reference engine, here and in every FD check.
-            mp = exact_backend(dps, "mpmath")
-            description = f"{_engine_description(mp)} (the expansion engine refused: {refusal})"
+            description += f" (the expansion engine refused: {refusal})"
             engine = problem.engine = "mpmath"
-            gm = model.loss_and_grads(mp, params, x, y, problem.replay())
         timings["exact"] = time.perf_counter() - t
 
         loss_mp = gm.loss
@@ -863,14 +871,9 @@ def _fd_check(problem, name, v, analytic, scale, s, loss_abs, base_signatures):
         h = FD_STEP
         dps = FD_TARGET_DIGITS + FD_GUARD_DIGITS + 2 * FD_TARGET_DIGITS
     dps = min(dps, MAX_FD_DPS)
-    bk = problem.mp(dps)
-    try:
-        lp, sig_p, lm, sig_m = _central_pair(problem, bk, name, v, h)
-    except ExpansionRangeError as refusal:
-        if problem.engine != "auto":
-            raise _refused(problem.engine, refusal) from None
-        bk = problem.fallback(dps)
-        lp, sig_p, lm, sig_m = _central_pair(problem, bk, name, v, h)
+    bk, (lp, sig_p, lm, sig_m), _ = _exact_run(
+        problem.engine, problem.mp(dps), lambda b: _central_pair(problem, b, name, v, h),
+        lambda: problem.fallback(dps))
     ctx = bk.ctx
     crossing = (_signature_difference(base_signatures, sig_p, problem.labels)
                 or _signature_difference(base_signatures, sig_m, problem.labels))
@@ -907,14 +910,9 @@ def spot_check(model: Model, params, x, y, *, dps: int = 30,
     g64 = model.loss_and_grads(FLOAT64, params, x, y, first)
     replay = lambda: ForwardState(train=first.train, rng=None, masks=first.masks)  # noqa: E731
     gb = model.loss_and_grads(BOUND, params, x, y, replay())
-    mp = exact_backend(dps, engine, largest_tensor(model, params, x))
-    try:
-        gm = model.loss_and_grads(mp, params, x, y, replay())
-    except ExpansionRangeError as refusal:
-        if engine != "auto":
-            raise _refused(engine, refusal) from None
-        mp = exact_backend(dps, "mpmath")
-        gm = model.loss_and_grads(mp, params, x, y, replay())
+    mp, gm, _ = _exact_run(engine, exact_backend(dps, engine, largest_tensor(model, params, x)),
+                           lambda bk: model.loss_and_grads(bk, params, x, y, replay()),
+                           lambda: exact_backend(dps, "mpmath"))
     if _signature_difference(g64.forward.kink_signatures, gm.forward.kink_signatures,
                              _signature_labels(model)):
         return SpotCheck(None, math.nan, dps)
