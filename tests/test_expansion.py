@@ -3,7 +3,9 @@
 The engine promises the standard model of floating-point arithmetic with unit roundoff
 ε = 2^(1−prec) (prec: the bits the mp backend rounds to at the same dps, plus one): every
 operation's result lies within relative ε of the exact result of that operation on the engine's
-own operands (products, sums and matmuls within 2^−prec: exact, then rounded once). mpmath at 80
+own operands (products and sums within 2^−prec: exact, then rounded once; a matmul within
+2^−prec·|AB| + 2^−(prec+2)·(|A| @ |B|), the dot product's form of the model, since it leaves
+out the slice products that weigh less). mpmath at 80
 digits (266 bits, its own error ~2^-266, 2^-95 of ε) is the judge, element by element.
 
 A whole computation then obeys the error analysis of ``refnet/numerics/errorbound.py`` with u
@@ -109,18 +111,140 @@ def test_each_elementwise_function_is_within_its_unit_roundoff_of_mpmath(name):
     assert np.max(_relative_errors(got, want)) <= EPS
 
 
+def _dot_model_excess(got: Expansion, a: Expansion, b: Expansion) -> float:
+    """The largest |got − AB| / (2^-prec·|AB| + 2^-(prec+2)·(|A| @ |B|)) over the elements,
+    computed in the reference context: a matmul keeps its promise where this is at most 1."""
+    A, B = _exact(a), _exact(b)
+    want = np.matmul(A, B)
+    magnitude = np.matmul(np.vectorize(abs, otypes=[object])(A),
+                          np.vectorize(abs, otypes=[object])(B))
+    got = np.asarray(E.to_mpf(got), dtype=object)
+    ctx = REF.ctx
+    worst = 0.0
+    for g, w, m in zip(np.ravel(got), np.ravel(want), np.ravel(magnitude)):
+        allowed = ctx.ldexp(abs(w), -E.prec) + ctx.ldexp(m, -(E.prec + 2))
+        err = abs(ctx.mpf(g) - w)
+        worst = max(worst, float(err / allowed) if allowed else (0.0 if err == 0 else math.inf))
+    return worst
+
+
+def _gradient_operands(rng, rows, k, cols):
+    """A weight gradient's operands at the size where the engine leaves diagonals out: a
+    backpropagated expansion (4 components) against float64 activations, over a batch of k."""
+    return _operands(rng, (rows, k), "wide") * E.const("0.3"), E.asarray(rng.standard_normal((k, cols)))
+
+
 @pytest.mark.parametrize("shapes", [((5, 9), (9, 4)), ((9,), (9, 4)), ((5, 9), (9,)),
                                     ((2, 3, 9), (2, 9, 4)), ((2, 3, 9), (9, 4))])
 @pytest.mark.parametrize("kind", ["wide", "cancel"])
-def test_matmul_is_the_exact_product_rounded_once(shapes, kind):
-    """Ozaki GEMMs on float64 BLAS are error-free: the result is the exact product within
-    2^-prec, including numpy's vector and broadcast-batch rules."""
+def test_matmul_keeps_the_dot_product_model(shapes, kind):
+    """The Ozaki GEMMs on float64 BLAS are error-free, and the diagonals left out weigh below
+    2^-(prec+2)·(|A| @ |B|): every element is within 2^-prec·|AB| + 2^-(prec+2)·(|A| @ |B|),
+    including numpy's vector and broadcast-batch rules and rows that cancel."""
     rng = np.random.default_rng(4)
     a, b = _operands(rng, shapes[0], kind), _operands(rng, shapes[1], "wide")
     got = E.matmul(a, b)
+    assert got.shape == np.matmul(np.zeros(a.shape), np.zeros(b.shape)).shape
+    assert _dot_model_excess(got, a, b) <= 1.0
+
+
+def test_a_weight_gradient_leaves_diagonals_out_and_keeps_the_dot_product_model(monkeypatch):
+    """At a weight gradient's shapes (4 components against floats, batch 32) the engine does
+    leave low diagonals out — and the result still keeps the model."""
+    chosen = []
+    first_diagonal = ex._first_diagonal
+    monkeypatch.setattr(ex, "_first_diagonal", lambda *args: chosen.append(
+        first_diagonal(*args)) or chosen[-1])
+    a, b = _gradient_operands(np.random.default_rng(7), 6, 32, 5)
+    got = E.matmul(a, b)
+    assert chosen and chosen[-1] >= 2
+    assert _dot_model_excess(got, a, b) <= 1.0
+
+
+def test_the_dot_model_check_catches_an_error_just_above_its_bound():
+    """The check of the two tests above has teeth: one element moved by 1.01× its allowance
+    fails it, by 0.99× passes (the move itself is rounded within 2^-prec of it)."""
+    a, b = _gradient_operands(np.random.default_rng(8), 3, 32, 2)
+    exact = E.matmul(a, b)
+    A, B = _exact(a), _exact(b)
+    ctx = REF.ctx
+    w = np.matmul(A, B)[1, 0]
+    m = sum(abs(A[1, j]) * abs(B[j, 0]) for j in range(A.shape[1]))
+    allowed = ctx.ldexp(abs(w), -E.prec) + ctx.ldexp(m, -(E.prec + 2))
+    for factor, fails in ((1.01, True), (0.99, False)):
+        moved = E.asarray(np.asarray([[w + factor * allowed]], dtype=object))
+        got = E.where(np.array([[False, False], [True, False], [False, False]]), moved, exact)
+        assert (_dot_model_excess(got, a, b) > 1.0) is fails
+
+
+def test_leaving_out_two_more_diagonals_than_the_bound_allows_breaks_the_model(monkeypatch):
+    """The bound is not vacuous, and the check would catch one that claimed too much: two
+    diagonals (~40 bits) beyond the one it proves safe, the product breaks the model (by
+    ~10^5 here; one diagonal beyond it still keeps it, at ~0.05 of the allowance, and the
+    engine's own choice at ~10^-8: the bound is within two diagonals of tight)."""
+    first_diagonal = ex._first_diagonal
+    monkeypatch.setattr(ex, "_first_diagonal", lambda *args: first_diagonal(*args) + 2)
+    a, b = _gradient_operands(np.random.default_rng(7), 6, 32, 5)
+    assert _dot_model_excess(E.matmul(a, b), a, b) > 1.0
+
+
+def test_the_untruncated_product_is_exact():
+    """With nothing left out (``prec=None``) the slice products recombine to the exact
+    product: only the final rounding (2^-prec relative) remains."""
+    a, b = _gradient_operands(np.random.default_rng(9), 4, 32, 3)
+    got = E._from_limbs(*ex._matmul_limbs(a.c, b.c, None))
     want = np.matmul(_exact(a), _exact(b))
-    assert got.shape == np.shape(want)
     assert np.max(_relative_errors(got, np.asarray(want, dtype=object))) <= 2.0 ** -E.prec
+
+
+def _hard_terms(rng, n):
+    """Terms of n elements, the odd ones of which need more than one rounding round (huge
+    terms that cancel, a small remainder) and the even ones not."""
+    terms = [rng.standard_normal(n) * 2.0 ** (60 * i) for i in range(8)]
+    terms += [-t for t in terms[1:]]
+    terms.append(rng.standard_normal(n) * 2.0 ** -20)
+    easy = np.arange(n) % 2 == 0
+    return [np.where(easy, 0.0, t) for t in terms[:-1]] + [terms[-1]]
+
+
+def test_every_element_is_rounded_by_its_own_terms_alone(monkeypatch):
+    """An element's components do not depend on the other elements it is rounded with: the
+    hard elements (three rounds) rounded together with easy ones, and each alone, agree bit
+    for bit — which is why the block size and the thread count change no result."""
+    rounds = []
+    round_terms = ex._round_terms
+    monkeypatch.setattr(ex, "_round_terms", lambda terms, bk, ordered=False, r=ex._ROUNDS: (
+        rounds.append(r), round_terms(terms, bk, ordered, r))[1])
+    terms = _hard_terms(np.random.default_rng(1), 6)
+    together = np.stack(ex._round_terms(terms, E))
+    assert min(rounds) < ex._ROUNDS                 # some elements did need another round
+    for j in range(6):
+        alone = ex._round_terms([t[j:j + 1] for t in terms], E)
+        alone = np.concatenate([np.stack(alone), np.zeros((E.K - len(alone), 1))])
+        assert np.array_equal(alone[:, 0], together[:, j])
+
+
+def test_a_product_is_the_same_for_any_block_size_and_thread_count(monkeypatch):
+    """Blocks of 2^30 (one), of 64 elements on one thread and on three: the same bits."""
+    a, b = _gradient_operands(np.random.default_rng(10), 24, 32, 40)
+    results = []
+    for block, threads in ((2 ** 30, 1), (64, 1), (64, 3)):
+        monkeypatch.setattr(ex, "_BLOCK", block)
+        results.append(ExpansionBackend(50, threads=threads).matmul(a, b).c)
+    assert all(np.array_equal(r, results[0]) for r in results[1:])
+
+
+def test_the_default_thread_count_follows_the_blas_settings(monkeypatch):
+    """verify's FD workers run their BLAS on one thread (OMP_NUM_THREADS=1 ...): the engine
+    then runs one too; with none of the variables set, as many as the process's cores."""
+    for name in ex.BLAS_THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cores = ex.default_threads()
+    assert cores >= 1 and ExpansionBackend(50).threads == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert ExpansionBackend(50).threads == 1
+    with pytest.raises(ValueError, match="threads"):
+        ExpansionBackend(50, threads=0)
 
 
 @pytest.mark.parametrize("axis", [None, 0, 1, (0, 2), -1])
@@ -249,6 +373,11 @@ NETWORKS = {
     "layernorm-dropout-train": _net(
         [{"type": "dense", "out": 6}, {"type": "layernorm"}, {"type": "tanh"},
          {"type": "dropout", "p": 0.3}, {"type": "dense", "out": 2}], (4,), mode="train"),
+    # batch 32 and 24 wide: the weight gradients leave low diagonals out (issue 14's MLP shape)
+    "mlp-relu-batch32": _net([{"type": "dense", "out": 24}, {"type": "relu"},
+                              {"type": "dense", "out": 16}, {"type": "relu"},
+                              {"type": "dense", "out": 3}], (20,), "softmax_cross_entropy",
+                             batch=32),
     "residual-projection": _net(
         [{"type": "residual", "shortcut": [{"type": "dense", "out": 5}], "body": [
             {"type": "dense", "out": 5}, {"type": "relu"}, {"type": "dense", "out": 5}]},

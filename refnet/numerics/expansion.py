@@ -10,7 +10,8 @@ components decreasing in magnitude. Every operation is numpy on whole arrays:
 ``+ −``       the components of both operands are the *exact* terms of the result
 ``*``         Dekker's TwoProd gives each product of two components exactly as two floats
 ``@``, sum    the Ozaki scheme, error-free on float64 BLAS (slices whose products and sums stay
-              below 2⁵³), recombined exactly in int64 limbs
+              below 2⁵³), recombined exactly in float64 limbs; a product leaves out the low
+              diagonals of slice products that provably weigh below 2^−(prec+2)·(|A| @ |B|)
 ``/``         by a small divisor (a mean, a count, softmax's sum): the reciprocal to K·53 bits
               in mpmath, then a product; elementwise otherwise: mpmath per element
 exp, log, …   mpmath per element at K·53 + 64 bits (a private context, never ``mpmath.mp``)
@@ -30,7 +31,9 @@ converges: the inputs are then nearly non-overlapping); after ``_ROUNDS`` rounds
 still failing is rounded exactly, greedily, by ``math.fsum`` (exact, then correctly rounded).
 So **every operation's result is within relative 2^−prec of the exact result of that operation
 on the operands** (divisions and functions: 2^(1−prec), a reciprocal or an mpmath value rounded,
-then a product), the standard model of floating-point error with unit roundoff 2^(1−prec) — the
+then a product; a matmul within 2^−prec·|AB| + 2^−(prec+2)·(|A| @ |B|), the model of a dot
+product, since its lowest diagonals are left out: ``_first_diagonal``), the standard model of
+floating-point error with unit roundoff 2^(1−prec) — the
 error analysis of :mod:`refnet.numerics.errorbound` holds with u replaced by that, which is how
 the engine's own bound is stated and tested (tests/test_expansion.py). Dominance makes the sign
 of x₀ the sign of x, so comparisons (relu, max-pool, the kink signatures) are exact.
@@ -44,11 +47,22 @@ keeps Dekker's 2^27·x finite. Outside, ``ExpansionRangeError`` is raised (as fo
 a row spanning more than 960 bits); the caller (``refnet.verification``) then uses the mp
 backend.
 Infinities and NaNs pass through as float64 does them (max-pool's −inf padding), in x₀ alone.
+
+**Where the time goes.** A product's exact value is far wider than its rounded result (two
+212-bit operands, 400 bits and more), so the work is in the slice products and in carrying and
+rounding their limbs: each diagonal of slice products (one weight) is one GEMM written straight
+into its limb, the diagonals below the result's precision are not computed, and the limbs are
+carried and rounded in blocks of ``_BLOCK`` elements that stay in cache — on the backend's
+threads (``threads``) where there are several. No result depends on the block size or the
+thread count: every element is rounded by its own terms alone.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import mpmath
 import numpy as np
@@ -68,6 +82,23 @@ HUGE = 2.0 ** 960
 class ExpansionRangeError(ValueError, ArithmeticError):
     """A value left the exponent range in which the expansion engine is exact (a ValueError,
     so that the command line reports it as one line and exit status 2)."""
+
+
+# The variables that set a BLAS's thread count (OpenBLAS, OpenMP, MKL, BLIS, Accelerate).
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                         "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+
+
+def default_threads() -> int:
+    """As many threads as the BLAS runs: the smallest of BLAS_THREAD_VARIABLES that is set to a
+    positive integer, else the cores this process may run on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:                       # no affinity on this OS (macOS, Windows)
+        cores = os.cpu_count() or 1
+    limits = [int(v) for v in (os.environ.get(k, "") for k in BLAS_THREAD_VARIABLES)
+              if v.strip().isdigit() and int(v) > 0]
+    return max(1, min([cores] + limits))
 
 
 def _two_sum(a, b):
@@ -225,12 +256,25 @@ def _lift(c, ndim):
 
 
 class ExpansionBackend:
-    """Expansions of at most K float64 components, every operation within 2^(1−prec)."""
+    """Expansions of at most K float64 components, every operation within 2^(1−prec).
 
-    def __init__(self, dps: int = 50):
+    ``threads``: how many threads carry and round the blocks of a large product (None: as
+    many as the BLAS runs, ``default_threads``); results are the same for any number."""
+
+    def __init__(self, dps: int = 50, threads: Optional[int] = None):
         if not isinstance(dps, (int, np.integer)) or isinstance(dps, bool) or dps < 16:
             raise ValueError(f"ExpansionBackend: dps must be an integer >= 16, got {dps!r}")
+        if threads is not None and (not isinstance(threads, (int, np.integer))
+                                    or isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"ExpansionBackend: threads must be a positive integer or None, "
+                             f"got {threads!r}")
         self.dps = int(dps)
+        # The threads that carry and round the blocks of a large product (numpy releases the
+        # GIL in its loops); None: as many as the BLAS runs (BLAS_THREAD_VARIABLES, else the
+        # cores), so that verify's FD workers, whose BLAS runs one thread, run one too. The
+        # result does not depend on it (every element is rounded by its own terms).
+        self.threads = default_threads() if threads is None else int(threads)
+        self._pool = None
         probe = mpmath.MPContext()
         probe.dps = self.dps
         # At least the precision the mp backend rounds every operation to at this dps.
@@ -247,6 +291,17 @@ class ExpansionBackend:
         # The smallest nonzero |x0| accepted: below it, subnormal losses of 2^-1075 a term could
         # reach 2^-(prec+2) relative (module docstring, "Range").
         self.tiny = 2.0 ** (-1074 + self.prec + 24)
+
+    def __getstate__(self):                  # a thread pool does not travel
+        return {**self.__dict__, "_pool": None}
+
+    def _map(self, fn, items):
+        """fn over items, on the backend's threads where there are several."""
+        if self.threads == 1 or len(items) < 2:
+            return [fn(item) for item in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="refnet-expansion")
+        return list(self._pool.map(fn, items))
 
     def __repr__(self):
         return f"<refnet backend expansion, {self.dps} digits, {self.K} float64 components>"
@@ -375,7 +430,30 @@ class ExpansionBackend:
         whose operands were not finite, set to the float64 result there. A result that is not
         finite from finite operands overflowed float64's range: refused."""
         comps = _round_terms(terms, self, ordered) if terms else [np.zeros(shape)]
-        c = np.stack([np.broadcast_to(ci, shape) for ci in comps])
+        return self._assemble(np.stack([np.broadcast_to(ci, shape) for ci in comps]), special)
+
+    def _from_limbs(self, limbs, width, exponent, shape):
+        """The Expansion of Σ_d limbs[d] · 2^(d·width + exponent) (``_limb_terms``), rounded
+        block by block: _BLOCK elements at a time, the ~100 passes of carrying and rounding
+        run on arrays that stay in the CPU's cache (every element is rounded by its own terms
+        alone, so the blocks change no result)."""
+        total = limbs.shape[0]
+        size = int(np.prod(shape, dtype=np.int64))
+        flat = limbs.reshape(total, size)
+        exponent = np.broadcast_to(exponent, shape).reshape(size)
+        c = np.zeros((self.K, size))
+
+        def block(start):
+            end = min(start + _BLOCK, size)
+            terms = _limb_terms(flat[:, start:end], width, exponent[start:end])
+            if terms:
+                comps = _round_terms(terms, self, ordered=True)
+                c[:len(comps), start:end] = comps
+
+        self._map(block, range(0, size, _BLOCK))
+        return self._assemble(c.reshape((self.K,) + tuple(shape)))
+
+    def _assemble(self, c, special=None):
         overflow = ~np.isfinite(c[0])
         if special is not None:
             overflow &= ~np.broadcast_to(special[0], overflow.shape)
@@ -546,8 +624,7 @@ class ExpansionBackend:
         for x in (ca[0], cb[0]):
             if not np.all(np.isfinite(x)):
                 raise ValueError("expansion backend: a non-finite value reached a matmul")
-        terms, shape = _matmul_terms(ca, cb)
-        out = self._finish(terms, shape, ordered=True)
+        out = self._from_limbs(*_matmul_limbs(ca, cb, self.prec))
         if vec_a:
             out = out[..., 0, :]
         if vec_b:
@@ -565,8 +642,7 @@ class ExpansionBackend:
         c = c.reshape(c.shape[:1 + len(rest)] + (count,))
         if not np.all(np.isfinite(c[0])):
             raise ValueError("expansion backend: a non-finite value reached a sum")
-        terms, shape = _sum_terms(c)
-        out = self._finish(terms, shape, ordered=True)
+        out = self._from_limbs(*_sum_limbs(c))
         if keepdims:
             out = out.reshape(tuple(1 if d in axes else n for d, n in enumerate(a.shape)))
         return out
@@ -641,32 +717,49 @@ def _vecsum(terms, ordered=False):
     return s, errors
 
 
-def _round_terms(terms, bk, ordered=False):
+def _round_terms(terms, bk, ordered=False, rounds=_ROUNDS):
     """At most K components whose sum is within 2^-prec (relative) of Σ terms, with the
-    dominance of the leading one (see the module docstring); terms least significant first."""
+    dominance of the leading one (see the module docstring); terms least significant first.
+
+    Every element is rounded by its own terms alone: the elements that fail the check are
+    gathered and summed again from their components and leftovers (a second round converges:
+    the inputs are then nearly non-overlapping), and after ``rounds`` rounds rounded exactly
+    by ``math.fsum``. So a result never depends on which other elements share its array (the
+    blocks of ``_from_limbs``)."""
     K, limit = bk.K, bk._limit
     shape = np.broadcast_shapes(*[np.shape(t) for t in terms])
+    if shape == ():                                   # one element: as an array of one
+        return [c.reshape(()) for c in _round_terms([np.reshape(t, (1,)) for t in terms], bk,
+                                                    ordered, rounds)]
     rest = [np.broadcast_to(t, shape) for t in terms if np.any(t)]
     if not rest:
         return [np.zeros(shape)]
-    original = rest
-    for _ in range(_ROUNDS):
-        comps = []
-        while len(comps) < K and rest:
-            top, rest = _vecsum(rest, ordered and not comps)
-            comps.append(top)
-        ordered = False
-        failing = _failing(comps, rest, limit)
-        if failing is None:
-            return comps
-        rest = rest + comps[::-1]
-    # Still failing after the rounds (a severe cancellation): those elements exactly.
+    if rounds == 0:
+        return _round_exactly(rest, K)
+    comps = []
+    while len(comps) < K and rest:
+        top, rest = _vecsum(rest, ordered and not comps)
+        comps.append(top)
+    failing = _failing(comps, rest, limit)
+    if failing is None:
+        return comps
+    where = np.nonzero(failing)
+    again = _round_terms([t[where] for t in rest + comps[::-1]], bk, False, rounds - 1)
     comps = [np.array(ci, copy=True) for ci in comps] + [np.zeros(shape)] * (K - len(comps))
-    for idx in zip(*np.nonzero(failing)):
-        parts = [float(t[idx]) for t in original]
+    for i in range(K):
+        comps[i][where] = again[i] if i < len(again) else 0.0
+    return comps
+
+
+def _round_exactly(terms, K):
+    """Greedy exact rounding of 1-d terms, element by element (``math.fsum`` is exact, then
+    correctly rounded): the last resort of a severe cancellation."""
+    comps = [np.zeros(terms[0].shape) for _ in range(K)]
+    for j in range(terms[0].shape[0]):
+        parts = [float(t[j]) for t in terms]
         for i in range(K):
             value = math.fsum(parts)
-            comps[i][idx] = value
+            comps[i][j] = value
             parts.append(-value)
     return comps
 
@@ -697,57 +790,99 @@ def _failing(comps, rest, limit):
 
 # M · 2^shift < 2^(53 + span) must stay a float64 number.
 _MAX_SPAN_BITS = 960
+# Elements of a product or sum carried and rounded at a time (``_from_limbs``): ~20 arrays of
+# this many float64 values stay in a core's cache (256 KiB each).
+_BLOCK = 2 ** 15
 
 
-def _fixed_point(c):
-    """Components (m, *G, k) of an operand whose contraction axis is last, as a common fixed
-    point per group G: mantissas M (exact integers in float64, |M| < 2^53), shifts ≥ 0 with
-    component = M · 2^(shift + low), and the group's ``low``; plus the widest group's span."""
-    mant, expo = np.frexp(c)                        # c = mant · 2^expo, 0.5 ≤ |mant| < 1
-    M = np.ldexp(mant, _DOUBLE_BITS)                # exact integers
-    E = expo.astype(np.int64) - _DOUBLE_BITS
-    nonzero = M != 0
-    big = np.int64(1) << 40
-    low = np.min(np.where(nonzero, E, big), axis=(0, -1))            # per group
-    top = np.max(np.where(nonzero, E + _DOUBLE_BITS, -big), axis=(0, -1))
-    occupied = low < big
-    low = np.where(occupied, low, 0)
-    span = int(np.max(np.where(occupied, top - low, 0))) if low.size else 0
-    if span > _MAX_SPAN_BITS:
-        raise ExpansionRangeError(
-            f"expansion backend: a row of a product or sum spans {span} bits (values of very "
-            f"different magnitude side by side); at most {_MAX_SPAN_BITS} stay exact in float64")
-    shifts = np.where(nonzero, E - low[None, ..., None], 0)
-    return M, shifts, low, span
+class _FixedPoint:
+    """Components c (m, *G, k) of an operand whose contraction axis is last, as a common fixed
+    point per group G: every component is an integer multiple of 2^low (``low``: the ulp of
+    the group's smallest nonzero magnitude, float64's 53 bits below its leading bit), and
+    below 2^top in magnitude (both 0 for a group of zeros); ``span``: the widest group's
+    top − low; ``lowest[i]``: how far above ``low`` component i's smallest ulp lies, at least,
+    in every group (its slices below that are zero). Found from each group's largest and
+    smallest nonzero magnitude alone: no per-element exponent is taken."""
+
+    def __init__(self, c):
+        self.c = c
+        magnitude = np.abs(c)
+        largest = np.max(magnitude, axis=-1)                                  # (m, *G)
+        smallest = np.min(np.where(magnitude > 0, magnitude, np.inf), axis=-1)
+        occupied = np.isfinite(smallest)
+        with np.errstate(invalid="ignore"):
+            ulp = np.frexp(np.where(occupied, smallest, 1.0))[1].astype(np.int64) - _DOUBLE_BITS
+        top = np.frexp(largest)[1].astype(np.int64)                          # |x| < 2^top
+        big = np.int64(1) << 40
+        low = np.min(np.where(occupied, ulp, big), axis=0)                   # (*G)
+        top = np.max(np.where(occupied, top, -big), axis=0)
+        any_nonzero = low < big
+        self.low = np.where(any_nonzero, low, 0)
+        self.top = np.where(any_nonzero, top, 0)
+        self.span = int(np.max(self.top - self.low)) if self.low.size else 0
+        if self.span > _MAX_SPAN_BITS:
+            raise ExpansionRangeError(
+                f"expansion backend: a row of a product or sum spans {self.span} bits (values "
+                f"of very different magnitude side by side); at most {_MAX_SPAN_BITS} stay "
+                f"exact in float64")
+        self.lowest = [int(np.min(np.where(occupied[i], ulp[i] - self.low, big)))
+                       if occupied[i].any() else None for i in range(c.shape[0])]
 
 
-def _slices(M, shifts, width, count):
+def _power_of_two(e):
+    """2^e for an int64 array whose values lie within float64's normal exponents."""
+    return np.ldexp(1.0, e.astype(np.int32))
+
+
+def _scaled(x, e):
+    """x · 2^e with e an integer array broadcast against x, by two multiplications by powers
+    of two within float64's range (2^e itself may not be: e up to ±2000): exact wherever
+    x · 2^(e/2) and the result are normal or zero, as everywhere this is used."""
+    half = e // 2
+    out = x * _power_of_two(half)
+    out *= _power_of_two(e - half)
+    return out
+
+
+def _slices(fixed, width, count):
     """(count, *G, k): slice j = Σ_components r_j − 2^w·r_{j+1}, r_j = rint(X · 2^(−j·w)) with
-    X = M · 2^shift, so that Σ_j slice_j · 2^(j·w) = X exactly (the sum telescopes, and
-    r_count = 0 because |X| < 2^(count·w − 1)). Every step is exact in float64: X is M with
-    another exponent (below 2^1013, as spans are capped), scaling by a power of two is exact
-    (values that fall below the normal range are below 1/2 and round to 0 as they should), and
-    rint of a float is a float. |slice| ≤ m · 2^(w−1): signed slices, one bit narrower than
-    slices of the magnitude."""
-    out = np.zeros((count,) + M.shape[1:])
+    X = component · 2^−low, so that Σ_j slice_j · 2^(j·w) = X exactly (the sum telescopes, and
+    r_count = 0 because |X| < 2^(count·w − 1)). Every step is exact in float64: X is an
+    integer below 2^(span+1) ≤ 2^961, formed by two multiplications by powers of two of its
+    group (each factor within float64's range and the intermediate value between the
+    component and X, so neither rounds), scaling by 2^−w is exact (values that fall below the
+    normal range are below 1/2 and round to 0 as they should), and rint of a float is a float.
+    |slice| ≤ m · 2^(w−1): signed slices, one bit narrower than slices of the magnitude."""
+    c = fixed.c
+    out = np.zeros((count,) + c.shape[1:])
     scale = 2.0 ** -width
     up = 2.0 ** width
+    rounded = np.empty(c.shape[1:])
     with np.errstate(under="ignore"):
-        for i in range(M.shape[0]):
-            nonzero = M[i] != 0
-            if not nonzero.any():
+        for i in range(c.shape[0]):
+            if fixed.lowest[i] is None:
                 continue
             # Slices below the component's lowest bit (anywhere in the array) are zero: start
             # at the first slice it reaches (a low component of an expansion occupies a
             # 53-bit window of a span of K·53 bits and more).
-            first = int(np.min(shifts[i][nonzero])) // width
-            prev = np.ldexp(M[i], shifts[i] - first * width)
+            first = fixed.lowest[i] // width
+            prev = _scaled(c[i], (-fixed.low - first * width)[..., None])
             for j in range(first, count):
-                nxt = np.rint(prev * scale)
-                out[j] += prev - nxt * up
-                prev = nxt
-                if not prev.any():
+                last = j == count - 1
+                if not last:
+                    np.multiply(prev, scale, out=rounded)
+                    np.rint(rounded, out=rounded)
+                if i == 0:
+                    if last:
+                        out[j] = prev
+                    else:
+                        np.multiply(rounded, up, out=out[j])
+                        np.subtract(prev, out[j], out=out[j])
+                else:
+                    out[j] += prev if last else prev - rounded * up
+                if last:
                     break
+                prev, rounded = rounded, prev
     return out
 
 
@@ -800,15 +935,19 @@ def _extra_limbs(width):
     return -(-52 // width) + 1
 
 
-def _matmul_terms(ca, cb):
-    """Exact terms of (Σ ca) @ (Σ cb): ca (ma, ..., m, k), cb (mb, ..., k, n)."""
+def _matmul_limbs(ca, cb, prec=None):
+    """(limbs, width, exponent, shape) of (Σ ca) @ (Σ cb) (``_limb_terms``): ca (ma, ..., m, k),
+    cb (mb, ..., k, n). Exact for
+    ``prec=None``; else the low diagonals of slice products whose sum is provably below
+    2^−(prec+2) · (|A| @ |B|) in every element are left out (``_first_diagonal``)."""
     ma, mb = ca.shape[0], cb.shape[0]
     k = ca.shape[-1]
     out_shape = np.broadcast_shapes(ca.shape[1:-2], cb.shape[1:-2]) + (ca.shape[-2], cb.shape[-1])
     if k == 0 or 0 in out_shape:
-        return [], out_shape
-    Ma, sha, lowa, spana = _fixed_point(ca)
-    Mb, shb, lowb, spanb = _fixed_point(np.swapaxes(cb, -1, -2))
+        return np.zeros((1,) + out_shape), 1, 0, out_shape
+    fa, fb = _FixedPoint(ca), _FixedPoint(np.swapaxes(cb, -1, -2))
+    lowa, topa, spana = fa.low, fa.top, fa.span
+    lowb, topb, spanb = fb.low, fb.top, fb.span
     # Slice widths: |Sa| ≤ ma·2^(w−1), |Sb| ≤ mb·2^(w−1), so a dot product of k of their
     # products and every partial sum stay within ma·mb·k·2^(2w−2) — exact in any summation
     # order, blocking or thread split of the BLAS — and the at most min(sa, sb) products
@@ -825,64 +964,91 @@ def _matmul_terms(ca, cb):
     if (base - (min(sa, sb) - 1).bit_length()) // 2 < w:       # not settled: the safe width
         w -= 1
         sa, sb = -(-(spana + 1) // w), -(-(spanb + 1) // w)
-    A = _slices(Ma, sha, w, sa)                                   # (sa, ..., m, k)
-    B = np.swapaxes(_slices(Mb, shb, w, sb), -1, -2)              # (sb, ..., k, n)
-    limbs = np.zeros((sa + sb - 1 + _extra_limbs(w),) + out_shape)
-    size = int(np.prod(out_shape, dtype=np.int64))
-    if sa * sb * size <= _MAX_PRODUCT_VALUES:
-        products = _slice_products(A, B)                      # (sa, sb, *out_shape)
-        for q in range(sb):
-            limbs[q:q + sa] += products[:, q]          # slice pair (p, q) weighs 2^((p+q)w)
-    else:                                             # one slice of B at a time: less memory
-        m = ca.shape[-2]
-        a_stack = np.moveaxis(A, 0, -3).reshape(A.shape[1:-2] + (sa * m, k))
-        for q in range(sb):
-            prod = np.matmul(a_stack, B[q])
-            prod = np.moveaxis(prod.reshape(prod.shape[:-2] + (sa, m, prod.shape[-1])), -3, 0)
-            limbs[q:q + sa] += prod
-    exponent = np.broadcast_to(lowa[..., :, None] + lowb[..., None, :], out_shape)
-    return _limb_terms(limbs, w, exponent), out_shape
+    diagonals = sa + sb - 1
+    first = 0 if prec is None else _first_diagonal(
+        ca[0], cb[0], (lowa, topa), (lowb, topb), w, diagonals, ma * mb, prec)
+    A = _slices(fa, w, sa)                                        # (sa, ..., m, k)
+    B = np.swapaxes(_slices(fb, w, sb), -1, -2)                   # (sb, ..., k, n)
+    limbs = np.zeros((diagonals - first + _extra_limbs(w),) + out_shape)
+    _diagonal_products(A, B, limbs, first)
+    exponent = np.broadcast_to(lowa[..., :, None] + lowb[..., None, :] + first * w, out_shape)
+    return limbs, w, exponent, out_shape
 
 
-# Every slice product in one array up to this many values (128 MB); above, B's slices one at a
-# time.
-_MAX_PRODUCT_VALUES = 2 ** 24
+# Below this, a float64 lower bound of Σ|a||b| (scaled to the group tops) is not trusted: its
+# own underflow could then matter.
+_TRUSTED_MAGNITUDE = 2.0 ** -900
 
 
-def _slice_products(A, B):
-    """(sa, sb, *out): A[p] @ B[q] for every slice pair, in as few GEMM calls as the shapes
-    allow — one when either operand has no batch axes (the batch folds into the other's rows
-    or columns), else one batched call — so that the BLAS sees a few large products instead of
-    sa·sb·batch small ones (small GEMMs are where a multithreaded BLAS loses most, above all
-    on a machine whose cores are busy)."""
+def _first_diagonal(a0, b0, groups_a, groups_b, w, diagonals, mm, prec):
+    """The lowest diagonal of slice products that must be computed: every diagonal d below it
+    is left out, and their sum is below 2^−(prec+2) · (|A| @ |B|) in every element.
+
+    The bound. Slices are within ma·2^(w−1) and mb·2^(w−1), so a limb (at most ``diagonals``
+    slice products of k terms) is within k·mm·diagonals·2^(2w−2), and the limbs below d0 sum to
+    at most k·mm·diagonals·2^((d0+1)w − 2)/(1 − 2^−w) in units of 2^(low_a + low_b). Against
+    it stands a lower bound of (|A| @ |B|)_ij: the float64 product of the leading components,
+    each scaled by 2^−top of its group (so in [0, 1): no overflow), is within (1 − 2^−30) of
+    the exact one where it is at least 2^−900 (every lost underflow ≤ 2^−1074), and every
+    operand is a float or a result, whose leading component is within 2^−40 of its value
+    (dominance). So d0 ≤ ⌊(span_a + span_b + log₂ L − 1 − prec − c)/w⌋ − 1 with
+    c = ⌈log₂(k·mm·diagonals)⌉ + 1 holds element (i, j); the smallest over the elements is
+    taken. Where the scaled bound L is untrusted (below 2^−900), nothing is left out unless no
+    term of that element is nonzero (then every slice product is zero there)."""
+    (low_a, top_a), (low_b, top_b) = groups_a, groups_b
+    k = a0.shape[-1]
+    with np.errstate(under="ignore"):
+        scaled_a = _scaled(np.abs(a0), -top_a[..., :, None])
+        scaled_b = _scaled(np.abs(b0), -top_b[..., None, :])
+        magnitude = np.matmul(scaled_a, scaled_b)                  # (..., m, n), < k
+    trusted = magnitude >= _TRUSTED_MAGNITUDE
+    if not np.all(trusted):
+        overlap = np.matmul((scaled_a != 0).astype(np.float64), (scaled_b != 0).astype(np.float64))
+        if np.any(overlap[~np.broadcast_to(trusted, overlap.shape)] != 0):
+            return 0
+        if not np.any(trusted):
+            return 0
+    exponent = np.frexp(magnitude)[1].astype(np.int64)            # magnitude ≥ 2^(exponent−1)
+    spans = (top_a - low_a)[..., :, None] + (top_b - low_b)[..., None, :]
+    c = (k * mm * diagonals - 1).bit_length() + 1
+    allowed = np.floor_divide(spans + exponent - 1 - prec - c, w) - 1
+    d0 = int(np.min(np.where(trusted, allowed, diagonals)))
+    return min(max(d0, 0), diagonals)
+
+
+def _diagonal_products(A, B, limbs, first=0):
+    """limbs[d − first] = Σ_{p+q=d} A[p] @ B[q] for the diagonals d ≥ ``first`` (slice pair
+    (p, q) weighs 2^((p+q)w)), each diagonal one
+    GEMM written straight into its limb: A's slices side by side along the contraction axis
+    times B's stacked in reverse order is the diagonal's sum, so the BLAS adds the products of
+    one weight itself (exact: the width leaves room for min(sa, sb) of them) and no array of
+    every slice product is formed. Both stackings are views of one copy of each operand."""
     sa, sb = A.shape[0], B.shape[0]
-    batch_a, batch_b = A.shape[1:-2], B.shape[1:-2]
-    m, k, n = A.shape[-2], A.shape[-1], B.shape[-1]
-    if not batch_a:                          # A (sa, m, k): B's batch folds into the columns
-        cols = np.moveaxis(B, -2, 0).reshape(k, -1)                    # (k, sb·batch·n)
-        prod = (A.reshape(sa * m, k) @ cols).reshape((sa, m, sb) + batch_b + (n,))
-        return np.moveaxis(prod, 1, -2)                                # (sa, sb, *batch, m, n)
-    if not batch_b:                          # B (sb, k, n): A's batch folds into the rows
-        cols = np.moveaxis(B, 0, -2).reshape(k, sb * n)                # (k, sb·n)
-        prod = (A.reshape(-1, k) @ cols).reshape((sa,) + batch_a + (m, sb, n))
-        return np.moveaxis(prod, -2, 1)                                # (sa, sb, *batch, m, n)
-    rows = np.moveaxis(A, 0, -3).reshape(batch_a + (sa * m, k))
-    cols = np.moveaxis(B, 0, -2).reshape(batch_b + (k, sb * n))
-    prod = np.matmul(rows, cols)
-    prod = prod.reshape(prod.shape[:-2] + (sa, m, sb, n))
-    return np.moveaxis(np.moveaxis(prod, -4, 0), -2, 1)              # (sa, sb, *batch, m, n)
+    k = A.shape[-1]
+    wide = np.moveaxis(A, 0, -2)                                    # (..., m, sa, k)
+    wide = wide.reshape(wide.shape[:-2] + (sa * k,))                # [A_0 A_1 … A_{sa−1}]
+    tall = np.moveaxis(B[::-1], 0, -3)                              # (..., sb, k, n)
+    tall = tall.reshape(tall.shape[:-3] + (sb * k, tall.shape[-1]))  # [B_{sb−1}; …; B_0]
+    for d in range(first, sa + sb - 1):
+        p_lo, p_hi = max(0, d - sb + 1), min(d, sa - 1)
+        r_lo = sb - 1 - d + p_lo                                    # B_{d−p_lo} in ``tall``
+        count = p_hi - p_lo + 1
+        np.matmul(wide[..., p_lo * k:(p_hi + 1) * k], tall[..., r_lo * k:(r_lo + count) * k, :],
+                  out=limbs[d - first])
 
 
-def _sum_terms(c):
-    """Exact terms of the sum over the last axis of components c (m, *G, n)."""
+def _sum_limbs(c):
+    """(limbs, width, exponent, shape) of the exact sum over the last axis of components
+    c (m, *G, n) (``_limb_terms``)."""
     m, n = c.shape[0], c.shape[-1]
     shape = c.shape[1:-1]
     if n == 0:
-        return [], shape
-    M, shifts, low, span = _fixed_point(c)
+        return np.zeros((1,) + shape), 1, 0, shape
+    fixed = _FixedPoint(c)
+    low, span = fixed.low, fixed.span
     # n slices of at most m·2^(w−1) each: every partial sum within n·m·2^(w−1) ≤ 2^52.
     width = 53 - (n - 1).bit_length() - (m - 1).bit_length()
     count = -(-(span + 1) // width)
     limbs = np.zeros((count + _extra_limbs(width),) + shape)
-    limbs[:count] = np.sum(_slices(M, shifts, width, count), axis=-1)     # exact
-    return _limb_terms(limbs, width, low), shape
+    limbs[:count] = np.sum(_slices(fixed, width, count), axis=-1)         # exact
+    return limbs, width, low, shape

@@ -57,7 +57,7 @@ from ..layers.base import ForwardState
 from ..model import ForwardPrefix, Model
 from ..numerics.backend import FLOAT64, MPBackend
 from ..numerics.errorbound import BOUND, LAMBDA
-from ..numerics.expansion import ExpansionBackend, ExpansionRangeError
+from ..numerics.expansion import BLAS_THREAD_VARIABLES, ExpansionBackend, ExpansionRangeError
 from ..progress import SILENT, Interrupted
 from ..regularize import l1_kink_signature, penalty
 
@@ -497,8 +497,6 @@ def _init_worker(key: str, payload: _Payload):
 # LeNet-5's FD leg took 3.5 times as long as in one process). The variables are set for the
 # moment a worker is spawned (what loky does); the parent's own BLAS is already running and
 # keeps its threads.
-BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                         "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 _SPAWN_LOCK = threading.Lock()
 
 
