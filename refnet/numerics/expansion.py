@@ -947,9 +947,9 @@ _CARRY_ROWS = 1
 
 def _matmul_limbs(ca, cb, prec=None):
     """(limbs, width, exponent, shape) of (Σ ca) @ (Σ cb) (``_limb_terms``): ca (ma, ..., m, k),
-    cb (mb, ..., k, n). Exact for
-    ``prec=None``; else the low diagonals of slice products whose sum is provably below
-    2^−(prec+2) · (|A| @ |B|) in every element are left out (``_first_diagonal``)."""
+    cb (mb, ..., k, n). Exact for ``prec=None``; else the low diagonals of slice products
+    whose sum is provably below 2^−(prec+2) · (|A| @ |B|) in every element are left out
+    (``_first_diagonal``)."""
     ma, mb = ca.shape[0], cb.shape[0]
     k = ca.shape[-1]
     out_shape = np.broadcast_shapes(ca.shape[1:-2], cb.shape[1:-2]) + (ca.shape[-2], cb.shape[-1])
@@ -1032,8 +1032,7 @@ def _first_diagonal(a0, b0, groups_a, groups_b, w, diagonals, mm, prec):
 
 def _diagonal_products(A, B, limbs, first=0):
     """limbs[d − first] = Σ_{p+q=d} A[p] @ B[q] for the diagonals d ≥ ``first`` (slice pair
-    (p, q) weighs 2^((p+q)w)), each diagonal one
-    GEMM written straight into its limb: A's slices side by side along the contraction axis
+    (p, q) weighs 2^((p+q)w)), each diagonal one GEMM written straight into its limb: A's slices side by side along the contraction axis
     times B's stacked in reverse order is the diagonal's sum, so the BLAS adds the products of
     one weight itself (exact: the width leaves room for min(sa, sb) of them) and no array of
     every slice product is formed. Both stackings are views of one copy of each operand."""
