@@ -29,6 +29,15 @@ def test_a_tanh_mlp_is_certified_with_enclosures_narrower_than_1e_25():
     assert_certified(certify(Model(TANH_MLP)))
 
 
+@pytest.mark.parametrize("activation", ["selu", "elu", "celu", "softplus", "mish", "silu"])
+def test_every_smooth_activation_with_an_interval_form_is_certified(activation):
+    """Each activation whose functions have interval forms certifies (selu once crashed:
+    its constant times an array never reached numpy's elementwise product)."""
+    spec = {**TANH_MLP, "layers": [{"type": "dense", "out": 5}, {"type": activation},
+                                   {"type": "dense", "out": 3}]}
+    assert_certified(certify(Model(spec)))
+
+
 @pytest.mark.slow
 def test_the_small_cnn_example_is_certified():
     """conv, batchnorm, relu, max-pool (ties among relu's zeros are exact and stable), dense."""

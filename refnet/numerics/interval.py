@@ -140,7 +140,10 @@ class IntervalBackend:
         return np.asarray(np.frompyfunc(one, 1, 1)(np.asarray(a, dtype=np.float64)), dtype=object)
 
     def const(self, value: Constant):
-        return constant_value(value, self.ctx)
+        # A 0-d array, not a bare interval: mpmath's ivmpf raises NotImplementedError (rather
+        # than returning NotImplemented) when multiplied by an array, so ``const * x`` (selu's
+        # scale) would never reach numpy's elementwise product.
+        return np.asarray(constant_value(value, self.ctx), dtype=object)
 
     def zeros(self, shape):
         return np.full(shape, self.ctx.mpf(0), dtype=object)
