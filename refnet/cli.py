@@ -1,6 +1,6 @@
 """Command line: ``refnet study``, ``refnet verify``, ``refnet grads``, ``refnet train``,
-``refnet diagnose``, ``refnet presets``, ``refnet vectors``, ``refnet conformance``,
-``refnet import`` (also ``python -m refnet``).
+``refnet diagnose``, ``refnet capture``, ``refnet presets``, ``refnet vectors``,
+``refnet conformance``, ``refnet import`` (also ``python -m refnet``).
 
 Exit status: 0 all checks pass, 1 a check fails (verify, vectors check, conformance), training
 stopped on a non-finite loss (train) or inf/NaN appeared (diagnose), 2 bad input (the message
@@ -74,6 +74,7 @@ MAX_DIGITS = FD_TARGET_DIGITS   # the high-precision FD are set up to be good to
 # subnormal (1e300 became inf, with a numpy overflow warning).
 LOSS_SCALE_RANGE = (2.0 ** -126, 2.0 ** 126)
 FLOAT_PRECISIONS = ("float32", "float64")   # plain backends: no policy, no accumulation choice
+EMULATED_GRADS = ("fp16", "bf16")            # grads --precision under the emulation
 
 
 class _Parser(argparse.ArgumentParser):
@@ -303,13 +304,59 @@ def cmd_verify(args) -> int:
     return EXIT_OK if report.passed else EXIT_FAIL
 
 
-def cmd_grads(args) -> int:
+def _check_grads(args):
+    """grads' options, before any work."""
     _only_with(args, ("dps",), args.precision == "mp", "applies to --precision mp only")
     _check_dps(args)
     args.dps = 50 if args.dps is None else args.dps
+    emulated = args.precision in EMULATED_GRADS
+    _only_with(args, ("policy", "accumulate", "loss_scale", "loss_dtype"), emulated,
+               f"applies to --precision fp16 or bf16 only (--precision {args.precision} runs "
+               f"the plain {args.precision} backend, which has no mixed-precision policy)")
+    if args.loss_scale == "dynamic":
+        raise ValueError("--loss-scale: grads writes one pass and takes a static scale S; "
+                         "'dynamic' (GradScaler's opening passes) applies to diagnose and train")
+    args.policy = "autocast" if args.policy is None else args.policy
+    args.accumulate = "float32" if args.accumulate is None else args.accumulate
+    args.loss_dtype = "policy" if args.loss_dtype is None else args.loss_dtype
+    args.loss_scale = 1.0 if args.loss_scale is None else args.loss_scale
     check_output_file(args.out, "--out")
+
+
+def _emulated_grads(args, model, params, x, y) -> int:
+    """grads under the fp16/bf16 emulation: the gradients unscaled (× GradScaler's float32
+    inverse scale, in float32: the stored value divided by S exactly when S is a power of two),
+    under torch names, as float32 — which holds every fp16 and bf16 value exactly — with the
+    format each was stored in (``dtype/<name>``) and the run's settings beside them."""
+    from .lowp.emulation import Precision, dtype_name, run
+    precision = Precision(args.precision, args.policy, args.accumulate,
+                          loss_dtype=args.loss_dtype)
+    state = model.default_state(_train(args))
+    r = run(model, precision, params, x, y, state, loss_scale=args.loss_scale)
+    grads = {model.torch_name(k): v for k, v in r.grads.items()}
+    extra = {"loss_scale": np.float64(r.loss_scale), "precision": np.str_(precision.storage),
+             "policy": np.str_(precision.policy), "accumulate": np.str_(precision.accumulate),
+             "loss_dtype": np.str_(precision.loss_dtype)}
+    extra.update({f"dtype/{model.torch_name(k)}": np.str_(dtype_name(g))
+                  for k, g in r.scaled_grads.items()})
+    stored_x = r.x_grad_stored if r.x_grad_stored is not None else r.x_grad
+    extra["dtype/x"] = np.str_(dtype_name(stored_x))
+    save_gradients(args.out, np.float32(r.loss), {k: np.asarray(v, dtype=np.float32)
+                                                   for k, v in grads.items()},
+                   np.asarray(r.x_grad, dtype=np.float32), extra=extra)
+    nonfinite = r.first_nonfinite()
+    print(f"loss {r.loss!r}; wrote loss, grad/x and {len(grads)} parameter gradients "
+          f"({precision}, loss scale {r.loss_scale:g}, unscaled) to {args.out}"
+          + (f"; first inf/NaN: {nonfinite}" if nonfinite else ""))
+    return EXIT_OK
+
+
+def cmd_grads(args) -> int:
+    _check_grads(args)
     model, params, x, y = _inputs(args)
     params, x, y = model.prepare(params, x, y)
+    if args.precision in EMULATED_GRADS:
+        return _emulated_grads(args, model, params, x, y)
     bk = get_backend(args.precision, args.dps)
     grads = model.loss_and_grads(bk, params, x, y, model.default_state(_train(args)))
     # mp results are written correctly rounded to float64 (npz holds no mpf without pickle).
@@ -348,7 +395,7 @@ def cmd_train(args) -> int:
     if args.precision != "float64":
         from .lowp.emulation import Precision
         from .lowp.gradscaler import GradScaler
-        precision = Precision(args.precision, args.policy)
+        precision = Precision(args.precision, args.policy, loss_dtype=args.loss_dtype)
         if args.loss_scale == "dynamic":
             scaler = GradScaler()
         elif args.loss_scale is not None:
@@ -413,7 +460,11 @@ def _check_train(args):
     _only_with(args, ("loss_scale",), emulated,
                f"needs --precision fp16 or bf16 ({args.precision} gradients do not underflow "
                f"to need one)")
+    _only_with(args, ("loss_dtype",), emulated,
+               f"applies to --precision fp16 or bf16 only (--precision {args.precision} "
+               f"computes the loss in {args.precision})")
     args.policy = "autocast" if args.policy is None else args.policy
+    args.loss_dtype = "policy" if args.loss_dtype is None else args.loss_dtype
     args.momentum = 0.0 if args.momentum is None else args.momentum
     if args.save_params:
         check_output_file(args.save_params, "--save-params")
@@ -443,12 +494,20 @@ def _check_diagnose(args):
         raise ValueError("give either a spec file or --preset NAME (refnet presets lists them)")
     _real_option(args, "lr", low=0, low_open=True,
                  why=" (the learning rate of the weight-update rows)")
-    _only_with(args, ("policy", "accumulate"), args.precision not in FLOAT_PRECISIONS,
+    _only_with(args, ("policy", "accumulate", "loss_dtype"),
+               args.precision not in FLOAT_PRECISIONS,
                f"applies to the emulated formats only (--precision {args.precision} runs the "
                f"plain {args.precision} backend, which has no mixed-precision policy or "
                f"accumulation choice)")
+    _only_with(args, ("compare",), args.precision not in FLOAT_PRECISIONS,
+               f"compares emulated fp16/bf16 gradients with a GPU run's; --precision "
+               f"{args.precision} runs the plain {args.precision} backend")
+    if args.compare is not None and args.loss_scale == "dynamic":
+        raise ValueError("--compare needs a static --loss-scale S (the scale the GPU run used); "
+                         "'dynamic' chooses its own")
     args.policy = "autocast" if args.policy is None else args.policy
     args.accumulate = "float32" if args.accumulate is None else args.accumulate
+    args.loss_dtype = "policy" if args.loss_dtype is None else args.loss_dtype
     if args.plot:
         try:
             from matplotlib.backend_bases import FigureCanvasBase
@@ -476,13 +535,25 @@ def cmd_diagnose(args) -> int:
         x, y = _load_data(model, args.data)
     else:
         model, params, x, y = _inputs(args)
-    precision = Precision(args.precision, args.policy, args.accumulate)
+    theirs = None
+    if args.compare is not None:              # read and checked before the work
+        from .io import load_gradients
+        from .lowp.diagnose import check_compare
+        params, x, y = model.prepare(params, x, y)
+        theirs = check_compare(model, load_gradients(args.compare),
+                               f"--compare {args.compare}", batch=x.shape[0])
+    precision = Precision(args.precision, args.policy, args.accumulate,
+                          loss_dtype=args.loss_dtype)
     d = diagnose(model, precision, params, x, y, loss_scale=args.loss_scale, lr=args.lr,
-                 train=_train(args), progress=_progress(args))
+                 train=_train(args), progress=_progress(args), compare=theirs)
     if args.json:
         print(json.dumps(d.as_json(), indent=1))
     else:
         print(format_table(d))
+        if d.comparison is not None:
+            from .lowp.diagnose import format_comparison
+            print()
+            print(format_comparison(d.comparison, args.compare))
     if args.plot:
         try:
             from .study.plots import diagnose_figure
@@ -524,6 +595,46 @@ def cmd_conformance(args) -> int:
     else:
         print(format_results(results, args.dtype))
     return EXIT_OK if all(v.passed for v in results) else EXIT_FAIL
+
+
+def cmd_capture(args) -> int:
+    """``refnet capture``: the gradients of a torch run on a GPU of the same model, data, policy
+    and loss scale the emulation is given, unscaled, by torch name, for ``diagnose --compare``
+    (``refnet.interop.torch_capture``)."""
+    from .io import save_params
+    from .study.presets import preset
+    if (args.spec is None) == (args.preset is None):
+        raise ValueError("give either a spec file or --preset NAME (refnet presets lists them)")
+    if args.loss_scale == "dynamic":
+        raise ValueError("--loss-scale: capture runs one pass and takes a static scale S; "
+                         "'dynamic' applies to diagnose and train")
+    check_output_file(args.out, "--out")
+    if args.preset is not None:
+        model = Model(preset(args.preset))
+        params, (x, y) = _load_params(model, args.params), _load_data(model, args.data)
+    else:
+        model, params, x, y = _inputs(args)
+    params, x, y = model.prepare(params, x, y)
+    train = model.default_state(_train(args)).train
+    try:
+        import torch
+    except ImportError:
+        raise ValueError("refnet capture needs torch (pip install torch==2.13.0 for the CPU, "
+                         "a CUDA build of torch for the GPU run it is meant for)") from None
+    from .interop.torch_capture import capture_gradients, check_capturable
+    check_capturable(model, train)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device (torch.cuda.is_available() is "
+                         f"False); --device cpu runs torch's CPU kernels, which are not CUDA's")
+    grads = capture_gradients(model, params, x, y, args.precision, args.policy,
+                              1.0 if args.loss_scale is None else args.loss_scale,
+                              args.loss_dtype, args.device, train,
+                              reduced_precision_reduction=not args.no_reduced_precision_reduction)
+    save_params(args.out, grads)        # named arrays, written at exactly the path given
+    print(f"captured {len(grads) - 1} parameter gradients and x on {args.device} "
+          f"({args.precision}, {args.policy}, loss dtype {args.loss_dtype}, loss scale "
+          f"{1.0 if args.loss_scale is None else args.loss_scale:g}), unscaled, to {args.out}")
+    return EXIT_OK
 
 
 def cmd_import(args) -> int:
@@ -653,7 +764,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("grads", help="write the loss and every gradient to an .npz")
     common(g, dps_help=f"digits of --precision mp, {MIN_DPS} to {MAX_DPS} (default 50)")
-    g.add_argument("--precision", choices=["float64", "float32", "mp"], default="float64")
+    g.add_argument("--precision", choices=["float64", "float32", "mp", "fp16", "bf16"],
+                   default="float64",
+                   help="fp16/bf16: the emulation (refnet.lowp.emulation); the gradients are "
+                        "written unscaled, under torch names, as float32 (which holds every "
+                        "fp16/bf16 value), with the format each was stored in")
+    g.add_argument("--policy", choices=["autocast", "half"], default=None,
+                   help="with fp16/bf16: autocast (default) or half (model.half())")
+    g.add_argument("--accumulate", choices=["float32", "storage"], default=None,
+                   help="with fp16/bf16: float32 accumulation (default) or storage")
+    g.add_argument("--loss-scale", type=_loss_scale, default=None,
+                   help="with fp16/bf16: a static loss scale S in [2^-126, 2^126] (default 1); "
+                        "the gradients are written unscaled")
+    g.add_argument("--loss-dtype", choices=["policy", "float32"], default=None,
+                   help="with fp16/bf16: the policy's own loss (default) or float32: "
+                        "loss_fn(output.float(), y)")
     g.add_argument("--out", required=True, help="output .npz")
     g.set_defaults(func=cmd_grads)
 
@@ -678,6 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss-scale", type=_loss_scale, default=None,
                    help="GradScaler: a static scale S in [2^-126, 2^126], or 'dynamic' "
                         "(2^16, torch's rules)")
+    t.add_argument("--loss-dtype", choices=["policy", "float32"], default=None,
+                   help="with fp16/bf16: the policy's own loss (default) or float32: "
+                        "loss_fn(output.float(), y), GradScaler's pattern on a half model")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -698,6 +826,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--loss-scale", type=_loss_scale, default=1.0,
                    help="static loss scale S in [2^-126, 2^126], or 'dynamic' (GradScaler: "
                         "2^16, halved until clean)")
+    d.add_argument("--loss-dtype", choices=["policy", "float32"], default=None,
+                   help="the policy's own loss (default: autocast's float32 cross-entropy, "
+                        "half's in the storage format) or float32: loss_fn(output.float(), y)")
+    d.add_argument("--compare", metavar="THEIRS.npz", default=None,
+                   help="compare the emulated gradients with a GPU run's (unscaled, by torch "
+                        "name, optionally x): per tensor the fraction equal, the largest "
+                        "difference in ulps of the format, where they first differ")
     d.add_argument("--lr", type=float, default=0.01,
                    help="SGD learning rate of the weight-update rows (default 0.01)")
     d.add_argument("--json", action="store_true",
@@ -746,6 +881,25 @@ def build_parser() -> argparse.ArgumentParser:
                          "softmax_cross_entropy, bce_with_logits")
     im.add_argument("--reduction", choices=["mean", "sum"], default="mean")
     im.set_defaults(func=cmd_import)
+
+    ca = sub.add_parser("capture", help="a torch GPU run's gradients of the same model and "
+                                         "policy, for diagnose --compare (needs torch)")
+    common(ca, optional_spec=True)
+    ca.add_argument("--preset", help="a named model instead of a spec file (refnet presets)")
+    ca.add_argument("--precision", choices=["fp16", "bf16"], default="fp16")
+    ca.add_argument("--policy", choices=["autocast", "half"], default="autocast")
+    ca.add_argument("--loss-scale", type=_loss_scale, default=None,
+                    help="static loss scale S in [2^-126, 2^126] (default 1); the gradients are "
+                         "written unscaled (GradScaler's float32 inverse)")
+    ca.add_argument("--loss-dtype", choices=["policy", "float32"], default="policy",
+                    help="the policy's own loss (default) or loss_fn(output.float(), y)")
+    ca.add_argument("--device", default="cuda",
+                    help="torch device (default cuda; cpu runs torch's CPU kernels, not CUDA's)")
+    ca.add_argument("--no-reduced-precision-reduction", action="store_true",
+                    help="torch.backends.cuda.matmul.allow_fp16/bf16_reduced_precision_"
+                         "reduction = False")
+    ca.add_argument("--out", required=True, help="the .npz to write (THEIRS.npz)")
+    ca.set_defaults(func=cmd_capture)
 
     pr = sub.add_parser("presets", help="list the named models diagnose --preset accepts")
     pr.set_defaults(func=cmd_presets)

@@ -7,7 +7,10 @@
   loss with reduction ``"none"`` optionally ``upstream``: the gradient of the loss vector
   (its shape; ones if left out), as torch's ``loss.backward(upstream)``.
 - gradients ``.npz`` (written): ``loss`` (0-d), ``grad/x`` and ``grad/<param name>``; written to
-  exactly the path given (numpy would append ``.npz`` to a name without it).
+  exactly the path given (numpy would append ``.npz`` to a name without it). Under the fp16/bf16
+  emulation also ``loss_scale``, ``precision``, ``policy``, ``accumulate``, ``loss_dtype`` and
+  ``dtype/<name>`` (0-d: the storage format of each gradient), strings as numpy unicode arrays,
+  which load without pickle.
 
 A file of the wrong kind (an ``.npy``, text, a directory) is named as such. ``check_output_file``,
 ``check_output_dir`` and ``check_input_dir`` check a command's paths before it starts its work.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -93,14 +96,23 @@ def save_params(path, params: Dict[str, np.ndarray]) -> None:
     _savez(path, {k: np.asarray(v) for k, v in params.items()})
 
 
-def save_gradients(path, loss, grads: Dict[str, np.ndarray], grad_x, losses=None) -> None:
+def save_gradients(path, loss, grads: Dict[str, np.ndarray], grad_x, losses=None,
+                   extra: Optional[Dict[str, np.ndarray]] = None) -> None:
     """``losses``: the loss vector of a reduction-"none" loss (written as ``losses``; ``loss``
-    is then Σ upstream·losses, the function the gradients are of)."""
+    is then Σ upstream·losses, the function the gradients are of). ``extra``: more named arrays
+    (the emulation's settings and each gradient's storage format, ``dtype/<name>``)."""
     arrays = {"loss": np.asarray(loss), "grad/x": np.asarray(grad_x)}
     if losses is not None:
         arrays["losses"] = np.asarray(losses)
     arrays.update({f"grad/{k}": np.asarray(v) for k, v in grads.items()})
+    arrays.update({k: np.asarray(v) for k, v in (extra or {}).items()})
     _savez(path, arrays)
+
+
+def load_gradients(path) -> Dict[str, np.ndarray]:
+    """Named gradient arrays (``refnet diagnose --compare``: a GPU run's), read without
+    unpickling; the names and shapes are checked by the caller against its model."""
+    return _load_npz(path, "--compare")
 
 
 # Output paths are checked before any work is done (a study takes minutes; finding out at the

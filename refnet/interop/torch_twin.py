@@ -171,7 +171,8 @@ def torch_loss(model: Model):
     options = {k: v for k, v in loss.config.items() if v is not None}
 
     def f(output, target, reduction=None):
-        kw = {k: (torch.tensor(np.asarray(v, dtype=np.float64), dtype=output.dtype)
+        kw = {k: (torch.tensor(np.asarray(v, dtype=np.float64), dtype=output.dtype,
+                               device=output.device)
                   if k in ("weight", "pos_weight") else v) for k, v in options.items()}
         return function(output, target, reduction=reduction or loss.reduction, **kw)
     return f
@@ -184,12 +185,14 @@ def torch_objective(model: Model, output, y):
     differentiates — and the output ℓ itself."""
     target, upstream = split_targets(y)
     target = np.asarray(target)
-    t = (torch.tensor(target, dtype=torch.long) if target.dtype.kind in "iu"
-         else torch.tensor(target, dtype=output.dtype))
+    t = (torch.tensor(target, dtype=torch.long, device=output.device)
+         if target.dtype.kind in "iu"
+         else torch.tensor(target, dtype=output.dtype, device=output.device))
     out = torch_loss(model)(output, t)
     if model.loss.reduction != "none":
         return out, out
-    return (out * torch.tensor(np.asarray(upstream), dtype=output.dtype)).sum(), out
+    return (out * torch.tensor(np.asarray(upstream), dtype=output.dtype,
+                               device=output.device)).sum(), out
 
 
 # --- a twin under torch names (refnet.to_torch of a model from refnet.from_torch) ------------

@@ -95,9 +95,11 @@ class Sigmoid(Activation):
     def df(self, bk, z, e):
         return e / ((1 + e) * (1 + e))
 
-    def df_from_output(self, bk, s):
-        """torch's sigmoid_backward form s(1 − s), from the output: what a GPU computes."""
-        return (1 - s) * s
+    def backward_from_output(self, bk, dh, s):
+        """torch's sigmoid_backward(grad, output): dh·(1 − s)·s from the stored output s, in
+        ATen's order (dh·(1 − s))·s. On CUDA it is written in the storage type's arithmetic, so
+        for fp16/bf16 each of its three operations rounds (refnet.lowp.emulation runs it so)."""
+        return dh * (1 - s) * s
 
 
 class Tanh(Activation):
@@ -111,9 +113,10 @@ class Tanh(Activation):
         e2 = e * e                   # exp(−2|z|), without forming 2|z| (which can overflow)
         return 4 * e2 / ((1 + e2) * (1 + e2))
 
-    def df_from_output(self, bk, t):
-        """torch's tanh_backward form 1 − t², from the output: what a GPU computes."""
-        return 1 - t * t
+    def backward_from_output(self, bk, dh, t):
+        """torch's tanh_backward(grad, output): dh·(1 − t·t) from the stored output t, in ATen's
+        order; on CUDA in the storage type's arithmetic, a rounding per operation (as sigmoid's)."""
+        return dh * (1 - t * t)
 
 
 class ReLU(Activation):

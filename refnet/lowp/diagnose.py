@@ -27,6 +27,14 @@ halvings); the report gives the scale reached and the passes skipped.
 The weight update is one SGD step θ − lr·g in the dtype the policy keeps parameters in (float32
 master weights under autocast, the storage format under half), against float64's −lr·g;
 ``lr`` defaults to 0.01 (a named choice: it only sets where small updates vanish against θ).
+
+**Values, not only counts** (``compare=``, ``refnet diagnose … --compare THEIRS.npz``): the
+emulated gradients held against gradients captured from a GPU run of the same model, data and
+loss scale (``check_compare`` reads them: every parameter's torch name, optionally ``x``). Per
+tensor: how many elements are equal (the unscaled values; ±0 count as equal, and NaN as equal
+to NaN), the largest distance in units in the last place of the format the emulation stored the
+tensor in, counted at the *scaled* values (both sides × S, on that format's grid: the grid the
+GPU computed on), and the first index where they differ.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import numpy as np
 
 from ..layers.base import ForwardState
 from ..numerics.backend import FLOAT64
-from ..numerics.formats import get_format
+from ..numerics.formats import FLOAT32, get_format, ordinal, round_to
 from ..progress import SILENT
 from .emulation import (
     LowPrecisionRun,
@@ -90,6 +98,32 @@ def _json_number(v):
 
 
 @dataclass
+class TensorComparison:
+    """One gradient, the emulation's against a GPU run's (``compare_gradients``)."""
+    name: str                   # the parameter's torch name, or "x" (the input gradient)
+    dtype: str                  # the format the emulation stored it in: its ulps are these
+    numel: int
+    equal: int                  # elements equal after unscaling (±0 equal, NaN equal to NaN)
+    max_ulps: Optional[float]   # largest distance over elements finite on both sides (None: none)
+    nonfinite_mismatch: int     # elements inf/NaN on one side only, or different inf/NaN
+    off_grid: int               # theirs × S not a value of the format (a lossy capture)
+    first_difference: Optional[dict] = None    # {"index", "ours", "theirs", "ulps"}
+
+    @property
+    def equal_fraction(self) -> float:
+        return self.equal / self.numel if self.numel else 1.0
+
+    def as_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["equal_fraction"] = self.equal_fraction
+        d["max_ulps"] = _json_number(self.max_ulps)
+        if self.first_difference is not None:
+            d["first_difference"] = {k: (_json_number(v) if isinstance(v, float) else v)
+                                     for k, v in self.first_difference.items()}
+        return d
+
+
+@dataclass
 class Diagnosis:
     precision: Precision
     loss: float
@@ -99,14 +133,18 @@ class Diagnosis:
     first_nonfinite: Optional[str]
     tensors: List[TensorHealth] = field(default_factory=list)
     lr: float = DEFAULT_LR
+    comparison: Optional[List[TensorComparison]] = None
 
     def as_json(self) -> dict:
-        return {"precision": self.precision.storage, "policy": self.precision.policy,
-                "accumulate": self.precision.accumulate, "loss": _json_number(self.loss),
-                "loss_float64": _json_number(self.loss_float64),
-                "loss_scale": self.loss_scale, "skipped_steps": self.skipped_steps,
-                "first_nonfinite": self.first_nonfinite, "lr": self.lr,
-                "tensors": [t.as_json() for t in self.tensors]}
+        d = {"precision": self.precision.storage, "policy": self.precision.policy,
+             "accumulate": self.precision.accumulate, "loss_dtype": self.precision.loss_dtype,
+             "loss": _json_number(self.loss), "loss_float64": _json_number(self.loss_float64),
+             "loss_scale": self.loss_scale, "skipped_steps": self.skipped_steps,
+             "first_nonfinite": self.first_nonfinite, "lr": self.lr,
+             "tensors": [t.as_json() for t in self.tensors]}
+        if self.comparison is not None:
+            d["compare"] = [c.as_json() for c in self.comparison]
+        return d
 
 
 def smallest_normal(name: str) -> float:
@@ -171,10 +209,12 @@ def _sgd_update(param_held, grad_unscaled, lr):
 
 def diagnose(model, precision: Precision, params=None, x=None, y=None,
              loss_scale: Union[float, str] = 1.0, lr: float = DEFAULT_LR,
-             train: Optional[bool] = None, progress=None) -> Diagnosis:
+             train: Optional[bool] = None, progress=None,
+             compare: Optional[Dict[str, np.ndarray]] = None) -> Diagnosis:
     """The accounting of the module docstring. ``train``: None for the spec's mode.
     ``progress``: a ``refnet.progress.Reporter`` told of every pass of dynamic loss scaling
-    (default silent; a static scale is one pass)."""
+    (default silent; a static scale is one pass). ``compare``: gradients captured from a GPU
+    run, as ``check_compare`` returns them: the report then holds ``comparison``."""
     if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)
             and lr > 0):
         raise ValueError(f"diagnose: lr must be a positive finite number, got {lr!r}")
@@ -230,8 +270,149 @@ def diagnose(model, precision: Precision, params=None, x=None, y=None,
         tensors.append(tensor_health(f"{name}.update", "update", step,
                                      -lr * np.asarray(shadow.params[name]),
                                      stored=store(step, held_fmt)))
+    comparison = None if compare is None else compare_gradients(model, result, compare)
     return Diagnosis(precision, result.loss, float(shadow.loss), scale, skipped,
-                     result.first_nonfinite(), tensors, lr)
+                     result.first_nonfinite(), tensors, lr, comparison)
+
+
+# --- values, not only counts: the emulation against a GPU run ---------------------------------
+COMPARE_FLOAT_DTYPES = ("float16", "float32", "float64")
+# Keys ``refnet grads --out`` writes beside the gradients, so that its own file can be compared:
+# they describe the run and are not compared.
+GRADS_FILE_KEYS = ("loss", "losses", "loss_scale", "precision", "policy", "accumulate",
+                   "loss_dtype")
+
+
+def check_compare(model, arrays: Dict[str, np.ndarray], source: str,
+                  batch: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """The gradients of a GPU run (``arrays``, an .npz read without unpickling) checked against
+    ``model`` before any work: keys are the parameters' names (torch's, or refnet's; ``grad/``
+    before a name is allowed, as ``refnet grads --out`` writes it), every parameter present,
+    optionally ``x`` (the input gradient, (``batch``, *input_shape)); each a float16/float32/
+    float64 array of the parameter's shape, holding the *unscaled* gradient. Returns {refnet
+    name or "x": float64 array}. ``source`` names the file in the messages."""
+    named = {}
+    for key, value in arrays.items():
+        name = key[len("grad/"):] if key.startswith("grad/") else key
+        if name in GRADS_FILE_KEYS or key.startswith("dtype/"):
+            continue
+        if name in named:
+            raise ValueError(f"{source}: {name!r} is given twice (as {name!r} and 'grad/{name}')")
+        named[name] = value
+    x = named.pop("x", None)
+    shapes = model.param_shapes()
+    refnet = model.refnet_keys(named)
+    unknown = sorted(k for k, r in refnet.items() if r not in shapes)
+    if unknown:
+        raise ValueError(f"{source}: unknown tensor name(s) {unknown[:5]}; expected the model's "
+                         f"parameter names (torch names, e.g. {model.torch_name(next(iter(shapes)))!r})"
+                         f" and optionally 'x'")
+    given = {refnet[k]: v for k, v in named.items()}
+    missing = [model.torch_name(n) for n in shapes if n not in given]
+    if missing:
+        raise ValueError(f"{source}: missing the gradient(s) of {missing[:5]}"
+                         f"{' and more' if len(missing) > 5 else ''}; expected every parameter "
+                         f"of the model ({len(shapes)})")
+    checked = {}
+    x_shape = (batch if batch is not None else "N",) + tuple(model.input_shape)
+    for name, value in list(given.items()) + ([("x", x)] if x is not None else []):
+        label = "x" if name == "x" else model.torch_name(name)
+        value = np.asarray(value)
+        if value.dtype.name not in COMPARE_FLOAT_DTYPES:
+            raise ValueError(f"{source}: {label} must be a float16, float32 or float64 array (a "
+                             f"bfloat16 gradient saved as .float()), got dtype {value.dtype}")
+        if name == "x":
+            if (value.ndim != len(x_shape) or tuple(value.shape[1:]) != x_shape[1:]
+                    or (batch is not None and value.shape[0] != batch)):
+                raise ValueError(f"{source}: x must have shape ({', '.join(map(str, x_shape))}) "
+                                 f"(the input gradient of the batch), got {tuple(value.shape)}")
+        elif tuple(value.shape) != tuple(shapes[name]):
+            raise ValueError(f"{source}: {label} must have shape {tuple(shapes[name])}, got "
+                             f"{tuple(value.shape)}")
+        checked[name] = value.astype(np.float64)
+    return checked
+
+
+def _format_of_dtype(dtype: str):
+    return FLOAT32 if dtype == "float32" else {
+        "float16": "fp16", "bfloat16": "bf16", "float8_e5m2": "fp8_e5m2",
+        "float8_e4m3fn": "fp8_e4m3fn"}[dtype]
+
+
+def compare_tensor(name, ours, theirs, dtype: str, loss_scale: float) -> TensorComparison:
+    """One tensor's comparison (the module docstring): ``ours`` and ``theirs`` unscaled,
+    ``dtype`` the format the emulation stored ours in, ``loss_scale`` S."""
+    a = np.asarray(ours, dtype=np.float64).reshape(-1)
+    b = np.asarray(theirs, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"compare: {name} has {b.size} elements, the emulation {a.size}")
+    equal = (a == b) | (np.isnan(a) & np.isnan(b))
+    finite = np.isfinite(a) & np.isfinite(b)
+    fmt = _format_of_dtype(dtype)
+    with np.errstate(all="ignore"):
+        a_s, b_s = a[finite] * loss_scale, b[finite] * loss_scale      # the stored, scaled values
+        a_g, b_g = round_to(a_s, fmt), round_to(b_s, fmt)
+        ulps = np.abs(ordinal(a_g, fmt) - ordinal(b_g, fmt))
+    all_ulps = np.full(a.shape, np.inf)
+    all_ulps[finite] = ulps
+    first = None
+    differ = np.flatnonzero(~equal)
+    if differ.size:
+        i = int(differ[0])
+        first = {"index": [int(j) for j in np.unravel_index(i, np.shape(ours))],
+                 "ours": float(a[i]), "theirs": float(b[i]), "ulps": float(all_ulps[i])}
+    return TensorComparison(
+        name=name, dtype=dtype, numel=int(a.size), equal=int(np.sum(equal)),
+        max_ulps=float(np.max(ulps)) if ulps.size else None,
+        nonfinite_mismatch=int(np.sum(~finite & ~equal)),
+        off_grid=int(np.sum(b_g != b_s)), first_difference=first)
+
+
+def compare_gradients(model, result: LowPrecisionRun,
+                      theirs: Dict[str, np.ndarray]) -> List[TensorComparison]:
+    """Every gradient of ``theirs`` (``check_compare``'s dict) against the run's, in the model's
+    parameter order, then ``x``."""
+    out = []
+    for name in model.param_shapes():
+        out.append(compare_tensor(model.torch_name(name), result.grads[name], theirs[name],
+                                  dtype_name(result.scaled_grads[name]), result.loss_scale))
+    if "x" in theirs:
+        if np.shape(theirs["x"]) != np.shape(result.x_grad):
+            raise ValueError(f"compare: x must have shape {tuple(np.shape(result.x_grad))} (the "
+                             f"batch's input gradient), got {tuple(np.shape(theirs['x']))}")
+        stored = result.x_grad_stored if result.x_grad_stored is not None else result.x_grad
+        out.append(compare_tensor("x", result.x_grad, theirs["x"], dtype_name(stored),
+                                  result.loss_scale))
+    return out
+
+
+def format_comparison(rows: List[TensorComparison], source: str) -> str:
+    """The comparison as text (``refnet diagnose --compare``)."""
+    lines = [f"compared with {source}: equal = unscaled values equal; ulps = steps of the "
+             f"format each tensor was stored in, at the scaled values", ""]
+    header = (f"{'tensor':<22} {'dtype':<8} {'numel':>7} {'equal':>8} {'max ulps':>9} "
+              f"{'inf/nan':>7}  first difference")
+    lines += [header, "-" * len(header)]
+    for c in rows:
+        first = "-"
+        if c.first_difference is not None:
+            f = c.first_difference
+            first = (f"[{', '.join(map(str, f['index']))}]: ours {f['ours']:.6g}, theirs "
+                     f"{f['theirs']:.6g} ({_num_ulps(f['ulps'])} ulps)")
+        lines.append(f"{c.name:<22} {c.dtype:<8} {c.numel:>7} "
+                     f"{100.0 * c.equal_fraction:>7.2f}% {_num_ulps(c.max_ulps):>9} "
+                     f"{c.nonfinite_mismatch:>7}  {first}")
+    off = sum(c.off_grid for c in rows)
+    if off:
+        lines.append(f"note: {off} of their values times the loss scale are not values of the "
+                     f"format (a capture that was not the stored gradient divided by S?)")
+    return "\n".join(lines)
+
+
+def _num_ulps(v):
+    if v is None:
+        return "-"
+    return "inf" if not math.isfinite(v) else f"{v:.0f}"
 
 
 def format_table(d: Diagnosis) -> str:

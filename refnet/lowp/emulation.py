@@ -13,20 +13,34 @@ The model and its layers are unchanged. A precision policy (:class:`Precision`) 
   storage-format operands — products, sums, statistics — and rounds its result once) or
   ``"storage"`` (every operation, each product and each partial sum, rounded to the storage
   format, no fused multiply-add: what hardware avoids, and why);
-- ``derivatives``: ``"torch"`` (sigmoid' = s(1 − s), tanh' = 1 − t² from the *stored* output, as
-  torch's ``sigmoid_backward``/``tanh_backward`` compute them on the GPU: σ'(10) rounds to 0 in
-  fp16 because s does) or ``"accurate"`` (refnet's forms, from the input).
+- ``derivatives``: ``"torch"`` (sigmoid' and tanh' as torch's ``sigmoid_backward`` and
+  ``tanh_backward`` compute them on the GPU: dy·(1 − s)·s and dy·(1 − t·t) from the *stored*
+  output, in the storage type's own arithmetic, a rounding after every operation; σ'(10) is 0
+  in fp16 because s rounds to 1) or ``"accurate"`` (refnet's forms, from the input, in float32,
+  rounded once);
+- ``loss_dtype``: ``"policy"`` (the loss as the policy computes it: autocast's float32
+  cross-entropy; under half the loss in the storage format, log-softmax's output stored there)
+  or ``"float32"`` (``loss_fn(output.float(), y)``: the loss and its backward in float32, the
+  logits gradient rounded once to the output's format by the cast's backward — the GradScaler
+  pattern on a ``model.half()`` net).
 
-Where rounding happens (measured on an H100, ``shared/PRECISION.md``): **a leaf layer is one
-kernel.** It reads storage-format values, computes in float32, and its output is rounded once to
-its output format; the same for its backward (dx rounded once; parameter gradients rounded to the
-format the parameter had inside the kernel: the storage format for cast or half parameters,
-float32 for batchnorm/layernorm's float32 master weights under autocast). Containers (sequential,
-residual) are not kernels: the residual's ``s + scale·f`` runs as elementwise operations on
-storage-format tensors, each rounded once, as torch's elementwise kernels do.
-A leaf layer that torch composes from elementwise kernels (``composite``: softsign, torch's
-``input / (input.abs() + 1)``) runs the same way, each operation rounded once to the storage
-format, and its backward as autograd composes it (``torch_backward``, with ``derivatives="torch"``).
+Where rounding happens (the kernel audit in ``spec/precision.md``, read from ATen's CUDA sources;
+measured on an H100, ``shared/PRECISION.md``): **a leaf layer is one kernel.** It reads
+storage-format values, computes in float32 (ATen's ``opmath_t``), and its output is rounded once
+to its output format; the same for its backward (dx rounded once; parameter gradients rounded to
+the format the parameter had inside the kernel: the storage format for cast or half parameters,
+float32 for batchnorm/layernorm's float32 master weights under autocast). The exceptions are the
+kernels ATen writes in the storage type itself (``scalar_t`` arithmetic on ``c10::Half`` or
+``c10::BFloat16``, whose every operator computes in float and converts back): sigmoid's and
+tanh's backward (``backward_from_output``), PReLU's kernels and avg-pool's backward
+(``SCALAR_T_KERNELS``) run in :class:`StorageTypeKernel`, a rounding after every elementwise
+operation, reductions in float32.
+Containers (sequential, residual) are not kernels: the residual's ``s + scale·f`` runs as
+elementwise operations on storage-format tensors, each rounded once, as torch's elementwise
+kernels do. A leaf layer that torch composes from elementwise kernels (``composite``: softsign,
+torch's ``input / (input.abs() + 1)``) runs the same way, each operation rounded once to the
+storage format, and its backward as autograd composes it (``torch_backward``, with
+``derivatives="torch"``).
 
 A storage-format tensor is held as a float32 array tagged with its format (:class:`StoredArray`):
 every fp16/bf16/fp8 value is a float32 value, so kernels compute on it without conversion, and
@@ -34,10 +48,13 @@ the tag carries autocast's dtype rules from layer to layer. Every rounding is on
 even, subnormals kept: float64 → format directly (never via float32, which would round twice;
 ``refnet.numerics.formats``), float32 → format by :func:`round_float32`.
 
-Loss scaling multiplies the loss by S (float32 under autocast, the storage format under half,
-where S = 2¹⁶ is itself inf) and so the upstream gradient of the loss; the cross-entropy backward
-then runs torch's composition (log-softmax backward of an nll upstream held in the logits'
-format), so an overflowing S/N gives +inf off the label and NaN on it, as measured on the GPU.
+Loss scaling multiplies the loss by S (float32 under autocast or with ``loss_dtype="float32"``,
+the storage format under half, where S = 2¹⁶ is itself inf) and so the upstream gradient of the
+loss; the cross-entropy backward then runs torch's composition (log-softmax's backward
+g − exp(log p)·Σg of nll's upstream −S/N): under autocast that upstream is held in the logits'
+format, so an overflowing S/N gives +inf off the label and NaN on it, as measured on the GPU;
+with a float32 loss it is float32 and only the final cast overflows (−inf on the label, finite
+elsewhere).
 """
 
 from __future__ import annotations
@@ -58,6 +75,7 @@ STORAGES = ("fp16", "bf16", "fp8_e5m2", "fp8_e4m3fn", "float32", "float64")
 POLICIES = ("autocast", "half")
 ACCUMULATIONS = ("float32", "storage")
 DERIVATIVES = ("torch", "accurate")
+LOSS_DTYPES = ("policy", "float32")
 
 
 @dataclass(frozen=True)
@@ -66,10 +84,12 @@ class Precision:
     policy: str = "autocast"
     accumulate: str = "float32"
     derivatives: str = "torch"
+    loss_dtype: str = "policy"
 
     def __post_init__(self):
         for key, allowed in (("storage", STORAGES), ("policy", POLICIES),
-                             ("accumulate", ACCUMULATIONS), ("derivatives", DERIVATIVES)):
+                             ("accumulate", ACCUMULATIONS), ("derivatives", DERIVATIVES),
+                             ("loss_dtype", LOSS_DTYPES)):
             value = getattr(self, key)
             if value not in allowed:
                 raise ValueError(f"precision: unknown {key} {value!r}; expected one of "
@@ -84,7 +104,16 @@ class Precision:
         if not self.emulated:
             return self.storage
         extra = "" if self.accumulate == "float32" else ", storage accumulation"
+        extra += "" if self.loss_dtype == "policy" else ", float32 loss"
         return f"{self.storage} ({self.policy}{extra})"
+
+    @property
+    def loss_format(self) -> str:
+        """The format the loss is computed and held in: float32 (autocast's float32 list, or
+        an explicit ``.float()``), or the storage format (``model.half()``'s own loss)."""
+        if self.loss_dtype == "float32" or self.policy == "autocast":
+            return "float32"
+        return self.storage
 
 
 # --- storage-format values, held in float32 ---------------------------------------------------
@@ -264,6 +293,42 @@ class StorageArithmetic(NumpyBackend):
         return acc
 
 
+class StorageTypeKernel(StorageArithmetic):
+    """An ATen kernel written in the storage type's own arithmetic (``scalar_t`` on ``c10::Half``
+    or ``c10::BFloat16``, whose operators compute in float and convert back): every elementwise
+    operation rounds to ``fmt`` — the order of the operations is the kernel's — while a
+    reduction (autograd's sum of a broadcast gradient, a GEMM) accumulates in float32 and rounds
+    once, as torch's reduction kernels do. (A float32 result rounded to fp16 or bf16 is the
+    correctly rounded one for + − × ÷: float32 has more than twice their precision plus two.)"""
+
+    def __init__(self, fmt: str):
+        super().__init__(fmt)
+        self.name = f"{fmt} scalar_t kernel"
+
+    def matmul(self, a, b):
+        return self.asarray(np.matmul(np.asarray(plain(a), dtype=np.float32),
+                                      np.asarray(plain(b), dtype=np.float32)))
+
+    def sum(self, a, axis=None, keepdims=False):
+        return self.asarray(np.sum(np.asarray(plain(a), dtype=np.float32), axis=axis,
+                                   keepdims=keepdims, dtype=np.float32))
+
+
+# The layers whose CUDA kernels ATen writes in scalar_t arithmetic (the rest compute in opmath_t,
+# float32, and round once), with the directions that do so: spec/precision.md's audit gives the
+# source of each. Sigmoid's and tanh's backward are two more such kernels: the layers'
+# backward_from_output, run so with derivatives="torch".
+SCALAR_T_KERNELS = {
+    # ActivationPreluKernel.cu: weight * input; grad_input = weight * grad, and the weight
+    # gradient's elements input * grad, each rounded before autograd sums them (in float).
+    "prelu": ("forward", "backward"),
+    # AveragePool2d.cu backward: gradient += top_diff / divide_factor — scalar_t / int is
+    # scalar_t, so each window's share rounds before the float sum (the forward sums in float
+    # and divides once: opmath).
+    "avgpool2d": ("backward",),
+}
+
+
 @dataclass
 class Trace:
     """What a low-precision pass stored, in order: forward outputs (``state.outputs``) and, per
@@ -321,10 +386,23 @@ class EmulatedBackend:
         """The backend a leaf layer computes in: ``self.compute`` (one kernel), except for a
         layer torch builds from elementwise kernels (``layer.composite``: softsign is abs, add
         and div) reading a storage-format input — then each of its operations rounds once to
-        that format (as each of torch's kernels does: float opmath, one rounding)."""
+        that format (as each of torch's kernels does: float opmath, one rounding) — and for a
+        layer whose kernels ATen writes in scalar_t (``SCALAR_T_KERNELS``)."""
         if getattr(layer, "composite", False) and fmt not in ("float32", "float64"):
             return StorageArithmetic(fmt)
+        if "forward" in SCALAR_T_KERNELS.get(layer.type, ()):
+            return self._scalar_t(fmt)
         return self.compute
+
+    def _scalar_t(self, fmt):
+        """The arithmetic of an ATen kernel written in scalar_t on tensors of format ``fmt``:
+        the storage type's, a rounding per operation (``StorageTypeKernel``); float32's own for
+        float32 tensors; with ``accumulate="storage"`` every operation in the storage format."""
+        if isinstance(self.compute, StorageArithmetic):
+            return self.compute
+        if fmt in ("float32", "float64"):
+            return FLOAT32
+        return StorageTypeKernel(fmt)
 
     # the hooks Sequential calls ----------------------------------------------------------
     def forward_layer(self, layer, params, x, state: ForwardState):
@@ -352,16 +430,24 @@ class EmulatedBackend:
         if isinstance(layer, Container):
             return layer.backward(self, params, dy, ecache)
         cache, in_fmt, compute_params, seen, y, compute = ecache
-        dy = self._compute_view(dy, compute)
         with np.errstate(all="ignore"):
-            output_form = getattr(layer, "df_from_output", None)
+            from_output = getattr(layer, "backward_from_output", None)    # sigmoid, tanh
             torch_form = getattr(layer, "torch_backward", None)     # autograd's composition
-            if self.precision.derivatives == "torch" and output_form is not None:
-                dx, grads = dy * output_form(compute, self._compute_view(y, compute)), {}
+            if self.precision.derivatives == "torch" and from_output is not None:
+                # ATen's sigmoid_backward/tanh_backward: scalar_t arithmetic on the stored
+                # output and the incoming gradient (both in the output's format).
+                kernel = self._scalar_t(format_of(y))
+                dx, grads = from_output(kernel, kernel.asarray(dy), kernel.asarray(y)), {}
             elif self.precision.derivatives == "torch" and torch_form is not None:
-                dx, grads = torch_form(compute, dy, cache), {}
+                dx, grads = torch_form(compute, self._compute_view(dy, compute), cache), {}
+            elif "backward" in SCALAR_T_KERNELS.get(layer.type, ()):
+                kernel = self._scalar_t(self._input_format(layer, in_fmt))
+                dx, grads = layer.backward(kernel, {k: kernel.asarray(v) for k, v in
+                                                    compute_params.items()},
+                                           kernel.asarray(dy), cache)
             else:
-                dx, grads = layer.backward(compute, compute_params, dy, cache)
+                dx, grads = layer.backward(compute, compute_params,
+                                           self._compute_view(dy, compute), cache)
             dx = store(store(dx, self._input_format(layer, in_fmt)), in_fmt)
             # In the format the kernel saw the parameter in (fp16 for a cast float32 master
             # weight: its .grad is float32 but holds fp16 values; unscaling makes it float32).
@@ -444,6 +530,9 @@ def run(model, precision: Precision, params, x, y, state: Optional[ForwardState]
     float64). With ``cast=False`` the parameters are taken as given (a training loop passes its
     master or storage-format parameters)."""
     loss_scale = check_loss_scale(loss_scale)
+    if precision.emulated and (model.l1 or model.l2):
+        raise ValueError("precision: the fp16/bf16 emulation does not model the L1/L2 penalty "
+                         "terms; diagnose the model without 'regularization'")
     state = model.default_state() if state is None else state
     state.outputs = [] if state.outputs is None else state.outputs
     if not precision.emulated:
@@ -453,18 +542,9 @@ def run(model, precision: Precision, params, x, y, state: Optional[ForwardState]
     held = cast_params(params, precision) if cast else params
     x_held = store(x, bk.storage if precision.policy == "half" else "float32")
     h, caches = model.net.forward(bk, held, x_held, state)
-    # The loss: float32 under autocast; under half computed in float32 from the storage-format
-    # logits and stored in the storage format (torch's half cross-entropy returns half).
     with np.errstate(all="ignore"):
-        loss32, loss_cache = model.loss.forward(FLOAT32, FLOAT32.asarray(plain(h)), y)
-        loss_fmt = bk.storage if precision.policy == "half" else "float32"
-        loss = store(np.asarray(loss32, dtype=np.float32), loss_fmt)
-        upstream = plain(store(np.asarray(loss_scale, dtype=np.float64), loss_fmt))
-        dh = _loss_backward(model.loss, loss_cache, np.float32(upstream), format_of(h))
+        loss, dh = _loss_and_gradient(model.loss, precision, h, y, loss_scale)
     dx, scaled = model.net.backward(bk, held, dh, caches)
-    if model.l1 or model.l2:
-        raise ValueError("precision: the fp16/bf16 emulation does not model the L1/L2 penalty "
-                         "terms; diagnose the model without 'regularization'")
     inv_scale = np.float32(1.0 / np.float64(np.float32(loss_scale)))   # GradScaler's inverse
     with np.errstate(all="ignore"):
         unscaled = {k: np.asarray(plain(g), dtype=np.float32) * inv_scale
@@ -476,42 +556,62 @@ def run(model, precision: Precision, params, x, y, state: Optional[ForwardState]
                            dict(state.updates), dh, dx)
 
 
-def _loss_backward(loss, cache, upstream, logits_fmt):
-    """The loss gradient for an upstream gradient S (the loss scale), as torch computes it.
+def _loss_and_gradient(loss, precision: Precision, h, y, loss_scale):
+    """(the loss in its format, S·∂L/∂h in the logits' format) as torch computes them.
 
-    Cross-entropy is log_softmax then nll_loss: nll's backward puts −S/N on the label, and that
-    value is held in the logits' dtype before log_softmax's backward forms dlogp − p·Σdlogp. When
-    −S/N overflows (S = 2²⁴, N = 64 in fp16), that gives +inf off the label and NaN on it — what
-    the GPU gives under autocast (shared/PRECISION.md). mse and bce_with_logits: S times the
-    gradient, computed in float32 and then stored.
-
-    Cross-entropy with options (class weights, ignore_index, label smoothing, probabilities,
-    reduction "none", (N, C, d…) logits): the same composition, with nll's (or the probability
-    sum's) gradient −S·q·scale on log p (q: the loss's per-class weights, scale 1/divisor or
-    the upstream vector) held in the logits' format, and log_softmax's backward
-    g − p·Σ_k g_k on it."""
-    if isinstance(loss, SoftmaxCrossEntropy) and loss.is_plain(cache):
-        inner, divisor = cache
-        logp, labels = inner.rows, inner.labels
-        onehot = np.zeros(logp.shape, dtype=bool)
-        onehot[np.arange(logp.shape[0]), labels] = True
-        g = np.float32(plain(store(np.asarray([upstream / np.float32(divisor)]), logits_fmt))[0])
-        p = np.exp(logp)
-        grad = loss._unrows(np.where(onehot, p * g - g, p * g), inner.shape)
-    elif isinstance(loss, SoftmaxCrossEntropy):
-        inner, scale = cache
-        q = loss.logp_weights(cache).astype(np.float32)
-        if loss.reduction == "none":                  # u (N, d…): one value per row
-            g_logp = -q * (upstream * np.asarray(scale, dtype=np.float32).reshape(-1, 1))
-        else:
-            g_logp = -q * (upstream / np.asarray(scale, dtype=np.float32))
-        g_logp = plain(store(g_logp, logits_fmt))
-        p = np.exp(inner.rows)
-        grad = loss._unrows(g_logp - p * np.sum(g_logp, axis=1, keepdims=True, dtype=np.float32),
-                            inner.shape)
-    else:
+    The loss reads the stored logits exactly in float32 and is held in ``precision.loss_format``
+    (float32: autocast's float32 list, or an explicit ``.float()``; the storage format under
+    half), and the upstream gradient S with it (S = 2¹⁶ is inf in fp16). Torch's half
+    cross-entropy (``loss_dtype="policy"`` under half) is log_softmax, whose output is *stored* in
+    the storage format, then nll_loss on that stored tensor: the loss is the mean of the stored
+    log-probabilities at the labels, and log_softmax's backward exponentiates the stored values
+    (``SoftMax.cu``: grad − exp(output)·Σgrad, in float). Other losses are computed in float32
+    and their gradient rounded once (their half kernels are not modelled: spec/precision.md)."""
+    logits_fmt = format_of(h)
+    loss_fmt = precision.loss_format
+    loss32, cache = loss.forward(FLOAT32, FLOAT32.asarray(plain(h)), y)
+    upstream = np.float32(plain(store(np.asarray(loss_scale, dtype=np.float64), loss_fmt)))
+    if not isinstance(loss, SoftmaxCrossEntropy):
         grad = loss.backward(FLOAT32, cache) * upstream
-    return store(grad, logits_fmt)
+        return store(np.asarray(loss32, dtype=np.float32), loss_fmt), store(grad, logits_fmt)
+    inner = cache[0]
+    logp = inner.rows                                   # float32 log-probabilities
+    if loss_fmt != "float32":                            # half: log_softmax's output stored
+        logp = np.asarray(plain(store(logp, loss_fmt)), dtype=np.float32)
+        if loss.is_plain(cache):                        # nll_loss of the stored tensor
+            picked = logp[np.arange(inner.labels.size), inner.labels]
+            loss32 = -np.sum(picked, dtype=np.float32) / np.float32(cache[1])
+    # Where nll's gradient −S/N is held before log_softmax's backward: in the logits' format
+    # under autocast's own loss (measured: an overflow there gives +inf off the label and NaN
+    # on it), in the loss's format otherwise (float32 after an explicit .float()).
+    nll_fmt = logits_fmt if (precision.policy == "autocast"
+                             and precision.loss_dtype == "policy") else loss_fmt
+    grad = _cross_entropy_backward(loss, cache, logp, upstream, nll_fmt)
+    return store(np.asarray(loss32, dtype=np.float32), loss_fmt), store(grad, logits_fmt)
+
+
+def _cross_entropy_backward(loss, cache, logp, upstream, nll_fmt):
+    """S·∂L/∂logits in float32, as torch composes cross-entropy's backward: nll_loss's gradient
+    of the log-probabilities, −S/N on the label (−S·q·scale with class weights, label smoothing
+    or probabilities: q the loss's per-class weights, scale 1/divisor or the upstream vector),
+    held in ``nll_fmt``; then log_softmax's backward g − p·Σ_k g_k with p = exp(``logp``) (the
+    log-probabilities as stored), in float32. For hard labels that is p·g − g on the label and
+    p·g elsewhere (g = S/N), the same two roundings as torch's g − p·g."""
+    inner, scale = cache
+    p = np.exp(logp)
+    if loss.is_plain(cache):
+        onehot = np.zeros(logp.shape, dtype=bool)
+        onehot[np.arange(logp.shape[0]), inner.labels] = True
+        g = np.float32(plain(store(np.asarray([upstream / np.float32(scale)]), nll_fmt))[0])
+        return loss._unrows(np.where(onehot, p * g - g, p * g), inner.shape)
+    q = loss.logp_weights(cache).astype(np.float32)
+    if loss.reduction == "none":                      # u (N, d…): one value per row
+        g_logp = -q * (upstream * np.asarray(scale, dtype=np.float32).reshape(-1, 1))
+    else:
+        g_logp = -q * (upstream / np.asarray(scale, dtype=np.float32))
+    g_logp = np.asarray(plain(store(g_logp, nll_fmt)), dtype=np.float32)
+    return loss._unrows(g_logp - p * np.sum(g_logp, axis=1, keepdims=True, dtype=np.float32),
+                        inner.shape)
 
 
 def _run_plain(model, precision, params, x, y, state, loss_scale):

@@ -58,6 +58,11 @@ FORMATS = {
 }
 
 
+# float32 as a Format (not a storage format, so not in FORMATS): round_to and ordinal take it,
+# for comparisons that count float32 gradients in float32's own steps.
+FLOAT32 = Format("float32", 24, -126, float(np.finfo(np.float32).max), True)
+
+
 def get_format(name: str) -> Format:
     if name not in FORMATS:
         raise ValueError(f"format: unknown format {name!r}; expected one of {sorted(FORMATS)}")
@@ -79,3 +84,23 @@ def round_to(x, fmt) -> np.ndarray:
         out = np.where(big, overflow, rounded)
         out = np.where(np.isfinite(x), out, x if fmt.has_inf else np.where(np.isnan(x), x, np.nan))
     return out
+
+
+def ordinal(x, fmt) -> np.ndarray:
+    """Each value of ``fmt`` (``x`` must hold its values: ``round_to``'s results) numbered along
+    the format's grid: ±0 is 0, consecutive values differ by 1 — across binades and through the
+    subnormals — and negative values count down (−v ↦ −ordinal(v)). So |ordinal(a) − ordinal(b)|
+    is how many units in the last place of the format lie between a and b. For a positive value
+    it is the value's bit pattern as an integer (fp16, bf16, float32 alike). Finite values only;
+    float64 results, exact (below 2⁵³).
+
+    How: with q the spacing at |x| (as in ``round_to``) and E = max(exponent, e_min), |x|/q
+    counts the steps inside the binade and (E − e_min)·2^(p−1) the steps below it."""
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    x = np.asarray(x, dtype=np.float64)
+    a = np.abs(x)
+    _, e = np.frexp(a)                        # a in [2^(e-1), 2^e)
+    exponent = np.where(a == 0, fmt.emin, np.maximum(e - 1, fmt.emin))   # frexp(0): e = 0
+    q = np.ldexp(1.0, exponent - (fmt.precision - 1))
+    steps = (exponent - fmt.emin) * 2.0 ** (fmt.precision - 1) + a / q
+    return np.copysign(steps, x)
