@@ -135,6 +135,8 @@ class _Recurrent(Layer):
     # torch.autocast casts the input, weights and initial state of cuDNN's RNN to fp16
     # (AutocastRNN.cpp) and cuDNN computes in float32 (promote_rnn_math_type): a lowp kernel.
     autocast = "lowp"
+    autocast_format = "fp16"      # AutocastRNN.cpp casts to at::kHalf whatever autocast's dtype
+    stores_steps = True           # the emulation runs it as a kernel that stores every step
     defaults = {"hidden_size": None, "num_layers": 1, "bias": True, "output": "sequence",
                 "init": "torch_default", "init_hh": None, "bias_init": "torch_default"}
 
