@@ -31,10 +31,10 @@ t + 1 through the recurrence; δh_T = 0 (and δc_T = 0)::
                                                      it, so ∂c_T/∂c_t = Π_{k=t+1..T} diag(f_k):
                                                      a product of gates, never of W_hh
            δh_{t−1} += W_hhᵀ δz
-    gru    δn = δh_t ⊙ (1 − z),  δz_ = δh_t ⊙ (h_{t−1} − n),  δh_{t−1} += δh_t ⊙ z
+    gru    δn = δh_t ⊙ (1 − z),  δζ = δh_t ⊙ (h_{t−1} − n) (ζ: the gate z),  δh_{t−1} += δh_t ⊙ z
            δa_n = δn ⊙ tanh′(u_n + r ⊙ v_n),  δr = δa_n ⊙ v_n
-           δu = [δr ⊙ σ′; δz_ ⊙ σ′; δa_n]   (the input side, ∂L/∂u_t)
-           δv = [δr ⊙ σ′; δz_ ⊙ σ′; δa_n ⊙ r]   (the recurrent side, ∂L/∂v_t)
+           δu = [δr ⊙ σ′(u_r + v_r); δζ ⊙ σ′(u_z + v_z); δa_n]   (the input side, ∂L/∂u_t)
+           δv = [δr ⊙ σ′(u_r + v_r); δζ ⊙ σ′(u_z + v_z); δa_n ⊙ r]   (the recurrent side)
            δh_{t−1} += W_hhᵀ δv
     then, over every step at once (rows n, t):
            ∂L/∂W_ih = Σ_{n,t} δu_t x_tᵀ    ∂L/∂b_ih = Σ δu_t    ∂L/∂x_t = W_ihᵀ δu_t
@@ -66,8 +66,8 @@ Stacking the per-step values into (N, T, ·) and the gates into (·, G·H) is se
 
 Each per-step state (h_t, c_t) and each per-step gradient (∂L/∂h_t, ∂L/∂c_t, the gate
 gradients) passes :func:`at_step`: nothing happens unless the backend asks to see it
-(``store_step``): the fp16/bf16 emulation rounds it to the storage format there, as cuDNN
-stores it between steps (spec/precision.md), and a recording backend keeps it for per-step
+(``store_step``): the fp16/bf16 emulation rounds it to its kernel's format there (fp16 under
+autocast), as cuDNN stores it between steps (spec/precision.md), and a recording backend keeps it for per-step
 accounting (``refnet.lowp.steps``).
 """
 
@@ -311,8 +311,8 @@ class RNN(_Recurrent):
 
     def cell_backward(self, bk, d_carry, a, w_hh, k, t):
         (dh,) = d_carry
-        if self.activation is _RELU:
-            da = bk.where(a <= 0, 0, dh)        # relu's backward, torch's: 0 at a = 0
+        if self.activation is _RELU:            # relu's own backward: 0 at a = 0, as torch
+            da, _ = _RELU.backward(bk, None, dh, (a, None))
         else:
             da = dh * self.activation.df(bk, a, None)
         da = at_step(bk, da, "dz", k, t)
