@@ -60,6 +60,20 @@ def test_small_resnet_forward_backward(benchmark, impl, need_torch, dtype):
     _model_bench(benchmark, impl, Model({**spec, "batch": 32}), dtype)
 
 
+def lstm_sequence():
+    """A 2-layer LSTM (hidden 64) over 50 steps, batch 32, its last step to 10 classes."""
+    return Model({"input_shape": [50, 16], "seed": 0, "batch": 32,
+                  "layers": [{"type": "lstm", "hidden_size": 64, "num_layers": 2,
+                              "output": "last"}, {"type": "dense", "out": 10}],
+                  "loss": {"type": "softmax_cross_entropy"}})
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_lstm_forward_backward(benchmark, impl, need_torch, dtype):
+    benchmark.group = f"lstm-2x64-T50-{dtype}"
+    _model_bench(benchmark, impl, lstm_sequence(), dtype)
+
+
 def _layer_bench(benchmark, impl, layer, params, x, dy, torch_forward, dtype, train=False):
     """forward + backward of one layer with upstream gradient dy; the torch twin computes
     ``torch_forward(x, weight, bias, params)`` and backpropagates the same dy."""

@@ -38,6 +38,9 @@ MUTATIONS = {
     "softplus_linear_at_threshold": "softplus takes the linear branch at beta*z = threshold",
     "sigmoid_naive_form": "sigmoid as 1/(1 + exp(-z)), differentiated by JAX",
     "tanh_naive_form": "tanh as (exp(2z) - 1)/(exp(2z) + 1), differentiated by JAX",
+    # the recurrent layers' conventions (issue 16)
+    "lstm_gate_order_icfo": "lstm's gate rows read as (i, g, f, o), TensorFlow's order",
+    "gru_reset_before_matmul": "gru's n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)",
 }
 
 SQRT_2_OVER_PI = 0.7978845608028654
@@ -59,6 +62,9 @@ DEFAULTS = {
     "softplus": {"beta": 1.0, "threshold": 20.0}, "gelu": {"approximate": "none"},
     "hardtanh": {"min_val": -1.0, "max_val": 1.0}, "residual": {"shortcut": "identity",
                                                                 "scale": 1.0},
+    "rnn": {"num_layers": 1, "bias": True, "output": "sequence", "nonlinearity": "tanh"},
+    "lstm": {"num_layers": 1, "bias": True, "output": "sequence"},
+    "gru": {"num_layers": 1, "bias": True, "output": "sequence"},
 }
 
 
@@ -252,6 +258,9 @@ def build_layer(config, shape, mutations):      # noqa: C901 (one branch per lay
             y = y.reshape(x.shape)
             return y * channel(p["weight"], ndim) + channel(p["bias"], ndim) if c["affine"] else y
         return f, shape
+    if kind in ("rnn", "lstm", "gru"):
+        return (lambda p, x, train: recurrent(kind, c, p, x, mutations),
+                (shape[0], c["hidden_size"]) if c["output"] == "sequence" else (c["hidden_size"],))
     if kind == "residual":
         body, out = build(c["body"], shape, mutations)
         short = None if c["shortcut"] == "identity" else build(c["shortcut"], shape, mutations)[0]
@@ -262,6 +271,44 @@ def build_layer(config, shape, mutations):      # noqa: C901 (one branch per lay
             return s + c["scale"] * body(sub("body."), x, train)
         return f, out
     return (lambda p, x, train: activation(kind, c, p, x, mutations)), shape
+
+
+def recurrent(kind, c, p, x, mutations):
+    """torch's nn.RNN / nn.LSTM / nn.GRU, batch first, h_{-1} = c_{-1} = 0 (spec/operations.md,
+    "Recurrent layers"): x (N, T, F) -> the top layer's h_t for every t, or the last one."""
+    hi, sig = jax.lax.Precision.HIGHEST, jax.nn.sigmoid
+    seq = x
+    for k in range(c["num_layers"]):
+        w_ih, w_hh = p[f"weight_ih_l{k}"], p[f"weight_hh_l{k}"]
+        b_ih = p[f"bias_ih_l{k}"] if c["bias"] else 0.0
+        b_hh = p[f"bias_hh_l{k}"] if c["bias"] else 0.0
+        h = jnp.zeros((x.shape[0], c["hidden_size"]), dtype=x.dtype)
+        cell, outs = jnp.zeros_like(h), []
+        for t in range(seq.shape[1]):
+            u = jnp.matmul(seq[:, t], w_ih.T, precision=hi) + b_ih
+            if kind == "rnn":
+                a = u + jnp.matmul(h, w_hh.T, precision=hi) + b_hh
+                h = jnp.tanh(a) if c["nonlinearity"] == "tanh" else jnp.where(a > 0, a, 0.0)
+            elif kind == "lstm":
+                gates = jnp.split(u + jnp.matmul(h, w_hh.T, precision=hi) + b_hh, 4, axis=1)
+                i, f, g, o = ((gates[0], gates[2], gates[1], gates[3])
+                              if "lstm_gate_order_icfo" in mutations else gates)
+                cell = sig(f) * cell + sig(i) * jnp.tanh(g)
+                h = sig(o) * jnp.tanh(cell)
+            else:
+                ur, uz, un = jnp.split(u, 3, axis=1)
+                wr, wz, wn = jnp.split(w_hh, 3, axis=0)
+                br, bz, bn = jnp.split(b_hh, 3) if c["bias"] else (0.0, 0.0, 0.0)
+                r = sig(ur + jnp.matmul(h, wr.T, precision=hi) + br)
+                z = sig(uz + jnp.matmul(h, wz.T, precision=hi) + bz)
+                if "gru_reset_before_matmul" in mutations:
+                    n = jnp.tanh(un + jnp.matmul(r * h, wn.T, precision=hi) + bn)
+                else:
+                    n = jnp.tanh(un + r * (jnp.matmul(h, wn.T, precision=hi) + bn))
+                h = (1 - z) * n + z * h
+            outs.append(h)
+        seq = jnp.stack(outs, axis=1)
+    return seq if c["output"] == "sequence" else seq[:, -1]
 
 
 def activation(kind, c, p, z, mutations):       # noqa: C901

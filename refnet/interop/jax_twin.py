@@ -16,6 +16,10 @@ pin, where JAX's own differ:
   0·inf is NaN. The clamps are ``where``s too — ``jnp.minimum(z, 0)`` has derivative ½ at
   z = 0, which made elu′(0) = α/2.
 
+Recurrent layers (rnn, lstm, gru) are torch's definitions written as a loop over time steps:
+gate order (i, f, g, o) and (r, z, n), GRU's n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)),
+h_{−1} = c_{−1} = 0, relu′(0) = 0 by a ``where``.
+
 Window geometry (padding, ceil mode, dilation, adaptive windows) and average-pool divisors are
 taken from the refnet layer (``layer.windows``, ``layer.divisor``): the torch conformance run and
 ``tests/jax_adapter_independent.py`` (written from ``spec/conformance.md`` alone, with its own
@@ -180,6 +184,8 @@ def _layer(layer, params, x, train, jnp, jax):
             return x
         raise NotImplementedError(f"{layer.where}: the JAX twin has no dropout masks (train "
                                   f"mode with p > 0)")
+    if kind in ("rnn", "lstm", "gru"):
+        return _recurrent(layer, params, x, jnp, jax, hi)
     if kind == "residual":
         body = _sequence(layer.body.layers, sub("body."), x, train, jnp, jax)
         short = x if layer.shortcut is None else _sequence(layer.shortcut.layers,
@@ -189,6 +195,40 @@ def _layer(layer, params, x, train, jnp, jax):
     if y is None:
         raise NotImplementedError(f"{layer.where}: no JAX twin for layer type {kind!r}")
     return y
+
+
+def _recurrent(layer, params, x, jnp, jax, hi):
+    """torch's nn.RNN / nn.LSTM / nn.GRU (batch first) over x (N, T, F): the top layer's
+    output sequence, or its last step."""
+    kind, c, hidden = layer.type, layer.config, layer.hidden
+    sig = jax.nn.sigmoid
+    seq = x
+    for k in range(layer.num_layers):
+        w_ih, w_hh = params[f"weight_ih_l{k}"], params[f"weight_hh_l{k}"]
+        b_ih = params[f"bias_ih_l{k}"] if c["bias"] else 0.0
+        b_hh = params[f"bias_hh_l{k}"] if c["bias"] else 0.0
+        h = jnp.zeros((x.shape[0], hidden), dtype=x.dtype)
+        cell = jnp.zeros_like(h)
+        outs = []
+        for t in range(seq.shape[1]):
+            u = jnp.matmul(seq[:, t], w_ih.T, precision=hi) + b_ih
+            v = jnp.matmul(h, w_hh.T, precision=hi) + b_hh
+            if kind == "rnn":
+                a = u + v
+                h = jnp.tanh(a) if c["nonlinearity"] == "tanh" else jnp.where(a > 0, a, 0.0)
+            elif kind == "lstm":
+                zi, zf, zg, zo = jnp.split(u + v, 4, axis=1)
+                cell = sig(zf) * cell + sig(zi) * jnp.tanh(zg)
+                h = sig(zo) * jnp.tanh(cell)
+            else:
+                ur, uz, un = jnp.split(u, 3, axis=1)
+                vr, vz, vn = jnp.split(v, 3, axis=1)
+                r, z = sig(ur + vr), sig(uz + vz)
+                n = jnp.tanh(un + r * vn)
+                h = (1 - z) * n + z * h
+            outs.append(h)
+        seq = jnp.stack(outs, axis=1)
+    return seq if c["output"] == "sequence" else seq[:, -1]
 
 
 def _sequence(layers, params, x, train, jnp, jax):

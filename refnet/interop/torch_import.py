@@ -43,7 +43,9 @@ SUPPORTED_MODULES = ("nn.Linear, nn.Conv2d, nn.BatchNorm1d/2d, nn.LayerNorm, nn.
                      "nn.InstanceNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, "
                      "nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Identity, "
                      "every activation refnet has (module or functional), residual adds "
-                     "(out + identity, a shortcut branch, a scalar scale on one branch)")
+                     "(out + identity, a shortcut branch, a scalar scale on one branch), "
+                     "nn.RNN/nn.LSTM/nn.GRU (batch_first, zero initial state; their output, "
+                     "output[:, -1] or h_n[-1])")
 
 # torch loss -> refnet loss type
 LOSS_MODULES = {"MSELoss": "mse", "CrossEntropyLoss": "softmax_cross_entropy",
@@ -261,6 +263,11 @@ class _Graph:
             if _key(value) in ("add.Tensor",) and len(self.inputs_on_path(value)) == 2:
                 block, value = self.residual(value, memo)
                 layers.append(block)
+                continue
+            recurrent = _recurrent(self, value)
+            if recurrent is not None:              # nn.RNN/LSTM/GRU: output, its last step
+                layer, value = recurrent
+                layers.append(layer)
                 continue
             if _key(value) == "getitem":           # adaptive_max_pool2d's values
                 layers.append(_getitem(self, value, {}))
@@ -497,6 +504,63 @@ def _getitem(g, node, a):
     sargs = _bind(source)
     return {"type": "adaptive_maxpool2d", "output_size": _pair([int(s) for s in
                                                                  sargs["output_size"]])}
+
+
+# torch.export's ops of nn.RNN (tanh, relu), nn.LSTM and nn.GRU -> refnet's layer
+RECURRENT_OPS = {"rnn_tanh.input": ("rnn", "tanh"), "rnn_relu.input": ("rnn", "relu"),
+                 "lstm.input": ("lstm", None), "gru.input": ("gru", None)}
+_ZEROS = ("zeros.default", "zeros_like.default", "new_zeros.default")
+
+
+def _recurrent(g, node):
+    """A recurrent module's result as refnet reads it, or None if ``node`` is none: its output
+    (``getitem 0``), the output's last step (``select(output, 1, -1)``), or the top layer's
+    final state (``select(h_n, 0, -1)``, the same values) -> (layer, the op's data input)."""
+    last, item = False, node
+    if _key(node) == "select.int" and _key(node.args[0]) == "getitem":
+        item, last = node.args[0], True
+    if _key(item) != "getitem" or _key(item.args[0]) not in RECURRENT_OPS:
+        return None
+    op, index = item.args
+    kind, nonlinearity = RECURRENT_OPS[_key(op)]
+    a = _bind(op)
+    where = f"{_key(op)} at {_module_path(op)}"
+    layers, T = int(a["num_layers"]), g.shape(a["input"])[1]
+    if last:
+        dim, at = int(node.args[1]), int(node.args[2])
+        size = layers if index == 1 else T
+        if (index, dim) not in ((0, 1), (1, 0)) or at % size != size - 1:
+            _fail(f"{where}: refnet reads output[:, -1] or h_n[-1] (the top layer's last step); "
+                  f"got select(dim {dim}, index {at}) of result {index}")
+    elif index != 0:
+        _fail(f"{where}: refnet's {kind} returns the output sequence (result 0), not result "
+              f"{index} (h_n/c_n) whole; use output[:, -1] or h_n[-1]")
+    for other in op.users:
+        if other is not item and other.users:
+            _fail(f"{where}: its result {other.args[1]} is used too; refnet's {kind} gives "
+                  f"one result (the output, or its last step)")
+    if a["bidirectional"] or not a["batch_first"]:
+        _fail(f"{where}: refnet's recurrent layers are unidirectional with batch_first=True "
+              f"(got bidirectional={a['bidirectional']}, batch_first={a['batch_first']})")
+    if float(a["dropout"]) > 0 and a["train"] and layers > 1:
+        _fail(f"{where}: dropout {a['dropout']} between layers in train mode (refnet has none)")
+    hx = a["hx"] if isinstance(a["hx"], (list, tuple)) else [a["hx"]]
+    if not all(getattr(h, "op", None) == "call_function" and _key(h) in _ZEROS for h in hx):
+        _fail(f"{where}: an initial state other than zeros (refnet starts from h_0 = 0"
+              f"{', c_0 = 0' if kind == 'lstm' else ''})")
+    names = [f"{w}_l{k}" for k in range(layers)
+             for w in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if a["has_biases"]
+                                                    else ())]
+    if len(a["params"]) != len(names):
+        _fail(f"{where}: {len(a['params'])} parameter tensors for {len(names)} expected")
+    tensors = {name: g.tensor(t, op, name) for name, t in zip(names, a["params"])}
+    hidden = int(g.state[tensors["weight_hh_l0"]].shape[1])
+    layer = {"type": kind, "hidden_size": hidden, "num_layers": layers,
+             "bias": bool(a["has_biases"]), "output": "last" if last else "sequence"}
+    if nonlinearity is not None:
+        layer["nonlinearity"] = nonlinearity
+    g.done.update({node, item, op})
+    return _named(g, op, layer, tensors), a["input"]
 
 
 def _flatten(g, node, a):

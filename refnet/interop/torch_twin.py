@@ -16,6 +16,10 @@ Pools carry every option refnet has, by torch's name (dilation, ceil_mode, count
 divisor_override); adaptive_avgpool2d and adaptive_maxpool2d are nn.AdaptiveAvgPool2d and
 nn.AdaptiveMaxPool2d; dense on (N, *, in) is nn.Linear on the last axis.
 
+Recurrent layers (rnn, lstm, gru) are ``nn.RNN``/``nn.LSTM``/``nn.GRU`` with ``batch_first=True``
+(subclassed only to return torch's ``output``, or its last step for ``"output": "last"``), so
+their parameters keep torch's own names (``"0.weight_ih_l0"``, ...).
+
 Losses (``torch_loss``, ``torch_objective``): torch's functional of each loss with its options
 by torch's name; a reduction "none" loss is differentiated as Σ upstream·ℓ.
 """
@@ -87,6 +91,26 @@ class FixedMaskDropout(nn.Module):
         return x * noise
 
 
+class _LastOrSequence:
+    """torch's recurrent module returning ``output`` (N, T, H), or ``output[:, -1]`` (N, H)."""
+
+    def forward(self, x):
+        out, _ = super().forward(x)
+        return out[:, -1] if self.refnet_last else out
+
+
+_RECURRENT = {kind: type(f"Refnet{cls.__name__}", (_LastOrSequence, cls), {})
+              for kind, cls in (("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU))}
+
+
+def _recurrent(layer, c):
+    options = {"nonlinearity": c["nonlinearity"]} if layer.type == "rnn" else {}
+    module = _RECURRENT[layer.type](layer.in_shape[-1], layer.hidden, layer.num_layers,
+                                    bias=c["bias"], batch_first=True, **options)
+    module.refnet_last = c["output"] == "last"
+    return module
+
+
 def _tup(value):
     """A JSON pair as torch's tuple (an int, or null, as it is)."""
     return tuple(value) if isinstance(value, list) else value
@@ -137,6 +161,8 @@ def _module(layer, masks=None):
     if kind == "residual":
         shortcut = None if layer.shortcut is None else _sequential(layer.shortcut.layers, masks)
         return Residual(_sequential(layer.body.layers, masks), shortcut, c["scale"])
+    if kind in _RECURRENT:
+        return _recurrent(layer, c)
     if kind in _OPTION_MODULES:
         return _OPTION_MODULES[kind](layer, c)
     if kind in _ACTIVATIONS:

@@ -148,7 +148,7 @@ def cases() -> List[Case]:
                          {"type": "dense", "out": 2}]}, upstream="loss"),
     ]
     return (ops + losses + nets + _pool_and_shape_cases() + option_cases()
-            + loss_option_cases() + convention_cases())
+            + loss_option_cases() + convention_cases() + recurrent_cases())
 
 
 def _pool_and_shape_cases() -> List[Case]:
@@ -360,6 +360,32 @@ def convention_cases() -> List[Case]:
              _op({"type": "sigmoid"}, [5]), x_special=saturated),
         Case("tanh-saturated", "tanh saturated: inputs ±40, ±800, ±20",
              _op({"type": "tanh"}, [5]), x_special=saturated),
+    ]
+
+
+def recurrent_cases() -> List[Case]:
+    """Issue 16: the three recurrent cells as torch's nn.RNN/LSTM/GRU (batch first), each with
+    its options changing the numbers — two layers (layer 1 reads layer 0's sequence), relu and
+    no bias, the last step only — and a whole net, an LSTM feeding a GRU."""
+    seq = lambda layer, seed: {"input_shape": [4, 2], "seed": seed, "batch": 2,   # noqa: E731
+                               "layers": [layer], "loss": {"type": "mse"}}
+    return [
+        Case("rnn", "RNN (tanh), 2 layers, hidden 3, on (N, T = 4, F = 2); the output sequence",
+             seq({"type": "rnn", "hidden_size": 3, "num_layers": 2}, 21)),
+        Case("rnn-relu-last", "RNN (relu), hidden 3, no bias, on (N, 4, 2); the last step's "
+             "output (N, H)", seq({"type": "rnn", "hidden_size": 3, "nonlinearity": "relu",
+                                   "bias": False, "output": "last"}, 22)),
+        Case("lstm", "LSTM, 2 layers, hidden 3, on (N, 4, 2): gates i, f, g, o; the output "
+             "sequence", seq({"type": "lstm", "hidden_size": 3, "num_layers": 2}, 23)),
+        Case("gru", "GRU, hidden 3, on (N, 4, 2): gates r, z, n, torch's n = tanh(W_in x + b_in "
+             "+ r ⊙ (W_hn h + b_hn)); the output sequence",
+             seq({"type": "gru", "hidden_size": 3}, 24)),
+        Case("net-lstm-gru", "LSTM 2 → 4 (sequence) feeding a GRU 4 → 3 (last step), then "
+             "Linear 3 → 2, mse",
+             {"input_shape": [5, 2], "seed": 25, "batch": 2, "loss": {"type": "mse"},
+              "layers": [{"type": "lstm", "hidden_size": 4},
+                         {"type": "gru", "hidden_size": 3, "output": "last"},
+                         {"type": "dense", "out": 2}]}, upstream="loss"),
     ]
 
 

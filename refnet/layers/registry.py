@@ -13,6 +13,7 @@ from .dense import Dense
 from .dropout import Dropout, Dropout2d
 from .norm import BatchNorm, GroupNorm, InstanceNorm2d, LayerNorm
 from .pool import AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool2d, GlobalAvgPool, MaxPool2d
+from .recurrent import RECURRENT
 from .residual import Residual
 from .sequential import Container
 from .shape import Flatten
@@ -25,6 +26,9 @@ LAYER_TYPES.update({cls.type: cls for cls in (GroupNorm, InstanceNorm2d)})
 
 # torch's adaptive pools (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), any output size.
 LAYER_TYPES.update({cls.type: cls for cls in (AdaptiveAvgPool2d, AdaptiveMaxPool2d)})
+
+# torch's recurrent layers (nn.RNN, nn.LSTM, nn.GRU, batch first; issue 16).
+LAYER_TYPES.update(RECURRENT)
 
 
 def layer_types():

@@ -329,11 +329,39 @@ SCALAR_T_KERNELS = {
 }
 
 
+class StepKernel:
+    """A recurrent layer's kernel: float32 arithmetic (or, with ``accumulate="storage"``, the
+    storage format's), and at every step boundary (``store_step``, called by the layer for h_t,
+    c_t, ∂L/∂h_t, ∂L/∂c_t and the gate gradients) the value stored in the kernel's format and
+    recorded in the trace — cuDNN keeps the states and the gate gradients in its data type
+    between steps (a model, not yet checked against hardware: spec/precision.md)."""
+
+    def __init__(self, fmt: str, accumulate: str, layer, trace: "Trace"):
+        self.arithmetic = FLOAT32 if accumulate == "float32" else StorageArithmetic(fmt)
+        self.dtype, self.name = self.arithmetic.dtype, f"{fmt} recurrent kernel"
+        self.step_format, self.layer, self.trace = fmt, layer, trace
+
+    def __getattr__(self, name):          # every operation: the arithmetic's
+        if name == "arithmetic":
+            raise AttributeError(name)
+        return getattr(self.arithmetic, name)
+
+    def asarray(self, a):
+        return self.arithmetic.asarray(a)
+
+    def store_step(self, a, kind, k, t):
+        stored = store(a, self.step_format)
+        self.trace.steps.append((self.layer.name, self.layer.type, kind, k, t, stored))
+        return self.asarray(plain(stored))
+
+
 @dataclass
 class Trace:
     """What a low-precision pass stored, in order: forward outputs (``state.outputs``) and, per
-    leaf layer, the input gradient its backward produced."""
+    leaf layer, the input gradient its backward produced; per recurrent layer, every per-step
+    value its kernel stored (``steps``: see :class:`StepKernel`)."""
     backward: List[tuple] = field(default_factory=list)    # (layer name, layer type, dx)
+    steps: List[tuple] = field(default_factory=list)   # (layer name, type, kind, k, t, value)
 
 
 class EmulatedBackend:
@@ -361,10 +389,18 @@ class EmulatedBackend:
         """Does the kernel see its parameters in the storage format? (Under half they are.)"""
         return self.precision.policy == "half" or layer.autocast == "lowp"
 
+    def _lowp_format(self, layer):
+        """The format a lowp kernel's input and parameters are cast to: the storage format, or
+        under autocast the one torch hardcodes for the layer (``layer.autocast_format``: cuDNN's
+        RNNs are cast to fp16 whatever autocast's dtype, ATen's AutocastRNN.cpp)."""
+        if self.precision.policy == "autocast":
+            return getattr(layer, "autocast_format", None) or self.storage
+        return self.storage
+
     def _output_format(self, layer, in_fmt):
         if self.precision.policy == "autocast":
             if layer.autocast == "lowp":
-                return self.storage
+                return self._lowp_format(layer)
             if layer.autocast == "float32":
                 return "float32"
         return in_fmt
@@ -372,12 +408,13 @@ class EmulatedBackend:
     def _input_format(self, layer, in_fmt):
         """The format the kernel reads its input in (autocast casts a float32 input down)."""
         if self.precision.policy == "autocast" and layer.autocast == "lowp":
-            return self.storage
+            return self._lowp_format(layer)
         return in_fmt
 
     def _compute_view(self, a, compute=None):
         """What the kernel computes on: plain float32 values (or storage-format arithmetic)."""
         compute = self.compute if compute is None else compute
+        compute = getattr(compute, "arithmetic", compute)      # a StepKernel's arithmetic
         if isinstance(compute, StorageArithmetic):
             return compute.asarray(a)
         return np.asarray(plain(a), dtype=np.float32)
@@ -390,6 +427,8 @@ class EmulatedBackend:
         layer whose kernels ATen writes in scalar_t (``SCALAR_T_KERNELS``)."""
         if getattr(layer, "composite", False) and fmt not in ("float32", "float64"):
             return StorageArithmetic(fmt)
+        if getattr(layer, "stores_steps", False):      # a recurrent kernel (layers/recurrent.py)
+            return StepKernel(fmt, self.precision.accumulate, layer, self.trace)
         if "forward" in SCALAR_T_KERNELS.get(layer.type, ()):
             return self._scalar_t(fmt)
         return self.compute
@@ -409,7 +448,7 @@ class EmulatedBackend:
         if isinstance(layer, Container):
             return layer.forward(self, params, x, state)
         in_fmt = format_of(x)
-        seen = {k: (store(v, self.storage) if self._casts_params(layer) else v)
+        seen = {k: (store(v, self._lowp_format(layer)) if self._casts_params(layer) else v)
                 for k, v in params.items()}
         compute = self._kernel(layer, self._input_format(layer, in_fmt))
         compute_params = {k: self._compute_view(v, compute) for k, v in seen.items()}

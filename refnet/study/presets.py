@@ -8,6 +8,11 @@ relu-normal1   8 ReLU layers of width 128 on 64 inputs, N(0, 1) weights: activat
 resnet-mlp     8 residual blocks [dense → relu] of width 64, kaiming init scaled by 1/√8 in the
                block (``std`` 0.0625): the identity path keeps gradients flowing
 cnn-bn         conv → batchnorm → relu twice, max-pool, global average pool, dense: a small CNN
+rnn-vanish     a tanh RNN (hidden 16, torch's default init) over 40 steps, its last output to a
+               dense: ∂L/∂h_t shrinks geometrically back in time (fp16: the first steps' gradients
+               underflow to 0)
+lstm-seq       an LSTM (hidden 16, 2 layers) over 20 steps, a dense on every step's output
+               (N, T, 4) and mse on the whole sequence
 =============  ==================================================================================
 """
 
@@ -53,6 +58,18 @@ PRESETS = {
             {"type": "global_avgpool"}, {"type": "flatten"},
             {"type": "dense", "out": 10}],
         "loss": {"type": "softmax_cross_entropy"}},
+    "rnn-vanish": {
+        "input_shape": [40, 3], "seed": 0, "batch": 8,
+        "description": "tanh RNN, hidden 16, 40 steps, torch's default init: vanishing through time",
+        "layers": [{"type": "rnn", "hidden_size": 16, "output": "last"},
+                   {"type": "dense", "out": 2}],
+        "loss": {"type": "mse"}},
+    "lstm-seq": {
+        "input_shape": [20, 3], "seed": 0, "batch": 8,
+        "description": "LSTM, hidden 16, 2 layers, 20 steps; dense on every step, mse",
+        "layers": [{"type": "lstm", "hidden_size": 16, "num_layers": 2},
+                   {"type": "dense", "out": 4}],
+        "loss": {"type": "mse"}},
 }
 
 
