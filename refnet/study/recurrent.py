@@ -18,9 +18,10 @@ spectral radius ρ (:func:`set_spectral_radius`): each of its gate blocks (H, H)
 lstm's W_hi, W_hf, W_hg, W_ho, gru's W_hr, W_hz, W_hn — is multiplied by ρ/ρ(block), ρ(block) =
 max |eigenvalue| measured with numpy (a named choice: every gate's recurrent matrix gets the
 radius, not just the candidate's). The radii after scaling are recorded (``radius_measured``),
-and each block's spectral norm ‖·‖₂ (``norm_hh``): for an orthogonal block the two are equal,
-for a uniform one ‖·‖₂ ≈ 2ρ (a non-normal matrix) — the difference between the rigorous bound
-and the asymptotic rate of ``spec/theory.md``.
+and each block's spectral norm ‖·‖₂ (``norm_hh``): for the rnn's orthogonal W_hh the two are
+equal, for a uniform block ‖·‖₂ is 1.5–2ρ (a non-normal matrix; the blocks of an orthogonal
+lstm or gru tensor are not orthogonal either) — the difference between the rigorous bound and
+the asymptotic rate of ``spec/theory.md``.
 
 Precisions: ``float64``, and ``fp16`` = ``Precision("fp16", "autocast")`` without a loss scaler,
 under which torch runs the recurrent kernel in fp16 (``spec/precision.md``): each step's
