@@ -141,7 +141,9 @@ def test_claim29_at_equal_depth_and_spectral_radius_a_shared_w_explodes_more_oft
     its standard errors √(p(1 − p)/200); the log of the variance ratio exceeds 5 standard errors
     √(2/199 + 2/199) of it. The real RNN (inputs at every step, biases, the study's model at
     T = 50, ρ = 1.5) explodes in 36 of 200: the input at every step shifts the operating point
-    but not the conclusion."""
+    but not the conclusion. With tanh in place of relu neither the shared nor the independent
+    chain explodes in any of the 200 draws (0 of 200 in all): the statement is about
+    non-saturating units."""
     H, L, N, rho, draws = 16, 50, 8, 1.5, 200
     mlp = Model({"input_shape": [H], "seed": 0, "batch": N, "loss": {"type": "mse"},
                  "layers": _tied_mlp(L, H, "relu")})
@@ -173,6 +175,17 @@ def test_claim29_at_equal_depth_and_spectral_radius_a_shared_w_explodes_more_oft
     assert math.log(sd_tied ** 2 / sd_untied ** 2) > 5 * math.sqrt(4 / (draws - 1))
     rnn = [early_over_late(spec_for("rnn-relu", L, d), rho) for d in range(draws)]
     assert f"{sum(v > EXPLODING for v in rnn)} of {draws}" == QUOTED[29][4]
+    # tanh saturates: at the same depth and radius neither structure explodes
+    mlp = Model({"input_shape": [H], "seed": 0, "batch": N, "loss": {"type": "mse"},
+                 "layers": _tied_mlp(L, H, "tanh")})
+    shared, independent = [], []
+    for d in range(draws):
+        rng = np.random.default_rng(d)
+        x, y = np.abs(rng.standard_normal((N, H))), rng.standard_normal((N, H))
+        shared.append(log_ratio([draw(rng)] * L, x, y))
+        independent.append(log_ratio([draw(rng) for _ in range(L)], x, y))
+    for logs in (shared, independent):
+        assert f"{sum(v > 3 for v in logs)} of {draws}" == QUOTED[29][1]
 
 
 # --- 30: LSTM against a tanh RNN at T = 100 -----------------------------------------------------
