@@ -368,3 +368,18 @@ def test_study_quick(benchmark, tmp_path):
     benchmark.pedantic(lambda: run_study(quick=True, out=tmp_path, progress=False), rounds=1,
                        iterations=1)
     benchmark.extra_info["ratio_to_target"] = benchmark.stats.stats.mean / 60.0
+
+
+def test_study_recurrent_quick(benchmark, tmp_path):
+    """``refnet study --recurrent --quick`` end to end (spot checks, the clipping run and the
+    figures included); extra_info holds its time relative to the 60 s target of issue 16."""
+    from refnet.study.recurrent import RecurrentConfig, run_recurrent_study
+    benchmark.group = "study-recurrent-quick"
+    if benchmark.disabled:       # the smoke run: two short configurations and the clipping run
+        run_recurrent_study(out=tmp_path, progress=False,
+                            configs=[RecurrentConfig("rnn-tanh", "uniform", 10, 1.0),
+                                     RecurrentConfig("lstm", "uniform", 10, 0.5)])
+        return
+    benchmark.pedantic(lambda: run_recurrent_study(quick=True, out=tmp_path, progress=False),
+                       rounds=1, iterations=1)
+    benchmark.extra_info["ratio_to_target"] = benchmark.stats.stats.mean / 60.0

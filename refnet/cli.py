@@ -684,6 +684,8 @@ def cmd_study(args) -> int:
     from .study.grid import format_table, run_study, summary
     check_output_dir(args.out, "--out")
     out = Path(args.out)
+    if args.recurrent:
+        return _study_recurrent(args, out)
     try:
         results = run_study(quick=args.quick, out=out, check=not args.no_check,
                             progress=_progress(args))
@@ -696,6 +698,24 @@ def cmd_study(args) -> int:
     print()
     print(summary(results))
     written = sorted(p.name for p in out.iterdir())
+    print(f"\nwrote {', '.join(written)} to {out}/")
+    return EXIT_OK
+
+
+def _study_recurrent(args, out) -> int:
+    from .study.recurrent import format_recurrent_table, recurrent_summary, run_recurrent_study
+    try:
+        results, clip = run_recurrent_study(quick=args.quick, out=out, check=not args.no_check,
+                                            progress=_progress(args))
+    except Interrupted as stop:
+        if stop.partial:
+            print(format_recurrent_table(stop.partial))
+        return _interrupted(args, stop, "their table is on stdout" if stop.partial
+                            else "nothing to keep")
+    print(format_recurrent_table(results))
+    print()
+    print(recurrent_summary(results, clip))
+    written = sorted(p.name for p in out.iterdir() if p.name.startswith("recurrent"))
     print(f"\nwrote {', '.join(written)} to {out}/")
     return EXIT_OK
 
@@ -844,7 +864,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "architecture x precision")
     st.add_argument("--quick", action="store_true",
                     help="a small grid (4 activations, 5 inits, 3 architectures, depths 3 and "
-                         "12, float64 and fp16): under a minute")
+                         "12, float64 and fp16; with --recurrent: 4 cells, lengths 10 and 100, "
+                         "spectral radii 0.5, 1, 1.5): under a minute")
+    st.add_argument("--recurrent", action="store_true",
+                    help="the recurrent study instead: rnn-tanh, rnn-relu, lstm, gru x sequence "
+                         "length x spectral radius of W_hh x init, gradients through time, fp16 "
+                         "underflow per step, clipping an exploding RNN (recurrent.json, ...)")
     st.add_argument("--out", default="study-results",
                     help="directory for results.json, results.csv and the figures "
                          "(default study-results)")

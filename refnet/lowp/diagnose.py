@@ -35,18 +35,28 @@ tensor: how many elements are equal (the unscaled values; ±0 count as equal, an
 to NaN), the largest distance in units in the last place of the format the emulation stored the
 tensor in, counted at the *scaled* values (both sides × S, on that format's grid: the grid the
 GPU computed on), and the first index where they differ.
+
+Gradients through time: for a model with recurrent layers (rnn, lstm, gru), ``Diagnosis.steps``
+holds, per recurrent layer and per layer k inside it, the profile over the time steps
+t = 0 … T−1 of ‖∂L/∂h_t‖₂ (``"dh"``) and, for lstm, ‖∂L/∂c_t‖₂ (``"dc"``): the total gradients
+the backward pass hands to step t (from above and from step t + 1), over the whole batch, in the
+run's precision (as stored between steps, unscaled like the parameter gradients) and in the
+float64 shadow, with each step's underflow, overflow and NaN counts. The shadow records them
+with :class:`StepRecorder` (float64 arithmetic bit for bit; ``refnet.lowp.steps`` pairs every
+per-step value, gate gradients included).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
 import numpy as np
 
 from ..layers.base import ForwardState
-from ..numerics.backend import FLOAT64
+from ..numerics.backend import NumpyBackend
 from ..numerics.formats import FLOAT32, get_format, ordinal, round_to
 from ..progress import SILENT
 from .emulation import (
@@ -64,6 +74,7 @@ from .gradscaler import GradScaler
 PERCENTILES = (50, 90, 99, 100)
 DEFAULT_LR = 0.01
 MAX_BACKOFFS = 64
+STEP_KINDS = ("dh", "dc")       # the per-step state gradients profiled: ∂L/∂h_t, ∂L/∂c_t
 
 
 @dataclass
@@ -134,6 +145,7 @@ class Diagnosis:
     tensors: List[TensorHealth] = field(default_factory=list)
     lr: float = DEFAULT_LR
     comparison: Optional[List[TensorComparison]] = None
+    steps: List["StepProfile"] = field(default_factory=list)    # recurrent layers only
 
     def as_json(self) -> dict:
         d = {"precision": self.precision.storage, "policy": self.precision.policy,
@@ -141,10 +153,106 @@ class Diagnosis:
              "loss": _json_number(self.loss), "loss_float64": _json_number(self.loss_float64),
              "loss_scale": self.loss_scale, "skipped_steps": self.skipped_steps,
              "first_nonfinite": self.first_nonfinite, "lr": self.lr,
-             "tensors": [t.as_json() for t in self.tensors]}
+             "tensors": [t.as_json() for t in self.tensors],
+             "steps": [p.as_json() for p in self.steps]}
         if self.comparison is not None:
             d["compare"] = [c.as_json() for c in self.comparison]
         return d
+
+
+@dataclass
+class StepProfile:
+    """One recurrent layer's ‖∂L/∂h_t‖₂ (``kind`` "dh") or ‖∂L/∂c_t‖₂ ("dc") of its layer ``k``
+    at every time step: entry t of each list is step t (t = 0 first, the earliest step; the
+    loss of an ``"output": "last"`` layer enters at t = T−1). ``norm``: in the run's precision,
+    unscaled; ``norm_float64``: the shadow's; ``underflow`` / ``overflow`` / ``nan``: element
+    counts at each step, as ``TensorHealth`` counts them; ``numel``: elements per step (N·H)."""
+    layer: str
+    layer_type: str
+    kind: str
+    k: int
+    norm: List[float]
+    norm_float64: List[float]
+    underflow: List[int]
+    overflow: List[int]
+    nan: List[int]
+    numel: int
+
+    @property
+    def label(self) -> str:
+        symbol = {"dh": "∂L/∂h_t", "dc": "∂L/∂c_t"}[self.kind]
+        return f"{self.layer} ({self.layer_type}) l{self.k} ‖{symbol}‖"
+
+    def as_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["norm"] = [_json_number(v) for v in self.norm]
+        d["norm_float64"] = [_json_number(v) for v in self.norm_float64]
+        return d
+
+
+class StepRecorder(NumpyBackend):
+    """float64 (or float32) arithmetic, bit for bit the plain backend's, that keeps a copy of
+    every per-step value a recurrent layer hands to ``store_step``: ``steps`` is a list of
+    (layer name, layer type, kind, layer k, step t, value), in the order they were computed."""
+
+    def __init__(self, dtype=np.float64):
+        super().__init__(dtype)
+        self.name = f"{self.dtype.name} recording steps"
+        self.steps: List[tuple] = []
+        self._layer = None
+
+    @contextmanager
+    def _inside(self, layer):
+        outer, self._layer = self._layer, layer
+        try:
+            yield
+        finally:
+            self._layer = outer
+
+    def forward_layer(self, layer, params, x, state):
+        with self._inside(layer):
+            return layer.forward(self, params, x, state)
+
+    def backward_layer(self, layer, params, dy, cache):
+        with self._inside(layer):
+            return layer.backward(self, params, dy, cache)
+
+    def store_step(self, a, kind, k, t):
+        layer = self._layer
+        self.steps.append((layer.name, layer.type, kind, k, t, np.array(a)))
+        return a
+
+
+def step_profiles(reference, stored, inv_scale=None) -> List[StepProfile]:
+    """The ``STEP_KINDS`` profiles from two recordings of the same pass (lists of (layer name,
+    layer type, kind, k, t, value), as :class:`StepRecorder` and the emulation's trace keep
+    them): ``reference`` the float64 shadow, ``stored`` the run under the policy. ``inv_scale``:
+    the float32 inverse loss scale of an emulated run; its stored gradients are multiplied by it
+    in float32 before counting, as ``refnet.lowp.steps.step_health`` and GradScaler unscale."""
+    ref = {entry[:5]: entry[5] for entry in reference}
+    series: Dict[tuple, dict] = {}
+    for name, layer_type, kind, k, t, value in stored:
+        if kind not in STEP_KINDS:
+            continue
+        low = np.asarray(plain(value))
+        if inv_scale is not None:
+            with np.errstate(all="ignore"):
+                low = low * inv_scale
+        health = tensor_health(f"{name}.{kind}[l{k}, t={t}]", "step", low,
+                               ref[(name, layer_type, kind, k, t)], stored=value)
+        series.setdefault((name, layer_type, kind, k), {})[t] = health
+    layers = list(dict.fromkeys(entry[0] for entry in reference))   # the layers' forward order
+    profiles = []
+    for (name, layer_type, kind, k), by_t in sorted(
+            series.items(), key=lambda item: (layers.index(item[0][0]), item[0][3],
+                                              STEP_KINDS.index(item[0][2]))):
+        ts = sorted(by_t)
+        rows = [by_t[t] for t in ts]
+        profiles.append(StepProfile(name, layer_type, kind, k, [h.norm for h in rows],
+                                    [h.norm_float64 for h in rows],
+                                    [h.underflow for h in rows], [h.overflow for h in rows],
+                                    [h.nan for h in rows], rows[0].numel))
+    return profiles
 
 
 def smallest_normal(name: str) -> float:
@@ -226,8 +334,9 @@ def diagnose(model, precision: Precision, params=None, x=None, y=None,
     params, x, y = model.prepare(params, x, y)
     shadow_state = model.default_state(train)
     shadow_state.outputs = []
+    recorder = StepRecorder()              # float64, bit for bit; it keeps recurrent steps
     with np.errstate(all="ignore"):
-        shadow = model.loss_and_grads(FLOAT64, params, x, y, shadow_state)
+        shadow = model.loss_and_grads(recorder, params, x, y, shadow_state)
 
     def low_run(scale) -> LowPrecisionRun:
         state = ForwardState(train=shadow_state.train, rng=None, masks=shadow_state.masks,
@@ -270,9 +379,23 @@ def diagnose(model, precision: Precision, params=None, x=None, y=None,
         tensors.append(tensor_health(f"{name}.update", "update", step,
                                      -lr * np.asarray(shadow.params[name]),
                                      stored=store(step, held_fmt)))
+    steps = []
+    if recorder.steps:                     # a recurrent layer: its gradients through time
+        if precision.emulated:
+            stored = result.trace.steps
+            inv_scale = np.float32(1.0 / np.float64(np.float32(scale)))   # GradScaler's
+        elif precision.storage == "float64":
+            stored, inv_scale = recorder.steps, None
+        else:                              # float32: the plain backend records nothing
+            again = StepRecorder(np.float32)
+            with np.errstate(all="ignore"):
+                model.loss_and_grads(again, params, x, y, ForwardState(
+                    train=shadow_state.train, rng=None, masks=shadow_state.masks))
+            stored, inv_scale = again.steps, None
+        steps = step_profiles(recorder.steps, stored, inv_scale)
     comparison = None if compare is None else compare_gradients(model, result, compare)
     return Diagnosis(precision, result.loss, float(shadow.loss), scale, skipped,
-                     result.first_nonfinite(), tensors, lr, comparison)
+                     result.first_nonfinite(), tensors, lr, comparison=comparison, steps=steps)
 
 
 # --- values, not only counts: the emulation against a GPU run ---------------------------------
@@ -430,7 +553,51 @@ def format_table(d: Diagnosis) -> str:
                      f"{t.nan:>6} {_pct(t.underflow, t.numel):>9} {t.subnormal:>7} "
                      f"{t.max_abs:>9.2e} {t.max_abs_float64:>9.2e} "
                      f"{_num(t.rel_err['p50']):>8} {_num(t.rel_err['p99']):>8}")
+    if d.steps:
+        lines += [""] + format_steps(d)
     return "\n".join(lines)
+
+
+def format_steps(d: Diagnosis) -> List[str]:
+    """The gradients through time: per profile, the first/last ratio and the steps lost
+    entirely; then one row per step t with every profile's float64 norm, its norm in the run's
+    precision and the underflow there."""
+    low = d.precision.storage
+    lines = [f"gradients through time: ‖·‖₂ over the batch at each step t (t = 0 the earliest), "
+             f"float64 and {low}; unf: elements 0 in {low}, nonzero in float64"]
+    for p in d.steps:
+        first, last = p.norm_float64[0], p.norm_float64[-1]
+        ratio = f"{first / last:.1e}" if last > 0 and math.isfinite(first / last) else "-"
+        dead = [t for t, u in enumerate(p.underflow) if u == p.numel]
+        lost = (f"; in {low} {len(dead)} steps entirely 0 (t = {_ranges(dead)})" if dead else "")
+        bad = [t for t, (o, n) in enumerate(zip(p.overflow, p.nan)) if o or n]
+        lost += f"; inf/NaN at t = {_ranges(bad)}" if bad else ""
+        lines.append(f"  {p.label}: t = 0 / t = {len(p.norm) - 1}: {ratio} (float64){lost}")
+    width = 27
+    lines.append(f"{'':>4}" + "".join(f" | {p.label[:width - 1]:<{width - 1}}" for p in d.steps))
+    lines.append(f"{'t':>4}" + "".join(f" | {'float64':>9} {low:>9} {'unf':>6}"
+                                        for _ in d.steps))
+    lines.append("-" * len(lines[-1]))
+    for t in range(max(len(p.norm) for p in d.steps)):
+        row = f"{t:>4}"
+        for p in d.steps:
+            row += (f" | {p.norm_float64[t]:>9.2e} {p.norm[t]:>9.2e} "
+                    f"{_pct(p.underflow[t], p.numel):>6}" if t < len(p.norm) else
+                    f" | {'':>{width - 1}}")
+        lines.append(row)
+    return lines
+
+
+def _ranges(ts: List[int]) -> str:
+    """0, 1, 2, 5 -> "0–2, 5"."""
+    out, start = [], None
+    for i, t in enumerate(ts):
+        if start is None:
+            start = t
+        if i + 1 == len(ts) or ts[i + 1] != t + 1:
+            out.append(f"{start}" if start == t else f"{start}–{t}")
+            start = None
+    return ", ".join(out)
 
 
 def _pct(count, total):

@@ -16,51 +16,19 @@ Gradients are compared unscaled (the stored value times the float32 inverse loss
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
 
 from ..layers.base import ForwardState
-from ..numerics.backend import NumpyBackend
-from .diagnose import TensorHealth, tensor_health
+from .diagnose import StepRecorder, TensorHealth, tensor_health
 from .emulation import Precision, check_loss_scale, plain, run
 
 GRADIENT_KINDS = ("dh", "dc", "dz", "dz_hh")
-
-
-class StepRecorder(NumpyBackend):
-    """float64 (or float32) arithmetic, bit for bit the plain backend's, that keeps a copy of
-    every per-step value a recurrent layer hands to ``store_step``: ``steps`` is a list of
-    (layer name, layer type, kind, layer k, step t, value), in the order they were computed."""
-
-    def __init__(self, dtype=np.float64):
-        super().__init__(dtype)
-        self.name = f"{self.dtype.name} recording steps"
-        self.steps: List[tuple] = []
-        self._layer = None
-
-    @contextmanager
-    def _inside(self, layer):
-        outer, self._layer = self._layer, layer
-        try:
-            yield
-        finally:
-            self._layer = outer
-
-    def forward_layer(self, layer, params, x, state):
-        with self._inside(layer):
-            return layer.forward(self, params, x, state)
-
-    def backward_layer(self, layer, params, dy, cache):
-        with self._inside(layer):
-            return layer.backward(self, params, dy, cache)
-
-    def store_step(self, a, kind, k, t):
-        layer = self._layer
-        self.steps.append((layer.name, layer.type, kind, k, t, np.array(a)))
-        return a
+# StepRecorder is defined in .diagnose, whose float64 shadow run records the steps too (diagnose
+# importing this module would be a circle); it is this module's as before.
+__all__ = ["GRADIENT_KINDS", "StepRecorder", "StepHealth", "step_health"]
 
 
 @dataclass

@@ -1032,10 +1032,11 @@ def _first_diagonal(a0, b0, groups_a, groups_b, w, diagonals, mm, prec):
 
 def _diagonal_products(A, B, limbs, first=0):
     """limbs[d − first] = Σ_{p+q=d} A[p] @ B[q] for the diagonals d ≥ ``first`` (slice pair
-    (p, q) weighs 2^((p+q)w)), each diagonal one GEMM written straight into its limb: A's slices side by side along the contraction axis
-    times B's stacked in reverse order is the diagonal's sum, so the BLAS adds the products of
-    one weight itself (exact: the width leaves room for min(sa, sb) of them) and no array of
-    every slice product is formed. Both stackings are views of one copy of each operand."""
+    (p, q) weighs 2^((p+q)w)), each diagonal one GEMM written straight into its limb: A's
+    slices side by side along the contraction axis times B's stacked in reverse order is the
+    diagonal's sum, so the BLAS adds the products of one weight itself (exact: the width
+    leaves room for min(sa, sb) of them) and no array of every slice product is formed. Both
+    stackings are views of one copy of each operand."""
     sa, sb = A.shape[0], B.shape[0]
     k = A.shape[-1]
     wide = np.moveaxis(A, 0, -2)                                    # (..., m, sa, k)

@@ -338,13 +338,59 @@ def diagnose_data(d) -> dict:
 
 
 DIAGNOSE_STYLE = {"weight": ("o", "-"), "bias": ("s", "--")}
+STEP_COLORS = ("#1565c0", "#2e7d32", "#6a1b9a", "#00838f", "#5d4037", "#ad1457")
+
+
+def diagnose_steps_data(d) -> dict:
+    """What the gradients-through-time panel of ``diagnose_figure`` draws (recurrent models):
+    per profile of ``d.steps`` and run (float64, the emulated precision) one series over the
+    time steps: ``{"label", "profile" (its index, which sets the color), "run", "steps"
+    (0-based t), "logs", "zero", "nonfinite" (steps)}``; ``notes`` as ``diagnose_data``'s."""
+    series, notes = [], []
+    for i, p in enumerate(d.steps):
+        for run, values in (("float64", p.norm_float64), (str(d.precision), p.norm)):
+            logs, zero, nonfinite = split_profile(values)
+            label = f"{p.label} {run}"
+            series.append({"label": label, "profile": i, "run": run,
+                           "steps": list(range(len(values))), "logs": logs, "zero": zero,
+                           "nonfinite": nonfinite})
+            if not any(v == v for v in logs):
+                notes.append(f"{label}: no finite nonzero norm at any step")
+    return {"series": series, "notes": notes}
+
+
+def _draw_steps(ax, d):
+    data = diagnose_steps_data(d)
+    drawn = set()
+    for s in data["series"]:
+        wide = s["run"] == "float64"
+        color = STEP_COLORS[s["profile"] % len(STEP_COLORS)]
+        ax.plot(s["steps"], s["logs"], "-", color=color, label=s["label"],
+                **PRECISION_STYLE["float64" if wide else "low"])
+        for which in ("zero", "nonfinite"):
+            if s[which]:
+                _edge_markers(ax, s[which], which, color, size=4)
+                drawn.add(which)
+    _edge_room(ax, "zero" in drawn, "nonfinite" in drawn)
+    ax.set_xlabel("time step t (0: the earliest)", fontsize=8)
+    ax.set_ylabel("log10 ‖∂L/∂state_t‖")
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [plt.Line2D([], [], marker=EDGE[w][0], ls="none", color="gray", label=EDGE[w][2])
+                for w in ("zero", "nonfinite") if w in drawn]
+    ax.legend(handles=handles, fontsize=7, ncol=2)
+    ax.set_title("gradients through time (wide pale: float64; narrow dark: "
+                 f"{d.precision})" + "".join("\n" + n for n in data["notes"]), fontsize=8)
 
 
 def draw_diagnose(d):
     data = diagnose_data(d)
     grads = [t for t in d.tensors if t.kind == "param_grad"]
     acts = [t for t in d.tensors if t.kind == "activation"]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5))
+    if d.steps:
+        fig, (top, bottom, steps) = plt.subplots(3, 1, figsize=(9, 9.5))
+        _draw_steps(steps, d)
+    else:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5))
     x = list(range(len(data["layers"])))
     colors = {"float64": "#1565c0"}
     low_color = "#ef6c00"
@@ -393,8 +439,188 @@ def draw_diagnose(d):
 def diagnose_figure(d, path) -> Path:
     """``refnet diagnose --plot``: per layer, the gradient norm of its weight and of its bias in
     float64 and in the emulated precision (log scale; all-zero and inf/NaN tensors on the edges),
-    and the underflow/overflow fraction of each tensor, forward then backward."""
+    and the underflow/overflow fraction of each tensor, forward then backward; for a recurrent
+    model a third panel, ‖∂L/∂h_t‖ (and ‖∂L/∂c_t‖) against the time step t."""
     fig = draw_diagnose(d)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return Path(path)
+
+
+# --- refnet study --recurrent -----------------------------------------------------------------
+
+INIT_STYLES = {"uniform": "-", "orthogonal": "--"}
+
+
+def through_time_panels(results) -> dict:
+    """What ``draw_through_time`` draws: the longest length of the grid, the cells (rows),
+    the radii (columns), and per panel (cell, radius) the series of that length, each
+    ``{"init", "precision", "verdict", "steps" (t, 0-based), "logs", "zero", "nonfinite"}``
+    (``zero``: the steps whose ∂L/∂h_t is exactly 0 — in fp16, underflowed entirely)."""
+    length = max(r.length for r in results)
+    cells = _order(r.cell for r in results)
+    radii = sorted(set(r.radius for r in results))
+    panels: Dict[tuple, list] = {(c, rho): [] for c in cells for rho in radii}
+    for r in results:
+        if r.length != length:
+            continue
+        logs, zero, nonfinite = split_profile(r.step_norms)
+        panels[(r.cell, r.radius)].append({
+            "init": r.init, "precision": r.precision, "verdict": r.verdict,
+            "steps": list(range(len(logs))), "logs": logs, "zero": zero,
+            "nonfinite": nonfinite})
+    return {"length": length, "cells": cells, "radii": radii, "panels": panels}
+
+
+def through_time_legend(data) -> List[dict]:
+    """Legend entries, one per thing drawn: inits (line style), verdicts (color), precisions
+    (line width) and the edge markers."""
+    series = [s for panel in data["panels"].values() for s in panel]
+    drawn = lambda s: any(v == v for v in s["logs"])                       # noqa: E731
+    inits = _order(s["init"] for s in series if drawn(s))
+    entries = [{"label": i, "ls": INIT_STYLES.get(i, ":"), "color": "gray", "lw": 1.2,
+                "marker": None} for i in inits]
+    entries += [{"label": v, "ls": "-", "color": VERDICT_COLORS[v], "lw": 1.2, "marker": None}
+                for v in VERDICT_COLORS if any(s["verdict"] == v for s in series)]
+    precisions = _order(s["precision"] for s in series if drawn(s))
+    if len(precisions) > 1:
+        entries += [{"label": p, "ls": "-", "color": "gray", "marker": None,
+                     "lw": PRECISION_STYLE["float64" if p == "float64" else "low"]["lw"]}
+                    for p in precisions]
+    for which in ("zero", "nonfinite"):
+        if any(s[which] for s in series):
+            marker, _, label = EDGE[which]
+            entries.append({"label": label, "ls": "none", "color": "gray", "lw": 0,
+                            "marker": marker})
+    return entries
+
+
+def draw_through_time(results):
+    data = through_time_panels(results)
+    cells, radii, length = data["cells"], data["radii"], data["length"]
+    fig, axes = plt.subplots(len(cells), len(radii), figsize=(max(10.0, 2.7 * len(radii)),
+                                                             2.1 * len(cells) + 0.8),
+                             sharex=True, squeeze=False)
+    for i, cell in enumerate(cells):
+        for j, rho in enumerate(radii):
+            ax = axes[i][j]
+            panel = data["panels"][(cell, rho)]
+            for s in panel:
+                color = VERDICT_COLORS[s["verdict"]]
+                style = PRECISION_STYLE["float64" if s["precision"] == "float64" else "low"]
+                ax.plot(s["steps"], s["logs"], INIT_STYLES.get(s["init"], ":"), color=color,
+                        **style)
+                for which in ("zero", "nonfinite"):
+                    if s[which]:
+                        _edge_markers(ax, s[which], which, color, size=3)
+            _edge_room(ax, any(s["zero"] for s in panel), any(s["nonfinite"] for s in panel))
+            ax.set_xlim(-0.5, length - 0.5)
+            if i == 0:
+                ax.set_title(f"spectral radius {rho:g}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"{cell}\nlog10 ‖∂L/∂h_t‖", fontsize=8)
+            if i == len(cells) - 1:
+                ax.set_xlabel("time step t (the loss enters at the last)", fontsize=8)
+            ax.tick_params(labelsize=7)
+    entries = through_time_legend(data)
+    fig.legend(handles=_legend_handles(entries), loc="lower center",
+               ncol=math.ceil(len(entries) / 2), fontsize=8, frameon=False, handlelength=2.5,
+               columnspacing=1.2)
+    fig.suptitle(f"Gradients through time at T = {length}: ‖∂L/∂h_t‖ (wide pale lines float64, "
+                 f"narrow dark fp16 autocast; color: the verdict)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    return fig
+
+
+def step_underflow_data(results) -> dict:
+    """What ``draw_step_underflow`` draws: one row per fp16 configuration at the longest
+    length (label "cell/init/rho", "(inf/NaN)" added where the run went non-finite, which no
+    underflow count shows), one column per step t; the fraction of ∂L/∂h_t's elements that
+    are 0 in fp16 where float64's are not."""
+    length = max(r.length for r in results)
+    chosen = [r for r in results if r.precision == "fp16" and r.length == length]
+    grid = np.full((len(chosen), length), np.nan)
+    for i, r in enumerate(chosen):
+        grid[i, :len(r.step_underflow)] = r.step_underflow
+    labels = [f"{r.cell}/{r.init}/rho {r.radius:g}" + (" (inf/NaN)" if r.verdict == "nonfinite"
+                                                        else "") for r in chosen]
+    return {"length": length, "labels": labels, "under": grid}
+
+
+def draw_step_underflow(results):
+    data = step_underflow_data(results)
+    labels = data["labels"]
+    fig, ax = plt.subplots(figsize=(10, max(3.0, 0.22 * len(labels) + 1.8)))
+    im = ax.imshow(np.ma.masked_invalid(data["under"]), aspect="auto",
+                   cmap=fraction_colormap("Blues"), vmin=ZERO_FRACTION, vmax=1,
+                   interpolation="nearest")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("time step t (the loss enters at the last)", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.04, label="fraction of ∂L/∂h_t's elements")
+    ax.set_title(f"fp16 (autocast, no loss scaling) at T = {data['length']}: ∂L/∂h_t "
+                 f"underflowed to 0 (white: nothing lost)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def clipping_data(clip) -> dict:
+    """What ``clipping_figure`` draws: per run (without clipping, with clip-norm) the loss and
+    the global gradient norm per step as ``split_profile`` series, and ``stop``: the step at
+    which a run stopped on a non-finite loss (marked on the top edge), else None."""
+    runs = []
+    for run in (clip.unclipped, clip.clipped):
+        label = "without clipping" if run.max_norm is None else f"clip-norm {run.max_norm:g}"
+        loss = split_profile(run.loss)
+        norm = split_profile(run.grad_norm)
+        runs.append({"label": label, "loss": loss, "grad_norm": norm,
+                     "stop": len(run.loss) - 1 if run.stopped else None})
+    return {"settings": clip.settings, "runs": runs}
+
+
+def draw_clipping(clip):
+    data = clipping_data(clip)
+    s = data["settings"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"without clipping": "#f44336"}
+    for run in data["runs"]:
+        color = colors.get(run["label"], "#1565c0")
+        for ax, key in ((left, "loss"), (right, "grad_norm")):
+            logs, zero, nonfinite = run[key]
+            ax.plot(range(len(logs)), logs, "-", color=color, lw=1.4, label=run["label"])
+            if nonfinite:
+                _edge_markers(ax, nonfinite, "nonfinite", color, size=7)
+    right.axhline(math.log10(s["max_norm"]), color="gray", ls=":", lw=1,
+                  label=f"max_norm {s['max_norm']:g}")
+    for ax, what in ((left, "log10 loss"), (right, "log10 ‖∂L/∂θ‖₂ (before clipping)")):
+        ax.set_xlabel("training step", fontsize=8)
+        ax.set_ylabel(what, fontsize=8)
+        ax.tick_params(labelsize=7)
+        handles, _ = ax.get_legend_handles_labels()
+        if any(run[key][2] for run in data["runs"] for key in ("loss", "grad_norm")):
+            handles.append(plt.Line2D([], [], marker=EDGE["nonfinite"][0], ls="none",
+                                      color="gray", label=NONFINITE_LABEL))
+        ax.legend(handles=handles, fontsize=8)
+    fig.suptitle(f"Clipping an exploding RNN: {s['cell']} + {s['init']}, T = {s['length']}, "
+                 f"spectral radius {s['radius']:g} (‖W_hh‖₂ = {s['norm_hh']:.2f}), "
+                 f"{s['optimizer']} lr {s['lr']:g}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def recurrent_figures(results, clip, out: Path) -> List[Path]:
+    """The recurrent study's figures: ‖∂L/∂h_t‖ against t, fp16's underflow per step (when
+    the grid has fp16 rows) and the clipping experiment (when it ran)."""
+    out = Path(out)
+    written = [_save(draw_through_time(results), out / "recurrent-grad-norms.png")]
+    if any(r.precision == "fp16" for r in results):
+        written.append(_save(draw_step_underflow(results), out / "recurrent-fp16-steps.png"))
+    if clip is not None:
+        written.append(_save(draw_clipping(clip), out / "recurrent-clipping.png"))
+    return written
