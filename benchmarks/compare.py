@@ -5,6 +5,9 @@
 
 Benchmarks are paired by group: ``impl=refnet`` against ``impl=torch`` of the same group. With
 ``--json`` the output is an object mapping each group to its refnet/torch ratio (mean times).
+A ``gemm-floor-G`` group (the bare numpy GEMMs of group G's refnet step) maps to refnet/floor,
+refnet's time in G over the floor's; the text output adds floor/torch, what numpy's BLAS does
+against torch's on the machine.
 Groups without a peer report their ``extra_info`` ratios: mp and verify against refnet float64
 of the same net, the fp16/bf16 emulation against refnet float32 of the same model, ``study
 --quick`` against its 60 s target. The text output adds, where a group has them, the speed-up
@@ -15,6 +18,8 @@ import argparse
 import json
 import sys
 
+FLOOR = "gemm-floor-"
+
 
 def ratios(run: dict) -> dict:
     by_group = {}
@@ -23,7 +28,10 @@ def ratios(run: dict) -> dict:
         by_group.setdefault(bench["group"], {})[impl or "refnet"] = bench
     out = {}
     for group, impls in sorted(by_group.items()):
-        if "refnet" in impls and "torch" in impls:
+        base = by_group.get(group[len(FLOOR):], {}) if group.startswith(FLOOR) else {}
+        if "refnet" in base and "refnet" in impls:
+            out[group] = base["refnet"]["stats"]["mean"] / impls["refnet"]["stats"]["mean"]
+        elif "refnet" in impls and "torch" in impls:
             out[group] = impls["refnet"]["stats"]["mean"] / impls["torch"]["stats"]["mean"]
         else:
             extra = impls.get("refnet", {}).get("extra_info", {})
@@ -50,8 +58,11 @@ def main(argv=None):
             kind = ("refnet/float64" if group.startswith("mp-") else
                     "verify/float64" if group.startswith("verify-") else
                     "emulated/float32" if group.startswith("emulation-") else
+                    "refnet/floor" if group.startswith(FLOOR) else
                     "time/60 s target" if group.startswith("study-") else "refnet/torch")
             line = f"{group:<36} {ratio:>10.3g}  ({kind})"
+            if group.startswith(FLOOR) and group[len(FLOOR):] in result:
+                line += f"; floor/torch {result[group[len(FLOOR):]] / ratio:.3g}"
             extra = extras.get(group, {})
             if "speedup_over_mpmath" in extra:
                 line += f"; {extra['speedup_over_mpmath']:.3g}x the mpmath path"

@@ -9,6 +9,7 @@ from refnet import FLOAT32, FLOAT64, Model, MPBackend, verify
 from refnet.layers.base import ForwardState
 from refnet.layers.conv import Conv2d
 from refnet.layers.norm import BatchNorm
+from refnet.numerics.backend import NumpyBackend
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "spec" / "examples"
 MODELS = Path(__file__).resolve().parent / "models"
@@ -26,11 +27,20 @@ def mlp_4x1024():
                   "loss": {"type": "softmax_cross_entropy"}})
 
 
+def _model_step(model, bk):
+    """refnet's forward + backward of ``model`` in ``bk``, parameters and input held in the
+    backend's dtype — as the torch peer holds them, and as a float32 training run would: the
+    float64 -> float32 conversion of the MLP's 4.2 M parameters (11 ms) is no part of a step."""
+    params, x, y = model.prepare()
+    held = {k: np.asarray(v, dtype=bk.dtype) for k, v in params.items()}
+    x = np.asarray(x, dtype=bk.dtype)
+    return lambda: model.loss_and_grads(bk, held, x, y)
+
+
 def _model_bench(benchmark, impl, model, dtype_name):
     params, x, y = model.prepare()
     if impl == "refnet":
-        bk = FLOAT64 if dtype_name == "float64" else FLOAT32
-        benchmark(lambda: model.loss_and_grads(bk, params, x, y))
+        benchmark(_model_step(model, FLOAT64 if dtype_name == "float64" else FLOAT32))
         return
     import torch
     from torch_peer import torch_loss, torch_twin
@@ -60,16 +70,20 @@ def test_small_resnet_forward_backward(benchmark, impl, need_torch, dtype):
     _model_bench(benchmark, impl, Model({**spec, "batch": 32}), dtype)
 
 
+def _layer_step(layer, params, x, dy, bk, train=False):
+    """refnet's forward + backward of one layer with upstream gradient dy, in ``bk``."""
+    def step():
+        y, cache = layer.forward(bk, params, x, ForwardState(train=train))
+        return layer.backward(bk, params, dy, cache)
+    return step
+
+
 def _layer_bench(benchmark, impl, layer, params, x, dy, torch_forward, dtype, train=False):
     """forward + backward of one layer with upstream gradient dy; the torch twin computes
     ``torch_forward(x, weight, bias, params)`` and backpropagates the same dy."""
     if impl == "refnet":
-        bk = FLOAT64 if dtype == "float64" else FLOAT32
-
-        def step():
-            y, cache = layer.forward(bk, params, x, ForwardState(train=train))
-            return layer.backward(bk, params, dy, cache)
-        benchmark(step)
+        benchmark(_layer_step(layer, params, x, dy, FLOAT64 if dtype == "float64" else FLOAT32,
+                              train))
         return
     import torch
     tx = torch.tensor(x, requires_grad=True)
@@ -83,14 +97,20 @@ def _layer_bench(benchmark, impl, layer, params, x, dy, torch_forward, dtype, tr
     benchmark(torch_step)
 
 
+def conv2d_case(dtype, rng=RNG):
+    """The conv2d group's layer, parameters, input and upstream gradient."""
+    x = rng.standard_normal((32, 16, 32, 32)).astype(dtype)
+    layer = Conv2d({"type": "conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
+                   (16, 32, 32), "conv")
+    params = {k: v.astype(dtype) for k, v in layer.init_params(rng).items()}
+    dy = rng.standard_normal((32, 32, 32, 32)).astype(dtype)
+    return layer, params, x, dy
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_conv2d_n32_c16_32x32_f32_3x3_forward_backward(benchmark, impl, need_torch, dtype):
     benchmark.group = f"conv2d-{dtype}"
-    x = RNG.standard_normal((32, 16, 32, 32)).astype(dtype)
-    layer = Conv2d({"type": "conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
-                   (16, 32, 32), "conv")
-    params = {k: v.astype(dtype) for k, v in layer.init_params(RNG).items()}
-    dy = RNG.standard_normal((32, 32, 32, 32)).astype(dtype)
+    layer, params, x, dy = conv2d_case(dtype)
 
     def conv(tx, tw, tb, params):
         import torch
@@ -114,6 +134,65 @@ def test_batchnorm_32x64x16x16_train_forward_backward(benchmark, impl, need_torc
     _layer_bench(benchmark, impl, layer, params, x, dy, batchnorm, dtype, train=True)
 
 
+# --- the GEMM floor: the bare numpy GEMMs of a refnet step ----------------------------------------
+
+class _GemmRecorder(NumpyBackend):
+    """The float backend, noting every matmul: operand shapes, and whether each operand is a
+    transposed view (its last two axes swapped from C order), which BLAS reads without a copy."""
+
+    def __init__(self, dtype):
+        super().__init__(dtype)
+        self.calls = []
+
+    def matmul(self, a, b):
+        layout = lambda m: (m.ndim >= 2 and not m.flags.c_contiguous           # noqa: E731
+                            and m.swapaxes(-1, -2).flags.c_contiguous)
+        self.calls.append((a.shape, layout(a), b.shape, layout(b)))
+        return super().matmul(a, b)
+
+
+def gemm_floor(step_for, dtype, rng):
+    """The GEMM floor of a refnet step: ``step_for(bk)`` is the step in backend ``bk``; run once
+    under a recorder, its matmuls become the same numpy matmuls (shapes, transposed views,
+    dtype) on fresh random operands. The returned step performs them in order and keeps every
+    product until it ends, as a step keeps its activations and gradients (freeing each at once
+    would let malloc hand the same memory back every time, a floor no real step has)."""
+    recorder = _GemmRecorder(dtype)
+    step_for(recorder)()
+
+    def operand(shape, transposed):
+        if transposed:
+            swapped = tuple(shape[:-2]) + (shape[-1], shape[-2])
+            return rng.standard_normal(swapped).astype(dtype).swapaxes(-1, -2)
+        return rng.standard_normal(shape).astype(dtype)
+    operands = [(operand(sa, ta), operand(sb, tb)) for sa, ta, sb, tb in recorder.calls]
+    return lambda: [np.matmul(a, b) for a, b in operands], len(operands)
+
+
+def _floor_step_for(name, dtype):
+    """step_for(bk) of the model or layer timed by group ``name``."""
+    if name == "mlp-4x1024":
+        return lambda bk: _model_step(mlp_4x1024(), bk)
+    if name == "small-resnet":
+        spec = Model.load(EXAMPLES / "small-resnet.json").spec
+        return lambda bk: _model_step(Model({**spec, "batch": 32}), bk)
+    layer, params, x, dy = conv2d_case(dtype, np.random.default_rng(0))
+    return lambda bk: _layer_step(layer, params, x, dy, bk)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", ["mlp-4x1024", "conv2d", "small-resnet"])
+def test_gemm_floor(benchmark, name, dtype):
+    """The bare numpy GEMMs of the group ``name``'s refnet step, same shapes and layouts
+    (``gemm_floor``): compare.py reports refnet/floor beside refnet/torch, and floor/torch is
+    what numpy's BLAS can do against torch's on the machine. extra_info: the number of GEMMs."""
+    benchmark.group = f"gemm-floor-{name}-{dtype}"
+    step, count = gemm_floor(_floor_step_for(name, dtype), np.dtype(dtype),
+                             np.random.default_rng(1))
+    benchmark.extra_info["gemms"] = count
+    benchmark(step)
+
+
 # --- fp16/bf16 emulation (refnet only; ratio against refnet float32 of the same model) ---------
 
 @pytest.mark.parametrize("storage", ["fp16", "bf16"])
@@ -121,7 +200,8 @@ def test_batchnorm_32x64x16x16_train_forward_backward(benchmark, impl, need_torc
 @pytest.mark.parametrize("model_name", ["mlp-4x1024", "small-resnet"])
 def test_lowp_emulation_overhead(benchmark, model_name, policy, storage):
     """Forward+backward under the emulation, parameters already held as the policy holds them (as
-    in a training step); extra_info holds the time relative to the float32 run (target ≤ 3)."""
+    in a training step); extra_info holds the time relative to the float32 run of the float32
+    group (parameters held in float32 too; target ≤ 3)."""
     from refnet.lowp.emulation import Precision, cast_params, run
     benchmark.group = f"emulation-{storage}-{policy}-{model_name}"
     if model_name == "mlp-4x1024":
@@ -135,12 +215,9 @@ def test_lowp_emulation_overhead(benchmark, model_name, policy, storage):
                        iterations=1, warmup_rounds=1)
     if benchmark.disabled:
         return
-    import time
-    model.loss_and_grads(FLOAT32, params, x, y)
-    start = time.perf_counter()
-    for _ in range(5):
-        model.loss_and_grads(FLOAT32, params, x, y)
-    float32_time = (time.perf_counter() - start) / 5
+    float32_step = _model_step(model, FLOAT32)        # the float32 group's step, parameters held
+    float32_step()
+    float32_time = _mean_time(float32_step, 5)
     benchmark.extra_info["ratio_to_float32"] = benchmark.stats.stats.mean / float32_time
 
 

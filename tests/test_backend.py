@@ -209,12 +209,13 @@ def _bits(a):
 
 
 @pytest.mark.parametrize("bk", [FLOAT64, FLOAT32], ids=["float64", "float32"])
-@pytest.mark.parametrize("shapes", [((64, 32), (64, 32), (64, 32)), ((64, 32), (), (64, 32)),
-                                    ((64, 32), (64, 32), ()), ((64, 1), (64, 32), (32,)),
-                                    ((8, 16, 16), (16, 16), ()), ((2048,), (), ()),
+@pytest.mark.parametrize("shapes", [((128, 64), (128, 64), (128, 64)), ((128, 64), (), (128, 64)),
+                                    ((128, 64), (128, 64), ()), ((128, 1), (128, 64), (64,)),
+                                    ((8, 32, 32), (32, 32), ()), ((8192,), (), ()),
                                     ((3, 5), (3, 5), ())])
 def test_float_where_gives_np_where_bit_for_bit(bk, shapes):
-    """bk.where (a bitwise select from 1024 elements on, np.where below) returns np.where's
+    """bk.where (a bitwise select from BITWISE_WHERE_MIN = 8192 elements on, np.where below:
+    the last case) returns np.where's
     result cast to the backend's dtype bit for bit — NaN payloads and signs, −0, ±inf,
     subnormals — for every mix of arrays (C and F order, broadcast) and numbers (Python ints
     and floats, +0 and −0: +0 takes a shortcut), so that no float result depends on which
@@ -239,11 +240,12 @@ def test_float_where_gives_np_where_bit_for_bit(bk, shapes):
 
 
 def test_float_where_flips_one_bit_when_the_mask_is_off_by_one_element():
-    """The check above can fail: a mask differing in one element of 4096 gives a result that
+    """The check above can fail: a mask differing in one element of 8192 gives a result that
     differs in exactly that element (the select really follows cond, element by element)."""
+    from refnet.numerics.backend import BITWISE_WHERE_MIN
     rng = np.random.default_rng(1)
-    a, b = rng.standard_normal(4096), rng.standard_normal(4096)
-    cond = rng.random(4096) < 0.5
+    a, b = rng.standard_normal(BITWISE_WHERE_MIN), rng.standard_normal(BITWISE_WHERE_MIN)
+    cond = rng.random(BITWISE_WHERE_MIN) < 0.5
     flipped = cond.copy()
     flipped[1234] = ~flipped[1234]
     diff = np.flatnonzero(_bits(FLOAT64.where(cond, a, b)) != _bits(FLOAT64.where(flipped, a, b)))

@@ -32,6 +32,8 @@ groupnorm (torch GroupNorm; input (N, C, ...)), instancenorm2d (torch InstanceNo
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..validate import require_number
@@ -40,7 +42,7 @@ from .base import Layer
 
 def normalize(bk, x, axes, eps):
     """(x̂, s, m): x normalized over ``axes`` with biased variance, s = √(σ² + ε)."""
-    m = int(np.prod([x.shape[a] for a in axes]))
+    m = math.prod(x.shape[a] for a in axes)
     mean = bk.sum(x, axis=axes, keepdims=True) / m
     centred = x - mean
     var = bk.sum(centred * centred, axis=axes, keepdims=True) / m
@@ -128,7 +130,7 @@ class BatchNorm(Layer):
         axes = self._axes(ndim)
         batch_stats = state.train or not self.config["track_running_stats"]
         if batch_stats:
-            m = int(np.prod([x.shape[a] for a in axes]))
+            m = math.prod(x.shape[a] for a in axes)
             if m < 2:
                 raise ValueError(f"{self.where}: expected more than 1 value per channel when "
                                  f"training, got input of shape {tuple(x.shape)}")
