@@ -1,10 +1,11 @@
 """Print refnet/peer time ratios from one pytest-benchmark run.
 
     pytest benchmarks/ --benchmark-json=run.json
-    python benchmarks/compare.py run.json [--json]
+    python benchmarks/compare.py run.json [--json] [--stat mean|median|min]
 
 Benchmarks are paired by group: ``impl=refnet`` against ``impl=torch`` of the same group. With
-``--json`` the output is an object mapping each group to its refnet/torch ratio (mean times).
+``--json`` the output is an object mapping each group to its refnet/torch ratio (mean times;
+``--stat median`` or ``min`` compares those instead, robust to rounds slowed by other work).
 A ``gemm-floor-G`` group (the bare numpy GEMMs of group G's refnet step) maps to refnet/floor,
 refnet's time in G over the floor's; the text output adds floor/torch, what numpy's BLAS does
 against torch's on the machine.
@@ -21,7 +22,7 @@ import sys
 FLOOR = "gemm-floor-"
 
 
-def ratios(run: dict) -> dict:
+def ratios(run: dict, stat: str = "mean") -> dict:
     by_group = {}
     for bench in run["benchmarks"]:
         impl = bench.get("params", {}).get("impl") if bench.get("params") else None
@@ -30,9 +31,9 @@ def ratios(run: dict) -> dict:
     for group, impls in sorted(by_group.items()):
         base = by_group.get(group[len(FLOOR):], {}) if group.startswith(FLOOR) else {}
         if "refnet" in base and "refnet" in impls:
-            out[group] = base["refnet"]["stats"]["mean"] / impls["refnet"]["stats"]["mean"]
+            out[group] = base["refnet"]["stats"][stat] / impls["refnet"]["stats"][stat]
         elif "refnet" in impls and "torch" in impls:
-            out[group] = impls["refnet"]["stats"]["mean"] / impls["torch"]["stats"]["mean"]
+            out[group] = impls["refnet"]["stats"][stat] / impls["torch"]["stats"][stat]
         else:
             extra = impls.get("refnet", {}).get("extra_info", {})
             for key in ("ratio_to_float64", "ratio_to_float32", "ratio_to_target"):
@@ -45,10 +46,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="pytest-benchmark JSON of one run")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--stat", choices=["mean", "median", "min"], default="mean",
+                        help="the statistic of each side's rounds the peer ratios compare (mean; "
+                             "median and min are robust to rounds slowed by other work)")
     args = parser.parse_args(argv)
     with open(args.run) as f:
         run = json.load(f)
-    result = ratios(run)
+    result = ratios(run, args.stat)
     if args.json:
         print(json.dumps(result, indent=1))
     else:

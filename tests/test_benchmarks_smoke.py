@@ -49,3 +49,19 @@ def test_compare_gives_a_gemm_floor_group_refnet_over_the_floor_and_floor_over_t
     assert json.loads(out.stdout) == {"gemm-floor-mlp": 1.25, "mlp": 1.5}
     text = subprocess.run(compare, capture_output=True, text=True).stdout
     assert "gemm-floor-mlp" in text and "(refnet/floor); floor/torch 1.2" in text
+
+
+def test_compare_stat_median_compares_the_medians_not_the_means(tmp_path):
+    """--stat median: a peer's one slow round (mean 5, median 2) no longer halves the ratio."""
+    import json
+    run = {"benchmarks": [
+        {"group": "bn", "params": {"impl": "refnet"}, "stats": {"mean": 3.0, "median": 3.0},
+         "extra_info": {}},
+        {"group": "bn", "params": {"impl": "torch"}, "stats": {"mean": 5.0, "median": 2.0},
+         "extra_info": {}}]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    compare = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), str(path), "--json"]
+    assert json.loads(subprocess.run(compare, capture_output=True, text=True).stdout) == {"bn": 0.6}
+    median = subprocess.run(compare + ["--stat", "median"], capture_output=True, text=True)
+    assert json.loads(median.stdout) == {"bn": 1.5}
