@@ -57,6 +57,77 @@ def _model_bench(benchmark, impl, model, dtype_name):
     benchmark(step)
 
 
+# --- the GEMM floor: the bare numpy GEMMs of a refnet step ----------------------------------------
+
+class _GemmRecorder(NumpyBackend):
+    """The float backend, noting every matmul: operand shapes, whether each operand is a
+    transposed view (its last two axes swapped from C order, which BLAS reads without a copy),
+    and which memory it is (the step passes W to the forward and the input-gradient GEMMs, x to
+    the forward and the weight-gradient ones). Operands are kept until the recorder goes, so
+    that no two arrays of one step share an address."""
+
+    def __init__(self, dtype):
+        super().__init__(dtype)
+        self.calls, self._kept = [], []
+
+    def matmul(self, a, b):
+        self._kept += [a, b]
+        self.calls.append((_operand_key(a), _operand_key(b)))
+        return super().matmul(a, b)
+
+
+def _operand_key(m):
+    """(memory, shape, transposed) of a matmul operand."""
+    transposed = m.ndim >= 2 and not m.flags.c_contiguous and m.swapaxes(-1, -2).flags.c_contiguous
+    return (m.__array_interface__["data"][0], m.size), m.shape, transposed
+
+
+def gemm_floor(step_for, dtype, rng):
+    """The GEMM floor of a refnet step: ``step_for(bk)`` is the step in backend ``bk``; run once
+    under a recorder, its matmuls become the same numpy matmuls (shapes, transposed views,
+    dtype; one operand array wherever the step used one memory twice) on random operands. The
+    returned step performs them in order and keeps every product until it ends, as a step keeps
+    its activations and gradients (freeing each at once would let malloc hand the same memory
+    back every time, a floor no real step has)."""
+    recorder = _GemmRecorder(dtype)
+    step_for(recorder)()
+    memory = {}
+
+    def operand(key):
+        where, shape, transposed = key
+        base_shape = tuple(shape[:-2]) + (shape[-1], shape[-2]) if transposed else tuple(shape)
+        if (where, base_shape) not in memory:
+            memory[where, base_shape] = rng.standard_normal(base_shape).astype(dtype)
+        base = memory[where, base_shape]
+        return base.swapaxes(-1, -2) if transposed else base
+    operands = [(operand(ka), operand(kb)) for ka, kb in recorder.calls]
+    return lambda: [np.matmul(a, b) for a, b in operands], len(operands)
+
+
+def _floor_step_for(name, dtype):
+    """step_for(bk) of the model or layer timed by group ``name``."""
+    if name == "mlp-4x1024":
+        return lambda bk: _model_step(mlp_4x1024(), bk)
+    if name == "small-resnet":
+        spec = Model.load(EXAMPLES / "small-resnet.json").spec
+        return lambda bk: _model_step(Model({**spec, "batch": 32}), bk)
+    layer, params, x, dy = conv2d_case(dtype, np.random.default_rng(0))
+    return lambda bk: _layer_step(layer, params, x, dy, bk)
+
+
+def _floor_bench(benchmark, name, dtype):
+    """The bare numpy GEMMs of the group ``name``'s refnet step, same shapes and layouts
+    (``gemm_floor``), timed right after that group (each floor test follows its group's test,
+    so that the two see the same load): compare.py reports refnet/floor beside refnet/torch,
+    and floor/torch is what numpy's BLAS does against torch's on the machine. extra_info: the
+    number of GEMMs."""
+    benchmark.group = f"gemm-floor-{name}-{dtype}"
+    step, count = gemm_floor(_floor_step_for(name, dtype), np.dtype(dtype),
+                             np.random.default_rng(1))
+    benchmark.extra_info["gemms"] = count
+    benchmark(step)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_mlp_4x1024_batch256_forward_backward(benchmark, impl, need_torch, dtype):
     benchmark.group = f"mlp-4x1024-{dtype}"
@@ -64,10 +135,20 @@ def test_mlp_4x1024_batch256_forward_backward(benchmark, impl, need_torch, dtype
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gemm_floor_mlp_4x1024(benchmark, dtype):
+    _floor_bench(benchmark, "mlp-4x1024", dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_small_resnet_forward_backward(benchmark, impl, need_torch, dtype):
     benchmark.group = f"small-resnet-{dtype}"
     spec = Model.load(EXAMPLES / "small-resnet.json").spec
     _model_bench(benchmark, impl, Model({**spec, "batch": 32}), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gemm_floor_small_resnet(benchmark, dtype):
+    _floor_bench(benchmark, "small-resnet", dtype)
 
 
 def _layer_step(layer, params, x, dy, bk, train=False):
@@ -119,6 +200,11 @@ def test_conv2d_n32_c16_32x32_f32_3x3_forward_backward(benchmark, impl, need_tor
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gemm_floor_conv2d(benchmark, dtype):
+    _floor_bench(benchmark, "conv2d", dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_batchnorm_32x64x16x16_train_forward_backward(benchmark, impl, need_torch, dtype):
     benchmark.group = f"batchnorm-{dtype}"
     x = (5 * RNG.standard_normal((32, 64, 16, 16)) + 3).astype(dtype)
@@ -132,65 +218,6 @@ def test_batchnorm_32x64x16x16_train_forward_backward(benchmark, impl, need_torc
         rm, rv = torch.tensor(params["running_mean"]), torch.tensor(params["running_var"])
         return torch.nn.functional.batch_norm(tx, rm, rv, tw, tb, training=True)
     _layer_bench(benchmark, impl, layer, params, x, dy, batchnorm, dtype, train=True)
-
-
-# --- the GEMM floor: the bare numpy GEMMs of a refnet step ----------------------------------------
-
-class _GemmRecorder(NumpyBackend):
-    """The float backend, noting every matmul: operand shapes, and whether each operand is a
-    transposed view (its last two axes swapped from C order), which BLAS reads without a copy."""
-
-    def __init__(self, dtype):
-        super().__init__(dtype)
-        self.calls = []
-
-    def matmul(self, a, b):
-        layout = lambda m: (m.ndim >= 2 and not m.flags.c_contiguous           # noqa: E731
-                            and m.swapaxes(-1, -2).flags.c_contiguous)
-        self.calls.append((a.shape, layout(a), b.shape, layout(b)))
-        return super().matmul(a, b)
-
-
-def gemm_floor(step_for, dtype, rng):
-    """The GEMM floor of a refnet step: ``step_for(bk)`` is the step in backend ``bk``; run once
-    under a recorder, its matmuls become the same numpy matmuls (shapes, transposed views,
-    dtype) on fresh random operands. The returned step performs them in order and keeps every
-    product until it ends, as a step keeps its activations and gradients (freeing each at once
-    would let malloc hand the same memory back every time, a floor no real step has)."""
-    recorder = _GemmRecorder(dtype)
-    step_for(recorder)()
-
-    def operand(shape, transposed):
-        if transposed:
-            swapped = tuple(shape[:-2]) + (shape[-1], shape[-2])
-            return rng.standard_normal(swapped).astype(dtype).swapaxes(-1, -2)
-        return rng.standard_normal(shape).astype(dtype)
-    operands = [(operand(sa, ta), operand(sb, tb)) for sa, ta, sb, tb in recorder.calls]
-    return lambda: [np.matmul(a, b) for a, b in operands], len(operands)
-
-
-def _floor_step_for(name, dtype):
-    """step_for(bk) of the model or layer timed by group ``name``."""
-    if name == "mlp-4x1024":
-        return lambda bk: _model_step(mlp_4x1024(), bk)
-    if name == "small-resnet":
-        spec = Model.load(EXAMPLES / "small-resnet.json").spec
-        return lambda bk: _model_step(Model({**spec, "batch": 32}), bk)
-    layer, params, x, dy = conv2d_case(dtype, np.random.default_rng(0))
-    return lambda bk: _layer_step(layer, params, x, dy, bk)
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name", ["mlp-4x1024", "conv2d", "small-resnet"])
-def test_gemm_floor(benchmark, name, dtype):
-    """The bare numpy GEMMs of the group ``name``'s refnet step, same shapes and layouts
-    (``gemm_floor``): compare.py reports refnet/floor beside refnet/torch, and floor/torch is
-    what numpy's BLAS can do against torch's on the machine. extra_info: the number of GEMMs."""
-    benchmark.group = f"gemm-floor-{name}-{dtype}"
-    step, count = gemm_floor(_floor_step_for(name, dtype), np.dtype(dtype),
-                             np.random.default_rng(1))
-    benchmark.extra_info["gemms"] = count
-    benchmark(step)
 
 
 # --- fp16/bf16 emulation (refnet only; ratio against refnet float32 of the same model) ---------
