@@ -125,20 +125,16 @@ class Windows:
         return view.copy().reshape(n, c, kh * kw, OH * OW)
 
     def _padded(self, x, fill):
-        """x inside a border of ``fill`` (the padding, and a ceil-mode window's overhang): the
-        interior copied once and only the border strips filled (np.pad's result, without its
-        per-call overhead)."""
+        """x inside a border of ``fill`` (the padding, and a ceil-mode window's overhang): np.pad's
+        result, as one fill and one copy of the interior (filling only the border strips costs
+        more on small images, one short row at a time; np.pad adds its per-call overhead)."""
         top, bottom, left, right = self.padding
         bottom, right = bottom + self.overhang[0], right + self.overhang[1]
         if not any((top, bottom, left, right)):
             return x
         (H, W), (n, c) = self.in_hw, x.shape[:2]
-        padded = np.empty((n, c, top + H + bottom, left + W + right), dtype=x.dtype)
+        padded = np.full((n, c, top + H + bottom, left + W + right), fill, dtype=x.dtype)
         padded[:, :, top:top + H, left:left + W] = x
-        padded[:, :, :top] = fill
-        padded[:, :, top + H:] = fill
-        padded[:, :, top:top + H, :left] = fill
-        padded[:, :, top:top + H, left + W:] = fill
         return padded
 
     def scatter(self, bk, v):
