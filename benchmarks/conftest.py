@@ -2,11 +2,17 @@
 PyTorch is installed, the same work in torch (``impl`` = refnet | torch) in the same run;
 ``python benchmarks/compare.py RUN.json`` prints the refnet/torch ratios."""
 
+import os
+
 import pytest
+
+# torch's threads: 2, the machine size every benchmark here is planned for; REFNET_BENCH_THREADS
+# sets another (with OPENBLAS_NUM_THREADS for numpy's side: the same count on both sides).
+THREADS = int(os.environ.get("REFNET_BENCH_THREADS", "2"))
 
 try:
     import torch
-    torch.set_num_threads(2)           # the machine size every benchmark here is planned for
+    torch.set_num_threads(THREADS)
     HAVE_TORCH = True
 except ImportError:
     HAVE_TORCH = False

@@ -9,6 +9,7 @@ from refnet import FLOAT32, FLOAT64, Model, MPBackend, verify
 from refnet.layers.base import ForwardState
 from refnet.layers.conv import Conv2d
 from refnet.layers.norm import BatchNorm
+from refnet.numerics.backend import NumpyBackend
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "spec" / "examples"
 MODELS = Path(__file__).resolve().parent / "models"
@@ -26,11 +27,20 @@ def mlp_4x1024():
                   "loss": {"type": "softmax_cross_entropy"}})
 
 
+def _model_step(model, bk):
+    """refnet's forward + backward of ``model`` in ``bk``, parameters and input held in the
+    backend's dtype — as the torch peer holds them, and as a float32 training run would: the
+    float64 -> float32 conversion of the MLP's 4.2 M parameters (11 ms) is no part of a step."""
+    params, x, y = model.prepare()
+    held = {k: np.asarray(v, dtype=bk.dtype) for k, v in params.items()}
+    x = np.asarray(x, dtype=bk.dtype)
+    return lambda: model.loss_and_grads(bk, held, x, y)
+
+
 def _model_bench(benchmark, impl, model, dtype_name):
     params, x, y = model.prepare()
     if impl == "refnet":
-        bk = FLOAT64 if dtype_name == "float64" else FLOAT32
-        benchmark(lambda: model.loss_and_grads(bk, params, x, y))
+        benchmark(_model_step(model, FLOAT64 if dtype_name == "float64" else FLOAT32))
         return
     import torch
     from torch_peer import torch_loss, torch_twin
@@ -47,10 +57,86 @@ def _model_bench(benchmark, impl, model, dtype_name):
     benchmark(step)
 
 
+# --- the GEMM floor: the bare numpy GEMMs of a refnet step ----------------------------------------
+
+class _GemmRecorder(NumpyBackend):
+    """The float backend, noting every matmul: operand shapes, whether each operand is a
+    transposed view (its last two axes swapped from C order, which BLAS reads without a copy),
+    and which memory it is (the step passes W to the forward and the input-gradient GEMMs, x to
+    the forward and the weight-gradient ones). Operands are kept until the recorder goes, so
+    that no two arrays of one step share an address."""
+
+    def __init__(self, dtype):
+        super().__init__(dtype)
+        self.calls, self._kept = [], []
+
+    def matmul(self, a, b):
+        self._kept += [a, b]
+        self.calls.append((_operand_key(a), _operand_key(b)))
+        return super().matmul(a, b)
+
+
+def _operand_key(m):
+    """(memory, shape, transposed) of a matmul operand."""
+    transposed = m.ndim >= 2 and not m.flags.c_contiguous and m.swapaxes(-1, -2).flags.c_contiguous
+    return (m.__array_interface__["data"][0], m.size), m.shape, transposed
+
+
+def gemm_floor(step_for, dtype, rng):
+    """The GEMM floor of a refnet step: ``step_for(bk)`` is the step in backend ``bk``; run once
+    under a recorder, its matmuls become the same numpy matmuls (shapes, transposed views,
+    dtype; one operand array wherever the step used one memory twice) on random operands. The
+    returned step performs them in order and keeps every product until it ends, as a step keeps
+    its activations and gradients (freeing each at once would let malloc hand the same memory
+    back every time, a floor no real step has)."""
+    recorder = _GemmRecorder(dtype)
+    step_for(recorder)()
+    memory = {}
+
+    def operand(key):
+        where, shape, transposed = key
+        base_shape = tuple(shape[:-2]) + (shape[-1], shape[-2]) if transposed else tuple(shape)
+        if (where, base_shape) not in memory:
+            memory[where, base_shape] = rng.standard_normal(base_shape).astype(dtype)
+        base = memory[where, base_shape]
+        return base.swapaxes(-1, -2) if transposed else base
+    operands = [(operand(ka), operand(kb)) for ka, kb in recorder.calls]
+    return lambda: [np.matmul(a, b) for a, b in operands], len(operands)
+
+
+def _floor_step_for(name, dtype):
+    """step_for(bk) of the model or layer timed by group ``name``."""
+    if name == "mlp-4x1024":
+        return lambda bk: _model_step(mlp_4x1024(), bk)
+    if name == "small-resnet":
+        spec = Model.load(EXAMPLES / "small-resnet.json").spec
+        return lambda bk: _model_step(Model({**spec, "batch": 32}), bk)
+    layer, params, x, dy = conv2d_case(dtype, np.random.default_rng(0))
+    return lambda bk: _layer_step(layer, params, x, dy, bk)
+
+
+def _floor_bench(benchmark, name, dtype):
+    """The bare numpy GEMMs of the group ``name``'s refnet step, same shapes and layouts
+    (``gemm_floor``), timed right after that group (each floor test follows its group's test,
+    so that the two see the same load): compare.py reports refnet/floor beside refnet/torch,
+    and floor/torch is what numpy's BLAS does against torch's on the machine. extra_info: the
+    number of GEMMs."""
+    benchmark.group = f"gemm-floor-{name}-{dtype}"
+    step, count = gemm_floor(_floor_step_for(name, dtype), np.dtype(dtype),
+                             np.random.default_rng(1))
+    benchmark.extra_info["gemms"] = count
+    benchmark(step)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_mlp_4x1024_batch256_forward_backward(benchmark, impl, need_torch, dtype):
     benchmark.group = f"mlp-4x1024-{dtype}"
     _model_bench(benchmark, impl, mlp_4x1024(), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gemm_floor_mlp_4x1024(benchmark, dtype):
+    _floor_bench(benchmark, "mlp-4x1024", dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -74,16 +160,25 @@ def test_lstm_forward_backward(benchmark, impl, need_torch, dtype):
     _model_bench(benchmark, impl, lstm_sequence(), dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gemm_floor_small_resnet(benchmark, dtype):
+    _floor_bench(benchmark, "small-resnet", dtype)
+
+
+def _layer_step(layer, params, x, dy, bk, train=False):
+    """refnet's forward + backward of one layer with upstream gradient dy, in ``bk``."""
+    def step():
+        y, cache = layer.forward(bk, params, x, ForwardState(train=train))
+        return layer.backward(bk, params, dy, cache)
+    return step
+
+
 def _layer_bench(benchmark, impl, layer, params, x, dy, torch_forward, dtype, train=False):
     """forward + backward of one layer with upstream gradient dy; the torch twin computes
     ``torch_forward(x, weight, bias, params)`` and backpropagates the same dy."""
     if impl == "refnet":
-        bk = FLOAT64 if dtype == "float64" else FLOAT32
-
-        def step():
-            y, cache = layer.forward(bk, params, x, ForwardState(train=train))
-            return layer.backward(bk, params, dy, cache)
-        benchmark(step)
+        benchmark(_layer_step(layer, params, x, dy, FLOAT64 if dtype == "float64" else FLOAT32,
+                              train))
         return
     import torch
     tx = torch.tensor(x, requires_grad=True)
@@ -97,19 +192,30 @@ def _layer_bench(benchmark, impl, layer, params, x, dy, torch_forward, dtype, tr
     benchmark(torch_step)
 
 
+def conv2d_case(dtype, rng=RNG):
+    """The conv2d group's layer, parameters, input and upstream gradient."""
+    x = rng.standard_normal((32, 16, 32, 32)).astype(dtype)
+    layer = Conv2d({"type": "conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
+                   (16, 32, 32), "conv")
+    params = {k: v.astype(dtype) for k, v in layer.init_params(rng).items()}
+    dy = rng.standard_normal((32, 32, 32, 32)).astype(dtype)
+    return layer, params, x, dy
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_conv2d_n32_c16_32x32_f32_3x3_forward_backward(benchmark, impl, need_torch, dtype):
     benchmark.group = f"conv2d-{dtype}"
-    x = RNG.standard_normal((32, 16, 32, 32)).astype(dtype)
-    layer = Conv2d({"type": "conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
-                   (16, 32, 32), "conv")
-    params = {k: v.astype(dtype) for k, v in layer.init_params(RNG).items()}
-    dy = RNG.standard_normal((32, 32, 32, 32)).astype(dtype)
+    layer, params, x, dy = conv2d_case(dtype)
 
     def conv(tx, tw, tb, params):
         import torch
         return torch.nn.functional.conv2d(tx, tw, tb, padding=1)
     _layer_bench(benchmark, impl, layer, params, x, dy, conv, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gemm_floor_conv2d(benchmark, dtype):
+    _floor_bench(benchmark, "conv2d", dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -135,7 +241,8 @@ def test_batchnorm_32x64x16x16_train_forward_backward(benchmark, impl, need_torc
 @pytest.mark.parametrize("model_name", ["mlp-4x1024", "small-resnet"])
 def test_lowp_emulation_overhead(benchmark, model_name, policy, storage):
     """Forward+backward under the emulation, parameters already held as the policy holds them (as
-    in a training step); extra_info holds the time relative to the float32 run (target ≤ 3)."""
+    in a training step); extra_info holds the time relative to the float32 run of the float32
+    group (parameters held in float32 too; target ≤ 3)."""
     from refnet.lowp.emulation import Precision, cast_params, run
     benchmark.group = f"emulation-{storage}-{policy}-{model_name}"
     if model_name == "mlp-4x1024":
@@ -149,12 +256,9 @@ def test_lowp_emulation_overhead(benchmark, model_name, policy, storage):
                        iterations=1, warmup_rounds=1)
     if benchmark.disabled:
         return
-    import time
-    model.loss_and_grads(FLOAT32, params, x, y)
-    start = time.perf_counter()
-    for _ in range(5):
-        model.loss_and_grads(FLOAT32, params, x, y)
-    float32_time = (time.perf_counter() - start) / 5
+    float32_step = _model_step(model, FLOAT32)        # the float32 group's step, parameters held
+    float32_step()
+    float32_time = _mean_time(float32_step, 5)
     benchmark.extra_info["ratio_to_float32"] = benchmark.stats.stats.mean / float32_time
 
 

@@ -197,3 +197,56 @@ def test_mp_asarray_of_floats_gives_mpmaths_own_exact_tuples(values, dps):
     got = mp.asarray(np.array(values))
     assert [g._mpf_ for g in got] == [mp.ctx.mpf(v)._mpf_ for v in values]
     assert all(type(g) is type(mp.ctx.one) for g in got)
+
+
+# The float backends' where: a bitwise select for boolean masks, np.where otherwise.
+SPECIAL_VALUES = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, 3e38, -1.5, 2.0])
+
+
+def _bits(a):
+    a = np.asarray(a)
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+@pytest.mark.parametrize("bk", [FLOAT64, FLOAT32], ids=["float64", "float32"])
+@pytest.mark.parametrize("shapes", [((128, 64), (128, 64), (128, 64)), ((128, 64), (), (128, 64)),
+                                    ((128, 64), (128, 64), ()), ((128, 1), (128, 64), (64,)),
+                                    ((8, 32, 32), (32, 32), ()), ((8192,), (), ()),
+                                    ((3, 5), (3, 5), ())])
+def test_float_where_gives_np_where_bit_for_bit(bk, shapes):
+    """bk.where (a bitwise select from BITWISE_WHERE_MIN = 8192 elements on, np.where below:
+    the last case) returns np.where's
+    result cast to the backend's dtype bit for bit — NaN payloads and signs, −0, ±inf,
+    subnormals — for every mix of arrays (C and F order, broadcast) and numbers (Python ints
+    and floats, +0 and −0: +0 takes a shortcut), so that no float result depends on which
+    path ran. One wrong bit anywhere fails."""
+    rng = np.random.default_rng(sum(map(len, shapes)))
+    dtype = bk.dtype
+
+    def operands(shape):
+        if shape == ():
+            return [0, 0.0, -0.0, 1, 0.01, -np.inf, np.nan, dtype.type(2.5)]
+        v = rng.choice(SPECIAL_VALUES, size=shape).astype(dtype)
+        return [v] + ([np.asfortranarray(v), v.T.copy().T] if v.ndim == 2 else [])
+
+    cond = rng.random(shapes[0]) < 0.5
+    for a in operands(shapes[1]):
+        for b in operands(shapes[2]):
+            got = bk.where(cond, a, b)
+            with np.errstate(over="ignore"):
+                want = np.where(cond, a, b).astype(dtype, copy=False)
+            assert got.dtype == dtype and got.shape == want.shape
+            assert np.array_equal(_bits(got), _bits(want)), (shapes, np.ndim(a), np.ndim(b))
+
+
+def test_float_where_flips_one_bit_when_the_mask_is_off_by_one_element():
+    """The check above can fail: a mask differing in one element of 8192 gives a result that
+    differs in exactly that element (the select really follows cond, element by element)."""
+    from refnet.numerics.backend import BITWISE_WHERE_MIN
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal(BITWISE_WHERE_MIN), rng.standard_normal(BITWISE_WHERE_MIN)
+    cond = rng.random(BITWISE_WHERE_MIN) < 0.5
+    flipped = cond.copy()
+    flipped[1234] = ~flipped[1234]
+    diff = np.flatnonzero(_bits(FLOAT64.where(cond, a, b)) != _bits(FLOAT64.where(flipped, a, b)))
+    assert diff.tolist() == [1234]

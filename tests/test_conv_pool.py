@@ -307,11 +307,13 @@ def test_pooling_matches_torch_float64_ties_included(kind, options):
 
 
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
-       st.integers(0, 2), st.integers(0, 2), st.integers(4, 7))
+       st.integers(0, 2), st.integers(0, 2), st.integers(4, 20))
 def test_the_strided_float_col2im_equals_the_generic_gather_and_sum(kh, kw, sh, dh, pad_top,
                                                                    pad_left, size):
     """col2im for float arrays (strided adds into the padded input) equals the generic
-    gather-and-sum path the other backends use, bit for bit (same order of additions)."""
+    gather-and-sum path the other backends use, bit for bit (same order of additions) — in
+    both of its layouts: output widths below SCATTER_CHANNELS_LAST_BELOW add channels-last,
+    wider ones row by row (widths 2 to 23 here)."""
     from refnet.layers.windows import Windows
     w = Windows((size, size + 1), (kh, kw), (sh, 1), (dh, 1),
                 (pad_top, 1, pad_left, 0), "test")
@@ -335,3 +337,24 @@ def test_the_strided_float_im2col_equals_the_generic_indexed_gather(kh, kw, sh, 
     fast = w.gather(FLOAT64, x, fill=fill)
     generic = w.gather(FLOAT64, x.astype(object), fill=fill).astype(np.float64)
     assert np.array_equal(fast, generic)
+
+
+@pytest.mark.parametrize("width", [6, 30])
+def test_both_layouts_of_the_float_col2im_run_and_agree(width, monkeypatch):
+    """The two layouts of the strided col2im (channels-last below SCATTER_CHANNELS_LAST_BELOW
+    output columns, rows above) are both exercised, a ceil-mode overhang included: in float64
+    each equals the generic gather-and-sum bit for bit, and in float32 and float64 the layout
+    not chosen gives the same bits as the one chosen (the same additions in the same order)."""
+    from refnet.layers import windows
+    assert (width < windows.SCATTER_CHANNELS_LAST_BELOW) == (width == 6)
+    w = windows.Windows((5, width), (3, 3), (2, 1), (1, 1), (1, 1, 1, 1), "test", ceil_mode=True)
+    for dtype in (np.float64, np.float32):
+        v = np.random.default_rng(width).standard_normal((3, 2, w.K, w.L)).astype(dtype)
+        chosen = w.scatter(FLOAT64, v)
+        with monkeypatch.context() as m:
+            m.setattr(windows, "SCATTER_CHANNELS_LAST_BELOW", 0 if width == 6 else 10**6)
+            other = w.scatter(FLOAT64, v)
+        assert chosen.dtype == other.dtype == dtype
+        assert np.array_equal(chosen, other)
+        if dtype == np.float64:
+            assert np.array_equal(chosen, w.scatter(FLOAT64, v.astype(object)).astype(dtype))

@@ -90,7 +90,7 @@ class Conv2d(WeightedLayer):
         y = bk.matmul(self._grouped_weight(params["weight"]), cols)      # (N, G, O/G, L)
         y = y.reshape((n,) + self.out_shape)
         if self.config["bias"]:
-            y = y + params["bias"].reshape(1, -1, 1, 1)
+            y += params["bias"].reshape(1, -1, 1, 1)    # in place: y is the product's own array
         return y, cols
 
     def backward(self, bk, params, dy, cols):

@@ -50,7 +50,7 @@ class Dense(WeightedLayer):
     def forward(self, bk, params, x, state=None):
         y = bk.matmul(x, params["weight"].T)
         if self.config["bias"]:
-            y = y + params["bias"]
+            y += params["bias"]          # in place: y is the product's fresh array, no one else's
         return y, x
 
     def backward(self, bk, params, dy, x):

@@ -18,6 +18,18 @@ def split(tensors: Dict[str, object], index: int) -> Dict[str, object]:
     return {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
 
 
+def split_all(tensors: Dict[str, object], count: int) -> List[Dict[str, object]]:
+    """``[split(tensors, j) for j in range(count)]`` in one pass over the names (a pass per
+    child made a forward of L layers with T tensors cost L·T string tests)."""
+    out: List[Dict[str, object]] = [{} for _ in range(count)]
+    index = {str(j): j for j in range(count)}
+    for name, value in tensors.items():
+        head, dot, rest = name.partition(".")
+        if dot and head in index:
+            out[index[head]][rest] = value
+    return out
+
+
 def run_forward(bk, layer, params, x, state):
     """``layer.forward`` — unless the backend runs layers itself: the fp16/bf16 emulation
     (``refnet.lowp.emulation``) runs each leaf layer as one kernel, rounding at its boundary."""
@@ -84,8 +96,9 @@ class Sequential(Container):
 
     def forward(self, bk, params, x, state):
         caches = []
+        per_layer = split_all(params, len(self.layers))
         for j, layer in enumerate(self.layers):
-            x, cache = run_forward(bk, layer, split(params, j), x, state)
+            x, cache = run_forward(bk, layer, per_layer[j], x, state)
             caches.append(cache)
             if state.outputs is not None:
                 state.outputs.append((layer.name, layer.type, x))
@@ -93,8 +106,9 @@ class Sequential(Container):
 
     def backward(self, bk, params, dy, caches):
         grads = {}
+        per_layer = split_all(params, len(self.layers))
         for j in reversed(range(len(self.layers))):
-            dy, layer_grads = run_backward(bk, self.layers[j], split(params, j), dy, caches[j])
+            dy, layer_grads = run_backward(bk, self.layers[j], per_layer[j], dy, caches[j])
             grads.update({f"{j}.{k}": g for k, g in layer_grads.items()})
         return dy, grads
 
