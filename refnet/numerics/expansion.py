@@ -89,13 +89,18 @@ BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THR
                          "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                       # no affinity on this OS (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """As many threads as the BLAS runs: the smallest of BLAS_THREAD_VARIABLES that is set to a
     positive integer, else the cores this process may run on."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:                       # no affinity on this OS (macOS, Windows)
-        cores = os.cpu_count() or 1
+    cores = available_cores()
     limits = [int(v) for v in (os.environ.get(k, "") for k in BLAS_THREAD_VARIABLES)
               if v.strip().isdigit() and int(v) > 0]
     return max(1, min([cores] + limits))

@@ -261,15 +261,31 @@ def run_study(quick: bool = True, out: Optional[Path] = None, check: bool = True
     configs = grid(quick) if configs is None else configs
     if progress is True:
         progress = Reporter(name="refnet study")
-    progress = progress or SILENT
-    progress.start(len(configs), "configurations", lines=LOG_LINES)
-    results, futures = [], []
+    results, _ = run_grid(configs, measure, precisions, check, progress or SILENT, executor, out,
+                          lambda rows, _, path, partial: write_outputs(rows, path, partial))
+    return results
+
+
+def run_grid(configs, measure, precisions, check, progress, executor, out, write, extra=None):
+    """The measuring loop of both studies: ``measure(config, precisions, check)`` for every
+    configuration, in this process or one task each on ``executor`` (gathered in the grid's
+    order), then ``extra`` — (label, fn), one more progress step, e.g. the clipping
+    experiment — and ``write(rows, extra's result, Path(out), partial=False)`` when ``out``
+    is given. Ctrl-C cancels what is pending, writes the finished rows (``partial=True``, no
+    extra) and raises ``Interrupted`` with them. Returns (rows, extra's result or None)."""
+    total = len(configs) + (1 if extra else 0)
+    progress.start(total, "configurations", lines=LOG_LINES)
+    results, futures, extra_result = [], [], None
     try:
         if executor is not None:
             futures = [executor.submit(measure, config, precisions, check) for config in configs]
         for k, config in enumerate(configs):
             results += futures[k].result() if futures else measure(config, precisions, check)
             progress.update(k + 1, config.spec()["name"])
+        if extra is not None:
+            label, fn = extra
+            extra_result = fn()
+            progress.update(total, label)
     except KeyboardInterrupt as stop:
         for future in futures:
             future.cancel()
@@ -277,7 +293,7 @@ def run_study(quick: bool = True, out: Optional[Path] = None, check: bool = True
         done = len(results) // len(precisions)
         message = f"interrupted after {done} of {len(configs)} configurations"
         if out is not None and results:
-            written = write_outputs(results, Path(out), partial=True)
+            written = write(results, None, Path(out), True)
             message += (f"; the {len(results)} finished rows are in "
                         f"{' and '.join(str(p) for p in written)}")
         raise Interrupted(message, results, done, len(configs)
@@ -286,13 +302,13 @@ def run_study(quick: bool = True, out: Optional[Path] = None, check: bool = True
         progress.close()
     if out is not None:
         try:
-            write_outputs(results, Path(out))
+            write(results, extra_result, Path(out), False)
         except KeyboardInterrupt as stop:
             raise Interrupted(f"interrupted while writing the outputs to {out} (all "
                               f"{len(configs)} configurations were measured)", results,
                               len(configs), len(configs)
                               ).with_traceback(stop.__traceback__) from None
-    return results
+    return results, extra_result
 
 
 # --- output --------------------------------------------------------------------------------

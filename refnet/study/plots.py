@@ -109,14 +109,22 @@ def grad_norm_legend(data) -> List[dict]:
     architectures (line style), verdicts (color), precisions (line width), and the edge
     markers. Each entry: ``{"label", "ls", "color", "lw", "marker"}``."""
     series = [s for panel in data["panels"].values() for s in panel]
-    drawn = lambda s: any(v == v for v in s["logs"])                       # noqa: E731
-    archs = _order(s["arch"] for s in series if drawn(s))
-    verdicts = [v for v in VERDICT_COLORS if any(s["verdict"] == v for s in series)]
-    precisions = _order(s["precision"] for s in series if drawn(s))
+    archs = _order(s["arch"] for s in series if _drawn(s))
     entries = [{"label": a, "ls": ARCH_STYLES[a], "color": "gray", "lw": 1.2, "marker": None}
                for a in ARCH_STYLES if a in archs]
-    entries += [{"label": v, "ls": "-", "color": VERDICT_COLORS[v], "lw": 1.2, "marker": None}
-                for v in verdicts]
+    return entries + _verdict_precision_edge_entries(series)
+
+
+def _drawn(series) -> bool:
+    return any(v == v for v in series["logs"])                    # a line with a finite value
+
+
+def _verdict_precision_edge_entries(series) -> List[dict]:
+    """The legend entries both figures share: the verdicts drawn (color), the precisions
+    (line width, where more than one), and the edge markers in use."""
+    entries = [{"label": v, "ls": "-", "color": VERDICT_COLORS[v], "lw": 1.2, "marker": None}
+               for v in VERDICT_COLORS if any(s["verdict"] == v for s in series)]
+    precisions = _order(s["precision"] for s in series if _drawn(s))
     if len(precisions) > 1:
         entries += [{"label": p, "ls": "-", "color": "gray", "marker": None,
                      "lw": PRECISION_STYLE["float64" if p == "float64" else "low"]["lw"]}
@@ -476,23 +484,10 @@ def through_time_legend(data) -> List[dict]:
     """Legend entries, one per thing drawn: inits (line style), verdicts (color), precisions
     (line width) and the edge markers."""
     series = [s for panel in data["panels"].values() for s in panel]
-    drawn = lambda s: any(v == v for v in s["logs"])                       # noqa: E731
-    inits = _order(s["init"] for s in series if drawn(s))
+    inits = _order(s["init"] for s in series if _drawn(s))
     entries = [{"label": i, "ls": INIT_STYLES.get(i, ":"), "color": "gray", "lw": 1.2,
                 "marker": None} for i in inits]
-    entries += [{"label": v, "ls": "-", "color": VERDICT_COLORS[v], "lw": 1.2, "marker": None}
-                for v in VERDICT_COLORS if any(s["verdict"] == v for s in series)]
-    precisions = _order(s["precision"] for s in series if drawn(s))
-    if len(precisions) > 1:
-        entries += [{"label": p, "ls": "-", "color": "gray", "marker": None,
-                     "lw": PRECISION_STYLE["float64" if p == "float64" else "low"]["lw"]}
-                    for p in precisions]
-    for which in ("zero", "nonfinite"):
-        if any(s[which] for s in series):
-            marker, _, label = EDGE[which]
-            entries.append({"label": label, "ls": "none", "color": "gray", "lw": 0,
-                            "marker": marker})
-    return entries
+    return entries + _verdict_precision_edge_entries(series)
 
 
 def draw_through_time(results):

@@ -65,11 +65,11 @@ import numpy as np
 from ..lowp.diagnose import diagnose
 from ..lowp.emulation import Precision
 from ..model import Model
-from ..progress import SILENT, Interrupted, Reporter
+from ..progress import SILENT, Reporter
 from ..training.loop import train
 from ..training.optim import make_optimizer
 from ..verification.triangle import spot_check
-from .grid import LOG_LINES, NORM_RANGE, RATIO_RANGE, SPOT_CHECK_DPS, _fmt, sparkline
+from .grid import NORM_RANGE, RATIO_RANGE, SPOT_CHECK_DPS, _fmt, run_grid, sparkline
 
 HIDDEN, FEATURES, BATCH, OUT = 16, 4, 16, 2
 SPOT_CHECK_SAMPLES = 2          # sequences per spot check (the grid's MLPs use 4; T = 200
@@ -287,44 +287,10 @@ def run_recurrent_study(quick: bool = True, out: Optional[Path] = None, check: b
     configs = recurrent_grid(quick) if configs is None else configs
     if progress is True:
         progress = Reporter(name="refnet study --recurrent")
-    progress = progress or SILENT
-    total = len(configs) + (1 if clipping else 0)
-    progress.start(total, "configurations", lines=LOG_LINES)
-    results, futures, clip = [], [], None
-    try:
-        if executor is not None:
-            futures = [executor.submit(measure_recurrent, config, precisions, check)
-                       for config in configs]
-        for k, config in enumerate(configs):
-            results += futures[k].result() if futures else measure_recurrent(
-                config, precisions, check)
-            progress.update(k + 1, config.spec()["name"])
-        if clipping:
-            clip = clipping_experiment(quick)
-            progress.update(total, "clipping experiment")
-    except KeyboardInterrupt as stop:
-        for future in futures:
-            future.cancel()
-        progress.close()
-        done = len(results) // len(precisions)
-        message = f"interrupted after {done} of {len(configs)} configurations"
-        if out is not None and results:
-            written = write_recurrent_outputs(results, None, Path(out), partial=True)
-            message += (f"; the {len(results)} finished rows are in "
-                        f"{' and '.join(str(p) for p in written)}")
-        raise Interrupted(message, results, done, len(configs)
-                          ).with_traceback(stop.__traceback__) from None
-    finally:
-        progress.close()
-    if out is not None:
-        try:
-            write_recurrent_outputs(results, clip, Path(out))
-        except KeyboardInterrupt as stop:
-            raise Interrupted(f"interrupted while writing the outputs to {out} (all "
-                              f"{len(configs)} configurations were measured)", results,
-                              len(configs), len(configs)
-                              ).with_traceback(stop.__traceback__) from None
-    return results, clip
+    extra = ("clipping experiment", lambda: clipping_experiment(quick)) if clipping else None
+    return run_grid(configs, measure_recurrent, precisions, check, progress or SILENT, executor,
+                    out, lambda rows, clip, path, partial: write_recurrent_outputs(
+                        rows, clip, path, partial=partial), extra)
 
 
 # --- output -----------------------------------------------------------------------------------

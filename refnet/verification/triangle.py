@@ -57,7 +57,7 @@ from ..layers.base import ForwardState
 from ..model import ForwardPrefix, Model
 from ..numerics.backend import FLOAT64, MPBackend
 from ..numerics.errorbound import BOUND, LAMBDA
-from ..numerics.expansion import BLAS_THREAD_VARIABLES, ExpansionBackend, ExpansionRangeError
+from ..numerics.expansion import BLAS_THREAD_VARIABLES, ExpansionBackend, ExpansionRangeError, available_cores
 from ..progress import SILENT, Interrupted
 from ..regularize import l1_kink_signature, penalty
 
@@ -556,13 +556,6 @@ class _Deferred:
     def cancel(self):
         return not self._done
 
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:              # not Linux
-        return os.cpu_count() or 1
 
 
 def _forward_values(model: Model, params, x) -> int:
