@@ -14,7 +14,8 @@ components decreasing in magnitude. Every operation is numpy on whole arrays:
               diagonals of slice products that provably weigh below 2^−(prec+2)·(|A| @ |B|)
 ``/``         by a small divisor (a mean, a count, softmax's sum): the reciprocal to K·53 bits
               in mpmath, then a product; elementwise otherwise: mpmath per element
-exp, log, …   mpmath per element at K·53 + 64 bits (a private context, never ``mpmath.mp``)
+exp, log, …   mpmath's own functions per element at prec + 20 bits, on its raw values (no
+              ``mpf`` objects, never ``mpmath.mp``)
 ============  ===================================================================================
 
 **Rounding (``_round_terms``).** The exact terms of a result are turned into at most K
@@ -66,7 +67,25 @@ from typing import Optional
 
 import mpmath
 import numpy as np
-from mpmath.libmp import from_man_exp, round_nearest
+from mpmath.libmp import (
+    ComplexResult,
+    fone,
+    from_float,
+    from_man_exp,
+    fzero,
+    mpf_add,
+    mpf_div,
+    mpf_erf,
+    mpf_erfc,
+    mpf_exp,
+    mpf_log,
+    mpf_mul,
+    mpf_shift,
+    mpf_sqrt,
+    mpf_sub,
+    mpf_tanh,
+    round_nearest,
+)
 
 from .backend import Constant, constant_value
 
@@ -138,6 +157,53 @@ def components_for(prec: int) -> int:
     choice: 12 bits, measured to need no more second rounds than 24 on the LeNet and MLP
     verifies while keeping dps 51–59 (the FD checks) at 4 components instead of 5."""
     return -(-(prec + 12) // _DOUBLE_BITS)
+
+
+# Per-element functions on mpmath's raw values (sign, man, exp, bc) -------------------------------
+# mpmath's own functions (those ``mpmath.mp.exp`` etc. call for a real mpf), at the precision they
+# are given; expm1 and log1p are written here, the same on every mpmath version.
+
+def _magnitude(t):
+    """m with 2^(m−1) ≤ |x| < 2^m, for a finite nonzero raw value."""
+    return t[2] + t[3]
+
+
+def _mpf_expm1(t, prec, rnd):
+    """exp(x) − 1 within mpmath's accuracy at ``prec``, relative to the result: exp is evaluated
+    with as many more bits as the subtraction of 1 cancels (|x| < 2^m cancels up to −m bits),
+    plus 20; below 2^−prec, x + x²/2 (the next term is below 2^−2prec relative)."""
+    if not t[1]:                                       # 0, ±inf, nan
+        return fzero if t == fzero else mpf_sub(mpf_exp(t, prec, rnd), fone, prec, rnd)
+    m = _magnitude(t)
+    if m < -prec:
+        return mpf_add(t, mpf_shift(mpf_mul(t, t), -1), prec, rnd)
+    return mpf_sub(mpf_exp(t, prec + max(0, -m) + 20, rnd), fone, prec, rnd)
+
+
+def _mpf_log1p(t, prec, rnd):
+    """log(1 + x) within mpmath's accuracy at ``prec``: 1 + x formed exactly, then mpmath's log,
+    which itself adds the bits its argument's nearness to 1 cancels; below 2^−prec, x − x²/2."""
+    if t == fzero:
+        return fzero
+    if t[1] and _magnitude(t) < -prec:
+        return mpf_sub(t, mpf_shift(mpf_mul(t, t), -1), prec, rnd)
+    return mpf_log(mpf_add(t, fone), prec, rnd)           # mpf_add without prec: exact
+
+
+def _real(f, name):
+    """f(x, prec, rnd) as (prec, x) -> raw, with a one-line error where mpmath's answer would
+    be complex (a log or square root of a negative number)."""
+    def apply(prec, t):
+        try:
+            return f(t, prec, round_nearest)
+        except ComplexResult:
+            raise ValueError(f"expansion backend: {name} of a negative number") from None
+    return apply
+
+
+_RAW_FUNCTIONS = {name: _real(f, name) for name, f in [
+    ("exp", mpf_exp), ("expm1", _mpf_expm1), ("log", mpf_log), ("log1p", _mpf_log1p),
+    ("tanh", mpf_tanh), ("sqrt", mpf_sqrt), ("erf", mpf_erf), ("erfc", mpf_erfc)]}
 
 
 class Expansion:
@@ -329,13 +395,18 @@ class ExpansionBackend:
 
     def _from_mpf(self, arr):
         """Object arrays of mpf (or numbers): each element's exact value rounded greedily to
-        K components, c_i = fl(x − Σ_{j<i} c_j) (Python's int → float conversion rounds
+        K components (``_from_raw``)."""
+        flat = np.asarray(arr, dtype=object).ravel()
+        raw = [v._mpf_ if hasattr(v, "_mpf_") else self.ctx.mpf(v)._mpf_ for v in flat]
+        return self._from_raw(raw, np.shape(arr))
+
+    def _from_raw(self, raw, shape):
+        """mpmath's raw values (sign, man, exp, bc), one an element, each rounded greedily to K
+        components, c_i = fl(x − Σ_{j<i} c_j) (Python's int → float conversion rounds
         correctly; the remainder is exact integer arithmetic)."""
         K = self.K
-        flat = np.asarray(arr, dtype=object).ravel()
-        out = np.zeros((K, flat.size))
-        for j, v in enumerate(flat):
-            t = v._mpf_ if hasattr(v, "_mpf_") else self.ctx.mpf(v)._mpf_
+        out = np.zeros((K, len(raw)))
+        for j, t in enumerate(raw):
             sign, man, exp, _ = t
             if not man:
                 out[0, j] = 0.0 if not exp else float(self.ctx.make_mpf(t))   # 0, ±inf, nan
@@ -358,7 +429,7 @@ class ExpansionBackend:
                 except OverflowError:
                     out[i, j] = math.copysign(math.inf, f)
         self._check_range(out[0])
-        return Expansion(_trim(out.reshape((K,) + np.shape(arr))), self)
+        return Expansion(_trim(out.reshape((K,) + tuple(shape))), self)
 
     def to_numpy(self, a) -> np.ndarray:
         """The correctly rounded float64 of every element."""
@@ -387,8 +458,16 @@ class ExpansionBackend:
         whenever its components span at most K·53 + 64 bits (always, for the results of
         this backend's operations), else rounded once to that precision."""
         a = self.asarray(a)
-        ctx = self.ctx
-        prec, make = ctx.prec, ctx.make_mpf
+        make = self.ctx.make_mpf
+        out = np.empty(a.size, dtype=object)
+        out[:] = [make(t) for t in self._raw(a)]
+        out = out.reshape(a.shape)
+        return out[()] if out.ndim == 0 else out
+
+    def _raw(self, a):
+        """Every element of Expansion ``a`` as mpmath's raw value (sign, man, exp, bc), a list
+        in C order, rounded as ``to_mpf`` says."""
+        prec = self.ctx.prec
         c = a.c.reshape(a.c.shape[0], -1)
         with np.errstate(invalid="ignore"):
             mant, expo = np.frexp(c)
@@ -398,19 +477,16 @@ class ExpansionBackend:
         values = []
         for j in range(c.shape[1]):
             if not finite[j]:
-                values.append(ctx.mpf(float(c[0, j])))
+                values.append(from_float(float(c[0, j])))
                 continue
             parts = [(m[j], e[j]) for m, e in zip(mans, exps) if m[j]]
             if not parts:
-                values.append(ctx.zero)
+                values.append(fzero)
                 continue
             low = min(e for _, e in parts)
             total = sum(m << (e - low) for m, e in parts)
-            values.append(make(from_man_exp(total, low, prec, round_nearest)))
-        out = np.empty(len(values), dtype=object)
-        out[:] = values
-        out = out.reshape(a.shape)
-        return out[()] if out.ndim == 0 else out
+            values.append(from_man_exp(total, low, prec, round_nearest))
+        return values
 
     def const(self, value: Constant) -> Expansion:
         return self._from_mpf(np.asarray(constant_value(value, self.ctx), dtype=object))
@@ -437,7 +513,7 @@ class ExpansionBackend:
         comps = _round_terms(terms, self, ordered) if terms else [np.zeros(shape)]
         return self._assemble(np.stack([np.broadcast_to(ci, shape) for ci in comps]), special)
 
-    def _from_limbs(self, limbs, width, exponent, shape):
+    def _from_limbs(self, limbs, width, exponent, shape, scaled=False):
         """The Expansion of Σ_d limbs[d] · 2^(d·width + exponent) (``_limb_terms``), rounded
         block by block: _BLOCK elements at a time, the ~100 passes of carrying and rounding
         run on arrays that stay in the CPU's cache (every element is rounded by its own terms
@@ -450,7 +526,7 @@ class ExpansionBackend:
 
         def block(start):
             end = min(start + _BLOCK, size)
-            terms = _limb_terms(flat[:, start:end], width, exponent[start:end])
+            terms = _limb_terms(flat[:, start:end], width, exponent[start:end], scaled)
             if terms:
                 comps = _round_terms(terms, self, ordered=True)
                 c[:len(comps), start:end] = comps
@@ -529,22 +605,27 @@ class ExpansionBackend:
         a, b = self.asarray(a), self.asarray(b)
         if b.size * 8 <= max(a.size, 1) or b.size <= 64:
             return self.multiply(a, self.reciprocal(b))
-        return self._elementwise(lambda ctx, x, y: x / y, a, b)
+        return self._elementwise(lambda prec, x, y: mpf_div(x, y, prec, round_nearest), a, b)
 
     def reciprocal(self, b) -> Expansion:
-        return self._elementwise(lambda ctx, y: 1 / y, b)
+        return self._elementwise(lambda prec, y: mpf_div(fone, y, prec, round_nearest), b)
 
     def _elementwise(self, f, *args) -> Expansion:
-        """f(ctx, *mpf) per element in this backend's context, then rounded to K components:
-        within 2^-(53K) + 2^-(53K+63) relative, below 2^-prec."""
+        """f(prec, *raw) per element on mpmath's raw values (mpmath's own functions on them,
+        without an mpf object each: a tenth of the time) at ``prec`` + 20 bits, then rounded
+        to K components: within 2^−(prec+19) + 2^−(53K) relative, below 2^−prec (K·53 ≥
+        prec + 12)."""
         args = [self.asarray(x) for x in args]
         shape = np.broadcast_shapes(*[x.shape for x in args])
-        mps = [np.broadcast_to(np.asarray(self.to_mpf(x), dtype=object), shape).ravel()
-               for x in args]
-        ctx = self.ctx
-        values = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=object)
-        values[:] = [f(ctx, *vals) for vals in zip(*mps)]
-        return self._from_mpf(values.reshape(shape))
+        raws = []
+        for x in args:
+            raw = self._raw(x)
+            if x.shape != shape:
+                index = np.broadcast_to(np.arange(len(raw)).reshape(x.shape), shape).ravel()
+                raw = [raw[i] for i in index.tolist()]
+            raws.append(raw)
+        prec = self.prec + 20
+        return self._from_raw([f(prec, *vals) for vals in zip(*raws)], shape)
 
     # comparisons -------------------------------------------------------------------------------
     def compare(self, a, b) -> np.ndarray:
@@ -569,8 +650,7 @@ class ExpansionBackend:
 
     # elementwise functions ------------------------------------------------------------------
     def _function(self, name, x):
-        f = getattr(self.ctx, name)
-        return self._elementwise(lambda ctx, v: f(v), x)
+        return self._elementwise(_RAW_FUNCTIONS[name], x)
 
     def exp(self, x):
         return self._function("exp", x)
@@ -647,7 +727,13 @@ class ExpansionBackend:
         c = c.reshape(c.shape[:1 + len(rest)] + (count,))
         if not np.all(np.isfinite(c[0])):
             raise ValueError("expansion backend: a non-finite value reached a sum")
-        out = self._from_limbs(*_sum_limbs(c))
+        if count >= 1 and np.all(np.count_nonzero(c[0], axis=-1) <= 1):
+            # At most one nonzero term a sum (a scatter whose windows do not overlap, a max
+            # pool's gradient): the sum is that term, component by component — adding zeros
+            # is exact (a zero element has every component zero: dominance).
+            out = self._assemble(np.add.reduce(c, axis=-1))
+        else:
+            out = self._from_limbs(*_sum_limbs(c))
         if keepdims:
             out = out.reshape(tuple(1 if d in axes else n for d, n in enumerate(a.shape)))
         return out
@@ -726,16 +812,60 @@ def _round_terms(terms, bk, ordered=False, rounds=_ROUNDS):
     """At most K components whose sum is within 2^-prec (relative) of Σ terms, with the
     dominance of the leading one (see the module docstring); terms least significant first.
 
+    The first K − 1 components are extracted error-free (VecSum passes: what they leave is
+    exact); the last is the plain float sum of what is left, whose own error is below
+    (n − 1)·2^−53 of the sum of its n terms' magnitudes (recursive summation, Higham's
+    γ_(n−1)) — already ~2^−(53(K−1)) below the leading component, far inside 2^−prec, at a
+    fraction of the cost of one more exact pass. The check takes that bound as the leftover.
+
     Every element is rounded by its own terms alone: the elements that fail the check are
-    gathered and summed again from their components and leftovers (a second round converges:
-    the inputs are then nearly non-overlapping), and after ``rounds`` rounds rounded exactly
-    by ``math.fsum``. So a result never depends on which other elements share its array (the
-    blocks of ``_from_limbs``)."""
+    gathered and rounded again from their own terms, all K components error-free
+    (``_round_terms_exact``). So a result never depends on which other elements share its
+    array (the blocks of ``_from_limbs``)."""
     K, limit = bk.K, bk._limit
     shape = np.broadcast_shapes(*[np.shape(t) for t in terms])
     if shape == ():                                   # one element: as an array of one
         return [c.reshape(()) for c in _round_terms([np.reshape(t, (1,)) for t in terms], bk,
                                                     ordered, rounds)]
+    rest = [np.broadcast_to(t, shape) for t in terms if np.any(t)]
+    if not rest:
+        return [np.zeros(shape)]
+    if rounds == 0:
+        return _round_exactly(rest, K)
+    comps = []
+    while len(comps) < K - 1 and rest:
+        top, rest = _vecsum(rest, ordered and not comps)
+        comps.append(top)
+    leftover = None
+    if rest:
+        last = rest[0].copy()
+        magnitude = np.abs(rest[0])
+        for r in rest[1:]:
+            last += r
+            magnitude += np.abs(r)
+        comps.append(last)
+        # (n − 1)·2^−53 Σ|r| bounds the float sum's error; Σ|r| itself was summed in float
+        # (relative error below n·2^−53): 2^−52·n·Σ|r| covers both.
+        leftover = [magnitude * (len(rest) * 2.0 ** -52)] if len(rest) > 1 else []
+    failing = _failing(comps, leftover or [], limit)
+    if failing is None:
+        return comps
+    where = np.nonzero(failing)
+    again = _round_terms_exact([np.broadcast_to(t, shape)[where] for t in terms], bk, ordered,
+                               rounds - 1)
+    comps = [np.array(ci, copy=True) for ci in comps] + [np.zeros(shape)] * (K - len(comps))
+    for i in range(K):
+        comps[i][where] = again[i] if i < len(again) else 0.0
+    return comps
+
+
+def _round_terms_exact(terms, bk, ordered=False, rounds=_ROUNDS):
+    """``_round_terms`` with every component extracted error-free, and what is left exact:
+    the elements that fail the check are summed again from their components and leftovers
+    (a second round converges: the inputs are then nearly non-overlapping), and after
+    ``rounds`` rounds rounded exactly by ``math.fsum``."""
+    K, limit = bk.K, bk._limit
+    shape = np.broadcast_shapes(*[np.shape(t) for t in terms])
     rest = [np.broadcast_to(t, shape) for t in terms if np.any(t)]
     if not rest:
         return [np.zeros(shape)]
@@ -749,7 +879,7 @@ def _round_terms(terms, bk, ordered=False, rounds=_ROUNDS):
     if failing is None:
         return comps
     where = np.nonzero(failing)
-    again = _round_terms([t[where] for t in rest + comps[::-1]], bk, False, rounds - 1)
+    again = _round_terms_exact([t[where] for t in rest + comps[::-1]], bk, False, rounds - 1)
     comps = [np.array(ci, copy=True) for ci in comps] + [np.zeros(shape)] * (K - len(comps))
     for i in range(K):
         comps[i][where] = again[i] if i < len(again) else 0.0
@@ -850,7 +980,7 @@ def _scaled(x, e):
     return out
 
 
-def _slices(fixed, width, count):
+def _slices(fixed, width, count, carried=True):
     """(count, *G, k): slice j = Σ_components r_j − 2^w·r_{j+1}, r_j = rint(X · 2^(−j·w)) with
     X = component · 2^−low, so that Σ_j slice_j · 2^(j·w) = X exactly (the sum telescopes, and
     r_count = 0 because |X| < 2^(count·w − 1)). Every step is exact in float64: X is an
@@ -858,7 +988,14 @@ def _slices(fixed, width, count):
     group (each factor within float64's range and the intermediate value between the
     component and X, so neither rounds), scaling by 2^−w is exact (values that fall below the
     normal range are below 1/2 and round to 0 as they should), and rint of a float is a float.
-    |slice| ≤ m · 2^(w−1): signed slices, one bit narrower than slices of the magnitude."""
+    Signed slices, one bit narrower than slices of the magnitude: |slice| ≤ 2^(w−1).
+
+    Of m > 1 components the slices are summed, then (``carried``, for a product's operands,
+    where each bit of width saves GEMMs) carried, balanced as ``_limb_terms`` does, so that
+    they stay within 2^(w−1) too rather than m·2^(w−1): the digits below the top are balanced,
+    and the top one is within 2^(w−1) because ``_slice_count`` gives such operands a bit of
+    headroom (|Σ X| < 2^(span+1), and count·w ≥ span + 2). A sum's slices are not carried
+    (|slice| ≤ m·2^(w−1)): there the carries would cost more than the bits they save."""
     c = fixed.c
     out = np.zeros((count,) + c.shape[1:])
     scale = 2.0 ** -width
@@ -889,11 +1026,27 @@ def _slices(fixed, width, count):
                 if last:
                     break
                 prev, rounded = rounded, prev
+    if carried and c.shape[0] > 1:
+        carry = np.empty(c.shape[1:])
+        for j in range(count - 1):
+            np.multiply(out[j], scale, out=carry)
+            np.rint(carry, out=carry)
+            out[j] -= carry * up
+            out[j + 1] += carry
     return out
 
 
-def _limb_terms(limbs, width, exponent):
-    """Σ_d limbs[d] · 2^(d·width + exponent) as exact float64 terms, least significant first.
+def _slice_count(fixed, width, carried=True):
+    """How many slices of ``width`` bits hold an operand: |X| < 2^span for one component, so
+    count·w ≥ span + 1 makes the top slice (rint of X / 2^((count−1)w)) within 2^(w−1); a sum
+    of m > 1 components lies below 2^span·(1 + 2^−40) (dominance), and its carried top digit
+    is within 2^(w−1) for count·w ≥ span + 2 (``_slices``)."""
+    return -(-(fixed.span + 1 + (carried and fixed.c.shape[0] > 1)) // width)
+
+
+def _limb_terms(limbs, width, exponent, scaled=False):
+    """Σ_d limbs[d] · 2^(d·width + exponent) as exact float64 terms, least significant first;
+    ``scaled``: the limbs already hold limbs[d] · 2^(d·width) (``_scaled_limb_terms``).
 
     ``limbs``: float64 (L, *S), integers of magnitude ≤ 2^52, the top row zero (room for the
     carries: ``_CARRY_ROWS``); changed in place. Balanced carries (rint) make every
@@ -904,6 +1057,8 @@ def _limb_terms(limbs, width, exponent):
     total, shape = limbs.shape[0], limbs.shape[1:]
     limbs = limbs.reshape(total, -1)             # rows are 1-d views, even for a 0-d result
     exponent = np.broadcast_to(exponent, shape).ravel()
+    if scaled:
+        return [t.reshape(shape) for t in _scaled_limb_terms(limbs, width, exponent)]
     up, down = 2.0 ** width, 2.0 ** -width
     carry = np.empty(limbs.shape[1:])
     shifted = np.empty(limbs.shape[1:])
@@ -941,6 +1096,43 @@ def _limb_terms(limbs, width, exponent):
     return [t.reshape(shape) for t in terms]
 
 
+def _scaled_limb_terms(limbs, width, exponent):
+    """``_limb_terms`` of limbs that hold their weight 2^(d·w) already (a product's, whose
+    slices were scaled so: ``_matmul_limbs``), rows (L, n). A carry is then a rounding to a
+    multiple of 2^((d+1)w), (x + C) − C with C = 1.5·2^(52 + (d+1)w) — exact: |x| < 2^(51 +
+    (d+1)w) keeps x + C in C's binade, whose ulp is 2^((d+1)w), and the subtraction is exact
+    (Sterbenz) — that moves to the next row unscaled: four passes a row instead of five, and a
+    chunk is the plain sum of its digits (no scaling either). The rows must stay finite: the
+    caller scales only where (L + 1)·w + 53 < 1020."""
+    total = limbs.shape[0]
+    carry = np.empty(limbs.shape[1:])
+    for d in range(total - 1):
+        magic = 1.5 * 2.0 ** (52 + (d + 1) * width)
+        np.add(limbs[d], magic, out=carry)
+        np.subtract(carry, magic, out=carry)
+        np.subtract(limbs[d], carry, out=limbs[d])
+        np.add(limbs[d + 1], carry, out=limbs[d + 1])
+    per_chunk = max(1, _DOUBLE_BITS // width)
+    lowest, highest = (int(np.min(exponent)), int(np.max(exponent))) if np.size(exponent) else (0, 0)
+    normal = lowest >= -1022 + _DOUBLE_BITS and highest + total * width + _DOUBLE_BITS <= 1023
+    scale = _power_of_two(exponent) if normal else None
+    terms = []
+    for d in list(range(0, total - 1, per_chunk)) + [total - 1]:
+        rows = range(d, total) if d == total - 1 else range(d, min(d + per_chunk, total - 1))
+        chunk = limbs[rows[-1]].copy()
+        for r in rows[-2::-1]:
+            chunk += limbs[r]
+        if scale is not None:
+            chunk *= scale
+        else:
+            # Low chunks may fall below the normal range: ldexp then loses at most 2^-1075
+            # (the result's range check makes that negligible; module docstring, "Range").
+            with np.errstate(under="ignore", over="ignore"):
+                chunk = np.ldexp(chunk, exponent)
+        terms.append(chunk)
+    return terms
+
+
 # Rows above the top limb for the carries. One is enough: a product's value is below
 # k·2^(span_a + span_b) in units of its lowest limb, and the slice counts make
 # (sa + sb)·w ≥ span_a + span_b + 2, so what the carries leave in the row above the top
@@ -955,39 +1147,49 @@ def _matmul_limbs(ca, cb, prec=None):
     cb (mb, ..., k, n). Exact for ``prec=None``; else the low diagonals of slice products
     whose sum is provably below 2^−(prec+2) · (|A| @ |B|) in every element are left out
     (``_first_diagonal``)."""
-    ma, mb = ca.shape[0], cb.shape[0]
     k = ca.shape[-1]
     out_shape = np.broadcast_shapes(ca.shape[1:-2], cb.shape[1:-2]) + (ca.shape[-2], cb.shape[-1])
     if k == 0 or 0 in out_shape:
         return np.zeros((1,) + out_shape), 1, 0, out_shape
     fa, fb = _FixedPoint(ca), _FixedPoint(np.swapaxes(cb, -1, -2))
-    lowa, topa, spana = fa.low, fa.top, fa.span
-    lowb, topb, spanb = fb.low, fb.top, fb.span
-    # Slice widths: |Sa| ≤ ma·2^(w−1), |Sb| ≤ mb·2^(w−1), so a dot product of k of their
-    # products and every partial sum stay within ma·mb·k·2^(2w−2) — exact in any summation
-    # order, blocking or thread split of the BLAS — and the at most min(sa, sb) products
-    # added into one limb (one weight 2^((p+q)w)) within 2^52, which leaves the carries room.
-    base = 54 - (k - 1).bit_length() - (ma * mb - 1).bit_length()
+    lowa, topa = fa.low, fa.top
+    lowb, topb = fb.low, fb.top
+    # Slice widths: |Sa|, |Sb| ≤ 2^(w−1) (``_slices``), so a dot product of k of their
+    # products and every partial sum stay within k·2^(2w−2) — exact in any summation order,
+    # blocking or thread split of the BLAS — and the at most min(sa, sb) products added into
+    # one limb (one weight 2^((p+q)w)) within 2^52, which leaves the carries room.
+    base = 54 - (k - 1).bit_length()
     w = base // 2
     for _ in range(3):                       # the limb sum depends on the slice counts
-        sa, sb = -(-(spana + 1) // w), -(-(spanb + 1) // w)
+        sa, sb = _slice_count(fa, w), _slice_count(fb, w)
         w_next = (base - (min(sa, sb) - 1).bit_length()) // 2
         if w_next == w:
             break
         w = w_next
-    sa, sb = -(-(spana + 1) // w), -(-(spanb + 1) // w)
+    sa, sb = _slice_count(fa, w), _slice_count(fb, w)
     if (base - (min(sa, sb) - 1).bit_length()) // 2 < w:       # not settled: the safe width
         w -= 1
-        sa, sb = -(-(spana + 1) // w), -(-(spanb + 1) // w)
+        sa, sb = _slice_count(fa, w), _slice_count(fb, w)
     diagonals = sa + sb - 1
     first = 0 if prec is None else _first_diagonal(
-        ca[0], cb[0], (lowa, topa), (lowb, topb), w, diagonals, ma * mb, prec)
+        ca[0], cb[0], (lowa, topa), (lowb, topb), w, diagonals, prec)
     A = _slices(fa, w, sa)                                        # (sa, ..., m, k)
-    B = np.swapaxes(_slices(fb, w, sb), -1, -2)                   # (sb, ..., k, n)
-    limbs = np.zeros((diagonals - first + _CARRY_ROWS,) + out_shape)
+    B = _slices(fb, w, sb)                                        # (sb, ..., n, k)
+    rows = diagonals - first + _CARRY_ROWS
+    # Slice p of A times 2^(p·w), slice q of B times 2^((q − first)·w): the diagonal d = p + q
+    # then comes out of the BLAS as its limb times 2^((d − first)·w) (powers of two: the sums
+    # stay exact), which saves the carries a pass (``_scaled_limb_terms``). Only where every
+    # scaled value stays finite and normal (scaled B slices are integers times 2^(−first·w)).
+    scaled = (sa + sb + 1) * w + k.bit_length() + _DOUBLE_BITS < 1020 and first * w < 900
+    if scaled:
+        A *= _power_of_two(np.arange(sa) * w).reshape((sa,) + (1,) * (A.ndim - 1))
+        B *= _power_of_two((np.arange(sb) - first) * w).reshape((sb,) + (1,) * (B.ndim - 1))
+    B = np.swapaxes(B, -1, -2)                                    # (sb, ..., k, n)
+    limbs = np.empty((rows,) + out_shape)
+    limbs[diagonals - first:] = 0.0                               # the carry rows
     _diagonal_products(A, B, limbs, first)
     exponent = np.broadcast_to(lowa[..., :, None] + lowb[..., None, :] + first * w, out_shape)
-    return limbs, w, exponent, out_shape
+    return limbs, w, exponent, out_shape, scaled
 
 
 # Below this, a float64 lower bound of Σ|a||b| (scaled to the group tops) is not trusted: its
@@ -995,24 +1197,24 @@ def _matmul_limbs(ca, cb, prec=None):
 _TRUSTED_MAGNITUDE = 2.0 ** -900
 
 
-def _first_diagonal(a0, b0, groups_a, groups_b, w, diagonals, mm, prec):
+def _first_diagonal(a0, b0, groups_a, groups_b, w, diagonals, prec):
     """The lowest diagonal of slice products that must be computed: every diagonal d below it
     is left out, and their sum is below 2^−(prec+2) · (|A| @ |B|) in every element.
 
-    The bound. Slices are within ma·2^(w−1) and mb·2^(w−1), so a limb (at most ``diagonals``
-    slice products of k terms) is within k·mm·diagonals·2^(2w−2), and the limbs below d0 sum to
-    at most k·mm·diagonals·2^((d0+1)w − 2)/(1 − 2^−w) in units of 2^(low_a + low_b). Against
+    The bound. Slices are within 2^(w−1), so a limb (at most ``diagonals`` slice products of
+    k terms) is within k·diagonals·2^(2w−2), and the limbs below d0 sum to at most
+    k·diagonals·2^((d0+1)w − 2)/(1 − 2^−w) in units of 2^(low_a + low_b). Against
     it stands a lower bound of (|A| @ |B|)_ij: the float64 product of the leading components,
     each scaled by 2^−top of its group (so in [0, 1): no overflow), is within (1 − 2^−30) of
     the exact one where it is at least 2^−900 (every lost underflow ≤ 2^−1074), and every
     operand is a float or a result, whose leading component is within 2^−40 of its value
     (dominance). So d0 ≤ ⌊(span_a + span_b + log₂ L − 1 − prec − c)/w⌋ − 1 with
-    c = ⌈log₂(k·mm·diagonals)⌉ + 1 holds element (i, j); the smallest over the elements is
+    c = ⌈log₂(k·diagonals)⌉ + 1 holds element (i, j); the smallest over the elements is
     taken. Where the scaled bound L is untrusted (below 2^−900), nothing is left out unless no
     term of that element is nonzero (then every slice product is zero there)."""
     (low_a, top_a), (low_b, top_b) = groups_a, groups_b
     k = a0.shape[-1]
-    c = (k * mm * diagonals - 1).bit_length() + 1
+    c = (k * diagonals - 1).bit_length() + 1
     # L < 2k at most: where even that leaves nothing out, the magnitudes need not be formed.
     widest = int(np.max(top_a - low_a)) + int(np.max(top_b - low_b)) if a0.size and b0.size else 0
     if (widest + k.bit_length() + 1 - 1 - prec - c) // w - 1 <= 0:
@@ -1064,10 +1266,10 @@ def _sum_limbs(c):
     if n == 0:
         return np.zeros((1,) + shape), 1, 0, shape
     fixed = _FixedPoint(c)
-    low, span = fixed.low, fixed.span
+    low = fixed.low
     # n slices of at most m·2^(w−1) each: every partial sum within n·m·2^(w−1) ≤ 2^52.
     width = 53 - (n - 1).bit_length() - (m - 1).bit_length()
-    count = -(-(span + 1) // width)
+    count = _slice_count(fixed, width, carried=False)
     limbs = np.zeros((count + _CARRY_ROWS,) + shape)
-    limbs[:count] = np.sum(_slices(fixed, width, count), axis=-1)         # exact
+    limbs[:count] = np.sum(_slices(fixed, width, count, carried=False), axis=-1)   # exact
     return limbs, width, low, shape
