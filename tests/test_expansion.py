@@ -111,6 +111,25 @@ def test_each_elementwise_function_is_within_its_unit_roundoff_of_mpmath(name):
     assert np.max(_relative_errors(got, want)) <= EPS
 
 
+@pytest.mark.parametrize("name", ["expm1", "log1p"])
+def test_expm1_and_log1p_keep_their_relative_accuracy_near_zero_and_far_from_it(name):
+    """expm1 and log1p are the engine's own (mpmath's exp and log at more bits): relative to
+    their result within ε where exp − 1 and log(1 + x) cancel most — arguments down to 1e-250,
+    on both sides of zero, next to −1 for log1p — and far out (exp(x) − 1 → −1, huge logs)."""
+    tiny = [1e-250, 3e-60, 2e-51, 1e-20, 1e-5, 0.3]
+    x = [s * v for v in tiny for s in (1, -1)] + ([-30.0, 5.0, 600.0] if name == "expm1"
+                                                 else [-0.999999, -1 + 2.0 ** -40, 3.0, 1e280])
+    x = E.asarray(np.array(x)) * (E.const(1) + E.asarray(np.full(len(x), 2.0 ** -70)))
+    got = getattr(E, name)(x)
+    want = np.vectorize(getattr(REF.ctx, name), otypes=[object])(_exact(x))
+    assert np.max(_relative_errors(got, want)) <= EPS
+
+
+def test_a_log_of_a_negative_number_is_a_one_line_error():
+    with pytest.raises(ValueError, match="log of a negative number"):
+        E.log(E.asarray(np.array([1.0, -2.0])))
+
+
 def _dot_model_excess(got: Expansion, a: Expansion, b: Expansion) -> float:
     """The largest |got − AB| / (2^-prec·|AB| + 2^-(prec+2)·(|A| @ |B|)) over the elements,
     computed in the reference context: a matmul keeps its promise where this is at most 1."""
@@ -195,6 +214,31 @@ def test_the_untruncated_product_is_exact():
     got = E._from_limbs(*ex._matmul_limbs(a.c, b.c, None))
     want = np.matmul(_exact(a), _exact(b))
     assert np.max(_relative_errors(got, np.asarray(want, dtype=object))) <= 2.0 ** -E.prec
+
+
+def test_a_product_is_the_same_bits_with_its_slices_prescaled_or_not(monkeypatch):
+    """The slices scaled by their weight (carries in four passes) and left as integers (the
+    range fallback): the same digits, so the same result bit for bit."""
+    a, b = _gradient_operands(np.random.default_rng(12), 20, 32, 30)
+    results = []
+    for prescale in (True, False):
+        monkeypatch.setattr(ex, "_PRESCALE", prescale)
+        results.append(E.matmul(a, b).c)
+    assert np.array_equal(results[0], results[1])
+
+
+def test_a_sum_with_one_nonzero_term_per_output_is_that_term_and_two_are_summed_exactly():
+    """A max pool's gradient scattered back has one nonzero term a position: the sum is that
+    term exactly (the shortcut); with a second nonzero term the full exact sum runs."""
+    rng = np.random.default_rng(13)
+    a = _operands(rng, (6, 4), "wide")
+    mask = np.zeros((6, 4), dtype=bool)
+    mask[np.arange(6), rng.integers(0, 4, 6)] = True
+    one = E.where(mask, a, 0.0)
+    assert np.max(_relative_errors(E.sum(one, axis=1), np.sum(_exact(one), axis=1))) == 0.0
+    mask[0, :2] = True
+    two = E.where(mask, a, 0.0)
+    assert np.max(_relative_errors(E.sum(two, axis=1), np.sum(_exact(two), axis=1))) <= 2.0 ** -E.prec
 
 
 def _hard_terms(rng, n):

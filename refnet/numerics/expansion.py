@@ -1140,6 +1140,9 @@ def _scaled_limb_terms(limbs, width, exponent):
 # times 2^w is still below 2^53, so the chunk holding it stays exact. (A sum's value: below
 # n·m·2^span with count·w ≥ span + 1, the same argument with its width.)
 _CARRY_ROWS = 1
+# Whether a product's slices are scaled by their weight where the range allows (``_matmul_limbs``):
+# the same bits either way, one pass a limb fewer with it.
+_PRESCALE = True
 
 
 def _matmul_limbs(ca, cb, prec=None):
@@ -1180,7 +1183,7 @@ def _matmul_limbs(ca, cb, prec=None):
     # then comes out of the BLAS as its limb times 2^((d − first)·w) (powers of two: the sums
     # stay exact), which saves the carries a pass (``_scaled_limb_terms``). Only where every
     # scaled value stays finite and normal (scaled B slices are integers times 2^(−first·w)).
-    scaled = (sa + sb + 1) * w + k.bit_length() + _DOUBLE_BITS < 1020 and first * w < 900
+    scaled = _PRESCALE and (sa + sb + 1) * w + k.bit_length() + _DOUBLE_BITS < 1020 and first * w < 900
     if scaled:
         A *= _power_of_two(np.arange(sa) * w).reshape((sa,) + (1,) * (A.ndim - 1))
         B *= _power_of_two((np.arange(sb) - first) * w).reshape((sb,) + (1,) * (B.ndim - 1))
