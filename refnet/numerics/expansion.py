@@ -513,7 +513,7 @@ class ExpansionBackend:
         comps = _round_terms(terms, self, ordered) if terms else [np.zeros(shape)]
         return self._assemble(np.stack([np.broadcast_to(ci, shape) for ci in comps]), special)
 
-    def _from_limbs(self, limbs, width, exponent, shape, scaled=False):
+    def _from_limbs(self, limbs, width, exponent, shape, layout="sum"):
         """The Expansion of Σ_d limbs[d] · 2^(d·width + exponent) (``_limb_terms``), rounded
         block by block: _BLOCK elements at a time, the ~100 passes of carrying and rounding
         run on arrays that stay in the CPU's cache (every element is rounded by its own terms
@@ -526,7 +526,7 @@ class ExpansionBackend:
 
         def block(start):
             end = min(start + _BLOCK, size)
-            terms = _limb_terms(flat[:, start:end], width, exponent[start:end], scaled)
+            terms = _limb_terms(flat[:, start:end], width, exponent[start:end], layout)
             if terms:
                 comps = _round_terms(terms, self, ordered=True)
                 c[:len(comps), start:end] = comps
@@ -1044,9 +1044,26 @@ def _slice_count(fixed, width, carried=True):
     return -(-(fixed.span + 1 + (carried and fixed.c.shape[0] > 1)) // width)
 
 
-def _limb_terms(limbs, width, exponent, scaled=False):
-    """Σ_d limbs[d] · 2^(d·width + exponent) as exact float64 terms, least significant first;
-    ``scaled``: the limbs already hold limbs[d] · 2^(d·width) (``_scaled_limb_terms``).
+def _chunk_groups(total, per_chunk, fold_top):
+    """The rows of each term, least significant first. The top row, which the carries leave as
+    it is (not a balanced digit), is a term of its own and the digits below it chunks of
+    per_chunk from the bottom up; or (``fold_top``, a product's limbs) the top row and the digit
+    under it are one term — the top row is below k·2^(w−2) + 1 (``_CARRY_ROWS``), so the
+    two are below 2^(2w + log₂k − 1) ≤ 2^53 — and the digits below chunks from the top down."""
+    if not fold_top or total < 2:
+        return [range(d, min(d + per_chunk, total - 1)) for d in range(0, total - 1, per_chunk)] \
+            + [range(total - 1, total)]
+    groups = [range(total - 2, total)]
+    for top in range(total - 3, -1, -per_chunk):
+        groups.append(range(max(top - per_chunk + 1, 0), top + 1))
+    return groups[::-1]
+
+
+def _limb_terms(limbs, width, exponent, layout="sum"):
+    """Σ_d limbs[d] · 2^(d·width + exponent) as exact float64 terms, least significant first.
+    ``layout``: "sum" (``_sum_limbs``), "product" (``_matmul_limbs``: the top row folded into
+    the term below, ``_chunk_groups``) or "scaled product" (a product's limbs that already
+    hold limbs[d] · 2^(d·width): ``_scaled_limb_terms``).
 
     ``limbs``: float64 (L, *S), integers of magnitude ≤ 2^52, the top row zero (room for the
     carries: ``_CARRY_ROWS``); changed in place. Balanced carries (rint) make every
@@ -1057,8 +1074,9 @@ def _limb_terms(limbs, width, exponent, scaled=False):
     total, shape = limbs.shape[0], limbs.shape[1:]
     limbs = limbs.reshape(total, -1)             # rows are 1-d views, even for a 0-d result
     exponent = np.broadcast_to(exponent, shape).ravel()
-    if scaled:
+    if layout == "scaled product":
         return [t.reshape(shape) for t in _scaled_limb_terms(limbs, width, exponent)]
+    fold_top = layout == "product"
     up, down = 2.0 ** width, 2.0 ** -width
     carry = np.empty(limbs.shape[1:])
     shifted = np.empty(limbs.shape[1:])
@@ -1073,10 +1091,9 @@ def _limb_terms(limbs, width, exponent, scaled=False):
     normal = lowest >= -1022 + _DOUBLE_BITS and highest <= 1023
     scale = _power_of_two(exponent) if normal else None
     terms = []
-    # The top row, which the carries leave as it is (not a balanced digit), is a term of its
-    # own; below it, chunks of per_chunk digits. (Zero chunks are dropped by the rounding.)
-    for d in list(range(0, total - 1, per_chunk)) + [total - 1]:
-        rows = range(d, total) if d == total - 1 else range(d, min(d + per_chunk, total - 1))
+    # (Zero chunks are dropped by the rounding.)
+    for rows in _chunk_groups(total, per_chunk, fold_top):
+        d = rows[0]
         chunk = limbs[rows[-1]] * 2.0 ** ((rows[-1] - d) * width)
         for r in rows[-2::-1]:
             if r == d:
@@ -1117,8 +1134,7 @@ def _scaled_limb_terms(limbs, width, exponent):
     normal = lowest >= -1022 + _DOUBLE_BITS and highest + total * width + _DOUBLE_BITS <= 1023
     scale = _power_of_two(exponent) if normal else None
     terms = []
-    for d in list(range(0, total - 1, per_chunk)) + [total - 1]:
-        rows = range(d, total) if d == total - 1 else range(d, min(d + per_chunk, total - 1))
+    for rows in _chunk_groups(total, per_chunk, fold_top=True):
         chunk = limbs[rows[-1]].copy()
         for r in rows[-2::-1]:
             chunk += limbs[r]
@@ -1153,7 +1169,7 @@ def _matmul_limbs(ca, cb, prec=None):
     k = ca.shape[-1]
     out_shape = np.broadcast_shapes(ca.shape[1:-2], cb.shape[1:-2]) + (ca.shape[-2], cb.shape[-1])
     if k == 0 or 0 in out_shape:
-        return np.zeros((1,) + out_shape), 1, 0, out_shape
+        return np.zeros((1,) + out_shape), 1, 0, out_shape, "product"
     fa, fb = _FixedPoint(ca), _FixedPoint(np.swapaxes(cb, -1, -2))
     lowa, topa = fa.low, fa.top
     lowb, topb = fb.low, fb.top
@@ -1192,7 +1208,7 @@ def _matmul_limbs(ca, cb, prec=None):
     limbs[diagonals - first:] = 0.0                               # the carry rows
     _diagonal_products(A, B, limbs, first)
     exponent = np.broadcast_to(lowa[..., :, None] + lowb[..., None, :] + first * w, out_shape)
-    return limbs, w, exponent, out_shape, scaled
+    return limbs, w, exponent, out_shape, "scaled product" if scaled else "product"
 
 
 # Below this, a float64 lower bound of Σ|a||b| (scaled to the group tops) is not trusted: its
