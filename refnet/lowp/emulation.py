@@ -34,7 +34,10 @@ kernels ATen writes in the storage type itself (``scalar_t`` arithmetic on ``c10
 ``c10::BFloat16``, whose every operator computes in float and converts back): sigmoid's and
 tanh's backward (``backward_from_output``), PReLU's kernels and avg-pool's backward
 (``SCALAR_T_KERNELS``) run in :class:`StorageTypeKernel`, a rounding after every elementwise
-operation, reductions in float32.
+operation, reductions in float32; adaptive avg-pool's backward, which adds into a tensor of the
+storage type (``STORED_ACCUMULATION_KERNELS``), runs its ``torch_backward`` in the storage
+format's arithmetic, every addition rounded; under half the losses mse, l1, smooth_l1, huber and
+bce_with_logits run ATen's own expressions one operation at a time (:func:`_torch_half_loss`).
 Containers (sequential, residual) are not kernels: the residual's ``s + scale·f`` runs as
 elementwise operations on storage-format tensors, each rounded once, as torch's elementwise
 kernels do. A leaf layer that torch composes from elementwise kernels (``composite``: softsign,
