@@ -335,3 +335,142 @@ def test_a_float32_loss_lets_a_half_model_scale_by_2_16():
 def test_loss_dtype_is_checked():
     with pytest.raises(ValueError, match="loss_dtype"):
         Precision("fp16", "half", loss_dtype="float16")
+
+
+def test_adaptive_avgpool_backward_divides_by_kw_then_kh_and_adds_each_share_in_half():
+    """AdaptiveAvgPool2d's CUDA backward (AdaptiveAveragePooling.cu,
+    atomic_adaptive_average_gradinput) forms each window's share ``gradOutput / kW / kH`` —
+    Half / int is a Half, two roundings — and atomically adds it into the Half gradient: a
+    rounding per addition where windows overlap. (5, 5) pooled to (1, 3): windows of 5 rows
+    and columns [0, 2), [1, 4), [3, 5), so kW = 2, 3, 2, kH = 5, and columns 1 and 3 get two
+    shares (with two, the atomics' order cannot matter). dy = (0.1, 0.7, 0.3) in fp16: the
+    shares are 0.0099945068359375, 0.04669189453125, …; column 1 gets their sum rounded,
+    0.05670166015625, where one rounding of 0.1/10 + 0.7/15 gives 0.056671142578125."""
+    layer = {"type": "adaptive_avgpool2d", "output_size": [1, 3]}
+    z = np.arange(25.0).reshape(1, 1, 5, 5)
+    dy = np.array([0.1, 0.7, 0.3]).reshape(1, 1, 1, 3)
+    _, dx, _ = one_kernel(layer, z, dy)
+    d = f16(dy.ravel())
+    share = [f16(f16(d[0] / f16(2)) / f16(5)), f16(f16(d[1] / f16(3)) / f16(5)),
+             f16(f16(d[2] / f16(2)) / f16(5))]
+    per_operation = [share[0], f16(share[0] + share[1]), share[1], f16(share[1] + share[2]),
+                     share[2]]
+    single = f16(f32(d[0]) / 10 + f32(d[1]) / 15)
+    assert float(share[0]) == 0.0099945068359375 and float(share[1]) == 0.04669189453125
+    assert float(per_operation[1]) == 0.05670166015625 and float(single) == 0.056671142578125
+    for row in dx[0, 0]:                                  # every row of a column: one window
+        np.testing.assert_array_equal(row, np.array(per_operation, dtype=np.float64))
+
+
+def test_adaptive_avgpool_to_one_by_one_is_the_mean_divided_once():
+    """AdaptiveAvgPool2d to 1×1 is torch's ``mean((-1, -2))`` (AdaptiveAveragePooling.cpp),
+    whose backward divides by H·W once (a float reciprocal, BinaryDivTrueKernel.cu), not the
+    pooling kernel's /kW/kH: dy = 1.1 over a 3×3 input gives 1.1/9 rounded once,
+    0.1221923828125, where dividing by 3 twice in fp16 gives 0.12213134765625."""
+    layer = {"type": "adaptive_avgpool2d", "output_size": 1}
+    _, dx, _ = one_kernel(layer, np.zeros((1, 1, 3, 3)), np.full((1, 1, 1, 1), 1.1))
+    d = f16(1.1)
+    assert float(f16(f32(d) / 9)) == 0.1221923828125
+    assert float(f16(f16(d / f16(3)) / f16(3))) == 0.12213134765625
+    np.testing.assert_array_equal(dx.ravel(), np.full(9, float(f16(f32(d) / 9))))
+
+
+# --- the half losses other than cross-entropy: ATen's scalar_t kernels and compositions -----
+def half_loss_grad(loss, z, y, scale):
+    """(stored loss, stored S·∂L/∂z) of ``loss`` on an identity model under model.half(): the
+    outputs z and the targets y (one per sample) are fp16 values, so every value below is one
+    the GPU kernel could see."""
+    z = np.asarray(z, dtype=np.float64).reshape(-1, 1)
+    model = Model({"input_shape": [1], "batch": z.shape[0], "layers": [{"type": "identity"}],
+                   "loss": loss})
+    r = run(model, Precision("fp16", "half"), {}, z,
+            np.asarray(y, dtype=np.float64).reshape(-1, 1), loss_scale=scale)
+    return float(plain(r.loss_grad)[0, 0]), r.loss
+
+
+def test_half_mse_backward_rounds_alpha_the_difference_and_both_products():
+    """torch's CUDA mse_loss backward is ``alpha * (a - b) * c`` in scalar_t
+    (PointwiseOpsKernel.cu, mse_backward_cuda_kernel), alpha = scalar_t(2/N): z = 0.330322265625,
+    y = 0.4462890625, N = 3, S = 3. Per operation: alpha = 0.66650390625 (2/3 rounded), a − b
+    = −0.115966796875, alpha·(a − b) = −0.0772705078125, ·3 = −0.2318115234375. One rounding
+    of 2·3·(z − y)/3 gives −0.23193359375."""
+    z, y = [0.330322265625] * 3, [0.4462890625] * 3
+    got, _ = half_loss_grad({"type": "mse"}, z, y, 3.0)
+    alpha, d = f16(f32(2 / 3)), f16(z[0]) - f16(y[0])
+    per_operation = f16(f16(alpha * d) * f16(3))
+    single = f16(2 * (np.float64(z[0]) - y[0]))
+    assert float(alpha) == 0.66650390625 and float(per_operation) == -0.2318115234375
+    assert float(single) == -0.23193359375
+    assert got == float(per_operation)
+
+
+def test_half_l1_backward_is_the_scale_times_a_float_reciprocal_rounded_once():
+    """l1_loss is ``(input − target).abs().mean()`` (Loss.cpp): autograd's mean backward
+    multiplies gO by the float reciprocal 1/N (BinaryDivTrueKernel.cu) and rounds once, abs's
+    backward multiplies by sgn(z − y) (exact). N = 3, S = 5: 5·float32(1/3) rounds to
+    1.6669921875; a norm held in scalar_t, as mse's kernel holds it, would give
+    0.333251953125·5 = 1.666015625."""
+    got, _ = half_loss_grad({"type": "l1"}, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], 5.0)
+    once = f16(f32(5) * (f32(1) / f32(3)))
+    assert float(once) == 1.6669921875 and float(f16(f16(f32(1 / 3)) * f16(5))) == 1.666015625
+    assert got == float(once)
+
+
+def test_half_smooth_l1_backward_rounds_norm_x_grad_and_the_division_by_beta():
+    """SmoothL1BackwardFunctor (PointwiseOpsKernel.cu), |x| ≤ β: ``norm_val * x * grad_output
+    / beta_val`` in scalar_t. z = −0.51904296875, y = −0.10577392578125, β = 0.5, N = 3, S = 3:
+    x = −0.413330078125, ·norm (1/3 rounded: 0.333251953125) = −0.1376953125, ·3 =
+    −0.4130859375, /0.5 = −0.826171875. One rounding of (z − y)/β·S/N gives −0.82666015625."""
+    z, y = [-0.51904296875] * 3, [-0.10577392578125] * 3
+    got, _ = half_loss_grad({"type": "smooth_l1", "beta": 0.5}, z, y, 3.0)
+    x, norm = f16(z[0]) - f16(y[0]), f16(f32(1 / 3))
+    per_operation = f16(f16(f16(norm * x) * f16(3)) / f16(0.5))
+    single = f16((np.float64(z[0]) - y[0]) / 0.5)
+    assert float(per_operation) == -0.826171875 and float(single) == -0.82666015625
+    assert got == float(per_operation)
+
+
+def test_half_huber_backward_rounds_norm_x_then_the_grad_product():
+    """HuberBackwardFunctor (PointwiseOpsKernel.cu), |x| ≤ δ: ``norm_val * x * grad_output``
+    in scalar_t. z = −0.1688232421875, y = −0.11724853515625, δ = 0.7, N = 3, S = 3:
+    x = −0.05157470703125, ·norm = −0.017181396484375, ·3 = −0.051544189453125; one rounding
+    of x·S/N gives x itself, −0.05157470703125."""
+    z, y = [-0.1688232421875] * 3, [-0.11724853515625] * 3
+    got, _ = half_loss_grad({"type": "huber", "delta": 0.7}, z, y, 3.0)
+    x, norm = f16(z[0]) - f16(y[0]), f16(f32(1 / 3))
+    per_operation = f16(f16(norm * x) * f16(3))
+    assert float(per_operation) == -0.051544189453125 and float(x) == -0.05157470703125
+    assert got == float(per_operation)
+
+
+def test_half_bce_with_logits_backward_rounds_each_of_its_four_kernels():
+    """binary_cross_entropy_with_logits_backward (FunctionsManual.cpp) on Half tensors is four
+    kernels, each rounding once: σ(z), − y, ·gO, then the mean's ·float(1/N). z =
+    −0.119873046875, y = 1, N = 3, S = 3: σ = 0.469970703125, − 1 = −0.5302734375 (exact),
+    ·3 = −1.5908203125, ·(1/3) = −0.5302734375. One rounding of S·(σ(z) − y)/N gives
+    −0.52978515625: the rounded σ carries its error through."""
+    z = [-0.119873046875] * 3
+    got, _ = half_loss_grad({"type": "bce_with_logits"}, z, [1.0] * 3, 3.0)
+    e = np.exp(-np.abs(f32(z[0])))
+    s = f16(e / (f32(1) + e))                  # refnet's float32 σ for z < 0, rounded once
+    per_operation = f16(f32(f16(f16(s - f16(1)) * f16(3))) * (f32(1) / f32(3)))
+    single = f16(1 / (1 + np.exp(-np.float64(z[0]))) - 1)
+    assert float(s) == 0.469970703125 and float(per_operation) == -0.5302734375
+    assert float(single) == -0.52978515625
+    assert got == float(per_operation)
+
+
+def test_half_mse_loss_value_is_the_stored_squares_summed_in_float():
+    """mse_loss's forward on Half tensors: ``diff * diff`` in scalar_t (BinaryMiscOpsKernels.cu)
+    stored, then the mean sums in float and multiplies by float(1/N) (ReduceMomentKernel.cu),
+    one rounding. z = (−0.267822265625, 0.1807861328125), y = 0: the squares are stored as
+    0.07171630859375 and 0.032684326171875, and their mean rounds to 0.05218505859375; the
+    exact mean of the squares rounded once is 0.052215576171875."""
+    z, y = [-0.267822265625, 0.1807861328125], [0.0, 0.0]
+    _, loss = half_loss_grad({"type": "mse"}, z, y, 1.0)
+    squares = f16(np.array(z)) * f16(np.array(z))
+    per_operation = f16(np.sum(squares.astype(f32), dtype=f32) * (f32(1) / f32(2)))
+    assert squares.astype(float).tolist() == [0.07171630859375, 0.032684326171875]
+    assert float(per_operation) == 0.05218505859375
+    assert float(f16(np.sum(np.array(z) ** 2) / 2)) == 0.052215576171875
+    assert loss == float(per_operation)

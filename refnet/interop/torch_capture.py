@@ -12,6 +12,8 @@ names (and ``x``, the input gradient), as float32 arrays:
 - ``autocast``: the forward and the loss inside ``torch.autocast(device, dtype)``; ``half``:
   ``net.to(dtype)`` (BatchNorm's running statistics too, as ``model.half()``); with
   ``loss_dtype="float32"`` the loss is ``loss_fn(output.float(), y)``;
+- float targets as the policy holds the input: rounded once to the storage format under
+  ``half`` (with the policy's loss), float32 otherwise;
 - ``(loss * S).backward()``, then each gradient ``g.float() * inv_scale`` with
   ``inv_scale = float32(1 / float64(float32(S)))``: GradScaler.unscale_'s arithmetic, which is
   the stored gradient divided by S exactly when S is a power of two;
@@ -30,6 +32,7 @@ from typing import Dict
 import numpy as np
 import torch
 
+from ..losses import Targets, split_targets
 from ..model import Model
 from ..numerics.formats import round_to
 from .torch_twin import torch_objective, torch_twin
@@ -103,9 +106,21 @@ def capture_gradients(model: Model, params, x, y, precision: str = "fp16",
         xt = xt.to(dtype)
     xt.requires_grad_(True)
 
+    # Float targets (and a reduction-"none" upstream vector) as the policy holds the input:
+    # the storage format under half (``y.half()``, rounded once here), float32 under autocast
+    # or with a float32 loss — what the emulation reads them as (spec/precision.md).
+    y_held, target_dtype = y, torch.float32
+    if policy == "half" and loss_dtype == "policy":
+        target_dtype = dtype
+        target, upstream = split_targets(y)
+        if np.asarray(target).dtype.kind == "f":
+            target = round_to(np.asarray(target, dtype=np.float64), precision)
+        y_held = target if upstream is None else Targets(
+            target, round_to(np.asarray(upstream, dtype=np.float64), precision))
+
     def loss_of(out):
         out = out.float() if loss_dtype == "float32" else out
-        return torch_objective(model, out, y)[0]
+        return torch_objective(model, out, y_held, target_dtype=target_dtype)[0]
 
     if policy == "autocast":
         with torch.autocast(device_type=dev.type, dtype=dtype):

@@ -204,20 +204,21 @@ def torch_loss(model: Model):
     return f
 
 
-def torch_objective(model: Model, output, y):
+def torch_objective(model: Model, output, y, target_dtype=None):
     """(the scalar torch differentiates, torch's loss output) for refnet targets ``y`` (as
-    ``Model.prepare`` returns them): labels as int64, everything else in the output's dtype;
-    for reduction "none" the scalar is Σ upstream·ℓ — what ``ℓ.backward(upstream)``
-    differentiates — and the output ℓ itself."""
+    ``Model.prepare`` returns them): labels as int64, everything else in ``target_dtype``
+    (default: the output's dtype); for reduction "none" the scalar is Σ upstream·ℓ — what
+    ``ℓ.backward(upstream)`` differentiates — and the output ℓ itself."""
     target, upstream = split_targets(y)
     target = np.asarray(target)
+    dtype = output.dtype if target_dtype is None else target_dtype
     t = (torch.tensor(target, dtype=torch.long, device=output.device)
          if target.dtype.kind in "iu"
-         else torch.tensor(target, dtype=output.dtype, device=output.device))
+         else torch.tensor(target, dtype=dtype, device=output.device))
     out = torch_loss(model)(output, t)
     if model.loss.reduction != "none":
         return out, out
-    return (out * torch.tensor(np.asarray(upstream), dtype=output.dtype,
+    return (out * torch.tensor(np.asarray(upstream), dtype=dtype,
                                device=output.device)).sum(), out
 
 

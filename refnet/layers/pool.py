@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Layer
-from .windows import AdaptiveWindows, Windows, pair, window_groups
+from .windows import AdaptiveWindows, Windows, adaptive_bounds, pair, window_groups
 
 
 def _flag(where, key, value):
@@ -211,3 +211,27 @@ class AdaptiveAvgPool2d(AvgPool2d):
 
     def divisors(self):
         return self.windows.count                          # each window's own size
+
+    def torch_backward(self, bk, dy, cache):
+        """dx as torch's CUDA kernel forms it (``AdaptiveAveragePooling.cu``,
+        ``atomic_adaptive_average_gradinput``, the NCHW path): each window's share
+        ``dy / kW / kH`` — two divisions in the gradient's own type — added into the zeroed dx
+        one share at a time (``gpuAtomicAdd`` on the stored type). The fp16/bf16 emulation runs
+        it in the storage format's arithmetic, so each division and each addition rounds; the
+        shares of one position are added in the order of ``AdaptiveWindows.scatter`` (the
+        GPU's atomics add in an order no source fixes: with two shares the order cannot
+        matter, with three or more it can). Output 1×1 is torch's ``mean((-1, -2))``
+        instead (``AdaptiveAveragePooling.cpp``): one division by H·W."""
+        win = self.windows
+        n, c = dy.shape[:2]
+        if win.out_hw == (1, 1):
+            return self.backward(bk, {}, dy, cache)[0]
+        (H, W), (OH, OW) = win.in_hw, win.out_hw
+        h0, h1 = adaptive_bounds(H, OH)
+        w0, w1 = adaptive_bounds(W, OW)
+        oh, ow = np.divmod(np.arange(win.L), OW)
+        k_h = bk.asarray((h1 - h0)[oh].astype(np.float64))
+        k_w = bk.asarray((w1 - w0)[ow].astype(np.float64))
+        share = dy.reshape(n, c, 1, win.L) / k_w / k_h
+        spread = bk.where(np.ones((1, 1, win.K, 1), dtype=bool), share, 0)
+        return win.scatter(bk, spread)

@@ -34,7 +34,10 @@ kernels ATen writes in the storage type itself (``scalar_t`` arithmetic on ``c10
 ``c10::BFloat16``, whose every operator computes in float and converts back): sigmoid's and
 tanh's backward (``backward_from_output``), PReLU's kernels and avg-pool's backward
 (``SCALAR_T_KERNELS``) run in :class:`StorageTypeKernel`, a rounding after every elementwise
-operation, reductions in float32.
+operation, reductions in float32; adaptive avg-pool's backward, which adds into a tensor of the
+storage type (``STORED_ACCUMULATION_KERNELS``), runs its ``torch_backward`` in the storage
+format's arithmetic, every addition rounded; under half the losses mse, l1, smooth_l1, huber and
+bce_with_logits run ATen's own expressions one operation at a time (:func:`_torch_half_loss`).
 Containers (sequential, residual) are not kernels: the residual's ``s + scale·f`` runs as
 elementwise operations on storage-format tensors, each rounded once, as torch's elementwise
 kernels do. A leaf layer that torch composes from elementwise kernels (``composite``: softsign,
@@ -65,9 +68,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..layers.activations import stable_sigmoid
 from ..layers.base import ForwardState
 from ..layers.sequential import Container
-from ..losses import SoftmaxCrossEntropy
+from ..losses import SoftmaxCrossEntropy, split_targets
 from ..numerics.backend import FLOAT32, FLOAT64, NumpyBackend, float_constant
 from ..numerics.formats import round_to
 
@@ -329,6 +333,17 @@ SCALAR_T_KERNELS = {
 }
 
 
+# The kernels that accumulate into a tensor of the storage type itself (so every addition
+# rounds, not only every elementwise operation), run by the layer's ``torch_backward`` in the
+# storage format's arithmetic (StorageArithmetic: sums sequential, each addition rounded).
+STORED_ACCUMULATION_KERNELS = {
+    # AdaptiveAveragePooling.cu, atomic_adaptive_average_gradinput: T grad_delta =
+    # gradOutput / kW / kH (Half / int is a Half: two roundings), then gpuAtomicAdd into the
+    # Half gradient: a rounding per share where windows overlap.
+    "adaptive_avgpool2d": ("backward",),
+}
+
+
 class StepKernel:
     """A recurrent layer's kernel: float32 arithmetic (or, with ``accumulate="storage"``, the
     storage format's), and at every step boundary (``store_step``, called by the layer for h_t,
@@ -478,7 +493,12 @@ class EmulatedBackend:
                 kernel = self._scalar_t(format_of(y))
                 dx, grads = from_output(kernel, kernel.asarray(dy), kernel.asarray(y)), {}
             elif self.precision.derivatives == "torch" and torch_form is not None:
-                dx, grads = torch_form(compute, self._compute_view(dy, compute), cache), {}
+                kernel = compute
+                if ("backward" in STORED_ACCUMULATION_KERNELS.get(layer.type, ())
+                        and not isinstance(compute, StorageArithmetic)):
+                    fmt = self._input_format(layer, in_fmt)
+                    kernel = FLOAT32 if fmt in ("float32", "float64") else StorageArithmetic(fmt)
+                dx, grads = torch_form(kernel, self._compute_view(dy, kernel), cache), {}
             elif "backward" in SCALAR_T_KERNELS.get(layer.type, ()):
                 kernel = self._scalar_t(self._input_format(layer, in_fmt))
                 dx, grads = layer.backward(kernel, {k: kernel.asarray(v) for k, v in
@@ -604,12 +624,16 @@ def _loss_and_gradient(loss, precision: Precision, h, y, loss_scale):
     cross-entropy (``loss_dtype="policy"`` under half) is log_softmax, whose output is *stored* in
     the storage format, then nll_loss on that stored tensor: the loss is the mean of the stored
     log-probabilities at the labels, and log_softmax's backward exponentiates the stored values
-    (``SoftMax.cu``: grad − exp(output)·Σgrad, in float). Other losses are computed in float32
-    and their gradient rounded once (their half kernels are not modelled: spec/precision.md)."""
+    (``SoftMax.cu``: grad − exp(output)·Σgrad, in float). Under half, mse, l1, smooth_l1,
+    huber and bce_with_logits run their ATen compositions in the storage type
+    (:func:`_torch_half_loss`); nll, and every loss in float32, is computed in float32 and its
+    gradient rounded once."""
     logits_fmt = format_of(h)
     loss_fmt = precision.loss_format
     loss32, cache = loss.forward(FLOAT32, FLOAT32.asarray(plain(h)), y)
     upstream = np.float32(plain(store(np.asarray(loss_scale, dtype=np.float64), loss_fmt)))
+    if loss_fmt != "float32" and loss.type in TORCH_HALF_LOSSES:
+        return _torch_half_loss(loss, loss_fmt, h, y, loss_scale)
     if not isinstance(loss, SoftmaxCrossEntropy):
         grad = loss.backward(FLOAT32, cache) * upstream
         return store(np.asarray(loss32, dtype=np.float32), loss_fmt), store(grad, logits_fmt)
@@ -627,6 +651,132 @@ def _loss_and_gradient(loss, precision: Precision, h, y, loss_scale):
                              and precision.loss_dtype == "policy") else loss_fmt
     grad = _cross_entropy_backward(loss, cache, logp, upstream, nll_fmt)
     return store(np.asarray(loss32, dtype=np.float32), loss_fmt), store(grad, logits_fmt)
+
+
+# The losses whose half kernels are modelled operation by operation (spec/precision.md, the
+# audit): ATen's own mse/smooth_l1/huber kernels and their backward (BinaryMiscOpsKernels.cu,
+# PointwiseOpsKernel.cu) compute in scalar_t; l1 (Loss.cpp: (input − target).abs()) and
+# bce_with_logits (Loss.cpp; backward FunctionsManual.cpp) are compositions of elementwise
+# kernels, each rounding once.
+TORCH_HALF_LOSSES = ("mse", "l1", "smooth_l1", "huber", "bce_with_logits")
+
+
+def _scalar_t(value, fmt):
+    """A double option as ATen makes it a scalar_t (``Scalar::to<c10::Half>()``, ``scalar_t
+    beta_val(beta)``): c10::Half and c10::BFloat16 are built from a float, so double → float →
+    format, two roundings. 0-d, in ``fmt``."""
+    return store(np.asarray(np.float32(value)), fmt)
+
+
+def _times_reciprocal(a, n: int, fmt):
+    """``a / n`` for an integer n as torch's CUDA division by a CPU scalar computes it
+    (BinaryDivTrueKernel.cu: a · (1/n), the reciprocal in opmath float): one rounding."""
+    inv = np.float32(1.0) / np.float32(n)
+    return store(np.asarray(plain(a), dtype=np.float32) * inv, fmt)
+
+
+def _reduce(ell, loss, u, fmt):
+    """The loss value from the stored loss vector ℓ: Σ in float (``ReduceSumProdKernel.cu``),
+    the mean as Σ·float(1/N) (``ReduceMomentKernel.cu``, MeanOps' factor), rounded once to
+    ``fmt``; reduction "none": refnet's scalar Σ u·ℓ, likewise in float."""
+    values = np.asarray(plain(ell), dtype=np.float32)
+    if loss.reduction == "none":
+        values = values * np.asarray(plain(u), dtype=np.float32)
+    total = np.sum(values, dtype=np.float32)
+    if loss.reduction == "mean":
+        total = total * (np.float32(1.0) / np.float32(values.size))
+    return store(np.asarray(total, dtype=np.float32), fmt)
+
+
+def _torch_half_loss(loss, fmt, h, y, loss_scale):
+    """(the loss in ``fmt``, S·∂L/∂h in ``fmt``) of a regression or BCE loss on a model.half()
+    net, as ATen's CUDA kernels compute them: every operand a ``fmt`` tensor — the output h,
+    the targets y and the upstream vector u (held as the input is: ``y.half()``), BCE's weight
+    and pos_weight (buffers of the loss module, halved with it) — and every elementwise
+    operation rounded to ``fmt``, in the kernel's order (a StoredArray rounds each ufunc's
+    result once; spec/precision.md gives each expression's source file). The upstream
+    gradient gO is S held in ``fmt`` (the scaled loss's backward), for reduction "none" S·u
+    rounded once (the mul's backward). ``norm`` is the kernel's scalar_t 1/N (mean) or 1."""
+    target, u = split_targets(y)
+    a = store(plain(h), fmt)
+    b = store(np.asarray(target, dtype=np.float64), fmt)
+    n = a.size
+    scale = store(np.asarray(float(loss_scale), dtype=np.float64), fmt)
+    if loss.reduction == "none":
+        u = store(np.asarray(u, dtype=np.float64), fmt)
+        g_out = scale * u                               # mul's backward: S·u, one rounding
+    else:
+        g_out = StoredArray(np.broadcast_to(plain(scale), a.shape), fmt)   # gO expanded
+    mean = loss.reduction == "mean"
+    kind = loss.type
+    if kind == "smooth_l1" and loss.beta == 0:
+        kind = "l1"                                     # torch's smooth_l1 with β = 0 is l1_loss
+    d = a - b                                           # input − target, rounded
+    if kind == "mse":
+        # mse_kernel_cuda: diff * diff; mse_backward_cuda_kernel: alpha * (a − b) * c with
+        # alpha = scalar_t(2/N) (mean) or scalar_t(2): three roundings.
+        ell = d * d
+        dx = _scalar_t(2.0 / n if mean else 2.0, fmt) * d * g_out
+    elif kind == "l1":
+        # (input − target).abs(), then mean/sum; autograd: mean's backward gO·(1/N) (one
+        # rounding, a float reciprocal), abs's grad·sgn(d) and sub's identity (exact).
+        ell = np.abs(d)
+        g = _times_reciprocal(g_out, n, fmt) if mean else g_out
+        dx = g * store(np.sign(plain(d)), fmt)
+    elif kind == "smooth_l1":
+        # smooth_l1_kernel_cuda: z = |a − b|; z < β ? 0.5·z·z/β : z − 0.5·β (scalar_t);
+        # SmoothL1BackwardFunctor: x < −β: −norm·gO; x > β: norm·gO; else norm·x·gO/β.
+        beta = _scalar_t(loss.beta, fmt)
+        z = np.abs(d)
+        ell = store(np.where(plain(z) < plain(beta), plain(0.5 * z * z / beta),
+                             plain(z - 0.5 * beta)), fmt)
+        norm = _scalar_t(1.0 / n if mean else 1.0, fmt)
+        dx = store(np.where(plain(d) < -plain(beta), plain(-norm * g_out),
+                            np.where(plain(d) > plain(beta), plain(norm * g_out),
+                                     plain(norm * d * g_out / beta))), fmt)
+    elif kind == "huber":
+        # huber_kernel_cuda: z < δ ? 0.5·z·z : δ·(z − 0.5·δ); HuberBackwardFunctor:
+        # x < −δ: −norm·gO·δ; x > δ: norm·gO·δ; else norm·x·gO (scalar_t).
+        delta = _scalar_t(loss.delta, fmt)
+        z = np.abs(d)
+        ell = store(np.where(plain(z) < plain(delta), plain(0.5 * z * z),
+                             plain(delta * (z - 0.5 * delta))), fmt)
+        norm = _scalar_t(1.0 / n if mean else 1.0, fmt)
+        dx = store(np.where(plain(d) < -plain(delta), plain(-norm * g_out * delta),
+                            np.where(plain(d) > plain(delta), plain(norm * g_out * delta),
+                                     plain(norm * d * g_out))), fmt)
+    else:
+        dx, ell = _bce_with_logits_half(loss, fmt, a, b, g_out, mean)
+    return _reduce(ell, loss, u, fmt), dx
+
+
+def _bce_with_logits_half(loss, fmt, a, b, g_out, mean):
+    """bce_with_logits on ``fmt`` tensors, each kernel rounding once (Loss.cpp; the backward
+    binary_cross_entropy_with_logits_backward, FunctionsManual.cpp):
+    forward   ℓ = (1 − y)·z − log_sigmoid(z)  [log_sigmoid(z)·((p − 1)·y + 1) with pos_weight p],
+              ·w with a weight;
+    backward  (σ(z) − y)·gO  [(((p·y + 1) − y)·σ(z) − p·y)·gO], ·w, then ·(1/N) for the mean.
+    σ and log σ are one opmath kernel each (refnet's float32 forms, rounded once)."""
+    z32 = np.asarray(plain(a), dtype=np.float32)
+    with np.errstate(all="ignore"):
+        s = store(stable_sigmoid(FLOAT32, z32)[0], fmt)
+        log_sig = store(np.minimum(z32, np.float32(0))
+                        - np.log1p(np.exp(-np.abs(z32))), fmt)
+    pos = None if loss.pos_weight is None else store(loss.pos_weight, fmt)
+    if pos is None:
+        g = s - b
+    else:
+        t = pos * b
+        g = (t + 1 - b) * s - t
+        log_sig = log_sig * ((pos - 1) * b + 1)
+    ell = (1 - b) * a - log_sig
+    g = g * g_out
+    if loss.weight is not None:
+        w = store(loss.weight, fmt)
+        ell, g = ell * w, g * w
+    if mean:
+        g = _times_reciprocal(g, g.size, fmt)
+    return g, ell
 
 
 def _cross_entropy_backward(loss, cache, logp, upstream, nll_fmt):
