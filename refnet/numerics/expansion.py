@@ -522,14 +522,14 @@ class ExpansionBackend:
         size = int(np.prod(shape, dtype=np.int64))
         flat = limbs.reshape(total, size)
         exponent = np.broadcast_to(exponent, shape).reshape(size)
-        c = np.zeros((self.K, size))
+        c = np.empty((self.K, size))
 
         def block(start):
             end = min(start + _BLOCK, size)
             terms = _limb_terms(flat[:, start:end], width, exponent[start:end], layout)
-            if terms:
-                comps = _round_terms(terms, self, ordered=True)
-                c[:len(comps), start:end] = comps
+            comps = _round_terms(terms, self, ordered=True) if terms else []
+            c[:len(comps), start:end] = comps
+            c[len(comps):, start:end] = 0.0
 
         self._map(block, range(0, size, _BLOCK))
         return self._assemble(c.reshape((self.K,) + tuple(shape)))
@@ -906,7 +906,7 @@ def _failing(comps, rest, limit):
     with np.errstate(over="ignore", invalid="ignore"):
         residual = np.zeros(x0.shape)
         for r in rest:
-            residual = residual + np.abs(r)
+            residual += np.abs(r)
         # n float additions of nonnegative numbers: relative error below n·2^-53 ≤ 2^-45.
         residual = residual * (1 + 2.0 ** -45)
         tail = residual
@@ -997,7 +997,10 @@ def _slices(fixed, width, count, carried=True):
     headroom (|Σ X| < 2^(span+1), and count·w ≥ span + 2). A sum's slices are not carried
     (|slice| ≤ m·2^(w−1)): there the carries would cost more than the bits they save."""
     c = fixed.c
-    out = np.zeros((count,) + c.shape[1:])
+    out = np.empty((count,) + c.shape[1:])
+    # The leading component writes every slice from its first one up; below, slices start at
+    # zero (the lower components add into them).
+    out[:count if fixed.lowest[0] is None else fixed.lowest[0] // width] = 0.0
     scale = 2.0 ** -width
     up = 2.0 ** width
     rounded = np.empty(c.shape[1:])
@@ -1135,8 +1138,9 @@ def _scaled_limb_terms(limbs, width, exponent):
     scale = _power_of_two(exponent) if normal else None
     terms = []
     for rows in _chunk_groups(total, per_chunk, fold_top=True):
-        chunk = limbs[rows[-1]].copy()
-        for r in rows[-2::-1]:
+        # (The rows are scratch: a one-row chunk is the row itself, scaled in place.)
+        chunk = limbs[rows[-1]] if len(rows) == 1 else limbs[rows[-1]] + limbs[rows[-2]]
+        for r in rows[-3::-1]:
             chunk += limbs[r]
         if scale is not None:
             chunk *= scale
@@ -1289,6 +1293,7 @@ def _sum_limbs(c):
     # n slices of at most m·2^(w−1) each: every partial sum within n·m·2^(w−1) ≤ 2^52.
     width = 53 - (n - 1).bit_length() - (m - 1).bit_length()
     count = _slice_count(fixed, width, carried=False)
-    limbs = np.zeros((count + _CARRY_ROWS,) + shape)
+    limbs = np.empty((count + _CARRY_ROWS,) + shape)
+    limbs[count:] = 0.0
     limbs[:count] = np.sum(_slices(fixed, width, count, carried=False), axis=-1)   # exact
     return limbs, width, low, shape
