@@ -12,24 +12,27 @@ components decreasing in magnitude. Every operation is numpy on whole arrays:
 ``@``, sum    the Ozaki scheme, error-free on float64 BLAS (slices whose products and sums stay
               below 2⁵³), recombined exactly in float64 limbs; a product leaves out the low
               diagonals of slice products that provably weigh below 2^−(prec+2)·(|A| @ |B|)
-``/``         by a small divisor (a mean, a count, softmax's sum): the reciprocal to K·53 bits
-              in mpmath, then a product; elementwise otherwise: mpmath per element
+``/``         by a small divisor (a mean, a count, softmax's sum): the reciprocal from mpmath,
+              then a product; elementwise otherwise: mpmath per element
 exp, log, …   mpmath's own functions per element at prec + 20 bits, on its raw values (no
               ``mpf`` objects, never ``mpmath.mp``)
 ============  ===================================================================================
 
 **Rounding (``_round_terms``).** The exact terms of a result are turned into at most K
-components by repeated error-free summation (VecSum: a chain of TwoSums moves the rounded sum to
-the top and leaves the rounding errors as new terms; the top becomes a component, the errors are
-summed again). Then an a-posteriori check, per element, with the leftover terms R (the result's
-exact value is Σ components + Σ R, always):
+components: K − 1 by repeated error-free summation (VecSum: a chain of TwoSums moves the rounded
+sum to the top and leaves the rounding errors as new terms; the top becomes a component, the
+errors are summed again), the last as the plain float sum of what is left, with a bound on its
+error. Then an a-posteriori check, per element, with R the leftover (the result's exact value is
+Σ components + R, |R| ≤ ρ: ρ the float sum's error bound, or Σ|leftover terms| where all K
+components were extracted error-free):
 
-- *precision*: Σ|R| ≤ 2^−prec · |x₀|  (``prec`` = ``PRECISION_BITS`` of the backend)
-- *dominance*: Σ_{i≥1}|x_i| + Σ|R| ≤ 2^−40 · |x₀|, or the element is exactly zero
+- *precision*: ρ ≤ 2^−prec · |x₀|  (``prec`` = ``PRECISION_BITS`` of the backend)
+- *dominance*: Σ_{i≥1}|x_i| + ρ ≤ 2^−40 · |x₀|, or the element is exactly zero
 
-Elements failing it are summed again from their components and leftovers (a second round
-converges: the inputs are then nearly non-overlapping); after ``_ROUNDS`` rounds any element
-still failing is rounded exactly, greedily, by ``math.fsum`` (exact, then correctly rounded).
+Elements failing it are rounded again from their own terms, every component error-free, then
+summed again from their components and leftovers (a second round converges: the inputs are then
+nearly non-overlapping); after ``_ROUNDS`` rounds any element still failing is rounded exactly,
+greedily, by ``math.fsum`` (exact, then correctly rounded).
 So **every operation's result is within relative 2^−prec of the exact result of that operation
 on the operands** (divisions and functions: 2^(1−prec), a reciprocal or an mpmath value rounded,
 then a product; a matmul within 2^−prec·|AB| + 2^−(prec+2)·(|A| @ |B|), the model of a dot
