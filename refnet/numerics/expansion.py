@@ -934,19 +934,21 @@ _BLOCK = 2 ** 15
 
 
 class _FixedPoint:
-    """Components c (m, *G, k) of an operand whose contraction axis is last, as a common fixed
-    point per group G: every component is an integer multiple of 2^low (``low``: the ulp of
+    """Components c (m, *G, k) of an operand whose contraction axis is last (or, ``axis=-2``,
+    c (m, *G', k, n) with the groups G = (*G', n): a product's right operand as it is laid
+    out), as a common fixed point per group G: every component is an integer multiple of 2^low
+    (``low``: the ulp of
     the group's smallest nonzero magnitude, float64's 53 bits below its leading bit), and
     below 2^top in magnitude (both 0 for a group of zeros); ``span``: the widest group's
     top − low; ``lowest[i]``: how far above ``low`` component i's smallest ulp lies, at least,
     in every group (its slices below that are zero). Found from each group's largest and
     smallest nonzero magnitude alone: no per-element exponent is taken."""
 
-    def __init__(self, c):
-        self.c = c
+    def __init__(self, c, axis=-1):
+        self.c, self.axis = c, axis
         magnitude = np.abs(c)
-        largest = np.max(magnitude, axis=-1)                                  # (m, *G)
-        smallest = np.min(np.where(magnitude > 0, magnitude, np.inf), axis=-1)
+        largest = np.max(magnitude, axis=axis)                                # (m, *G)
+        smallest = np.min(np.where(magnitude > 0, magnitude, np.inf), axis=axis)
         occupied = np.isfinite(smallest)
         with np.errstate(invalid="ignore"):
             ulp = np.frexp(np.where(occupied, smallest, 1.0))[1].astype(np.int64) - _DOUBLE_BITS
@@ -983,7 +985,7 @@ def _scaled(x, e):
     return out
 
 
-def _slices(fixed, width, count, carried=True):
+def _slices(fixed, width, count, carried=True, out=None):
     """(count, *G, k): slice j = Σ_components r_j − 2^w·r_{j+1}, r_j = rint(X · 2^(−j·w)) with
     X = component · 2^−low, so that Σ_j slice_j · 2^(j·w) = X exactly (the sum telescopes, and
     r_count = 0 because |X| < 2^(count·w − 1)). Every step is exact in float64: X is an
@@ -998,9 +1000,13 @@ def _slices(fixed, width, count, carried=True):
     they stay within 2^(w−1) too rather than m·2^(w−1): the digits below the top are balanced,
     and the top one is within 2^(w−1) because ``_slice_count`` gives such operands a bit of
     headroom (|Σ X| < 2^(span+1), and count·w ≥ span + 2). A sum's slices are not carried
-    (|slice| ≤ m·2^(w−1)): there the carries would cost more than the bits they save."""
+    (|slice| ≤ m·2^(w−1)): there the carries would cost more than the bits they save.
+
+    ``out``: where slice j goes, out[j] (a view into the stacked layout of ``_diagonal_products``,
+    written in place: no copy of the slices is made to stack them)."""
     c = fixed.c
-    out = np.empty((count,) + c.shape[1:])
+    if out is None:
+        out = np.empty((count,) + c.shape[1:])
     # The leading component writes every slice from its first one up; below, slices start at
     # zero (the lower components add into them).
     out[:count if fixed.lowest[0] is None else fixed.lowest[0] // width] = 0.0
@@ -1015,7 +1021,7 @@ def _slices(fixed, width, count, carried=True):
             # at the first slice it reaches (a low component of an expansion occupies a
             # 53-bit window of a span of K·53 bits and more).
             first = fixed.lowest[i] // width
-            prev = _scaled(c[i], (-fixed.low - first * width)[..., None])
+            prev = _scaled(c[i], np.expand_dims(-fixed.low - first * width, fixed.axis))
             for j in range(first, count):
                 last = j == count - 1
                 if not last:
@@ -1177,7 +1183,7 @@ def _matmul_limbs(ca, cb, prec=None):
     out_shape = np.broadcast_shapes(ca.shape[1:-2], cb.shape[1:-2]) + (ca.shape[-2], cb.shape[-1])
     if k == 0 or 0 in out_shape:
         return np.zeros((1,) + out_shape), 1, 0, out_shape, "product"
-    fa, fb = _FixedPoint(ca), _FixedPoint(np.swapaxes(cb, -1, -2))
+    fa, fb = _FixedPoint(ca), _FixedPoint(cb, axis=-2)
     lowa, topa = fa.low, fa.top
     lowb, topb = fb.low, fb.top
     # Slice widths: |Sa|, |Sb| ≤ 2^(w−1) (``_slices``), so a dot product of k of their
@@ -1199,8 +1205,14 @@ def _matmul_limbs(ca, cb, prec=None):
     diagonals = sa + sb - 1
     first = 0 if prec is None else _first_diagonal(
         ca[0], cb[0], (lowa, topa), (lowb, topb), w, diagonals, prec)
-    A = _slices(fa, w, sa)                                        # (sa, ..., m, k)
-    B = _slices(fb, w, sb)                                        # (sb, ..., n, k)
+    # The slices written straight into the stacked layouts of ``_diagonal_products``: A's side
+    # by side along k, (..., m, sa·k); B's on top of each other in reverse order, (..., sb·k, n).
+    batch_a, batch_b = ca.shape[1:-2], cb.shape[1:-2]
+    m, n = out_shape[-2:]
+    wide = np.empty(batch_a + (m, sa, k))
+    tall = np.empty(batch_b + (sb, k, n))
+    A = _slices(fa, w, sa, out=np.moveaxis(wide, -2, 0))          # A[p]: (..., m, k)
+    B = _slices(fb, w, sb, out=np.moveaxis(tall, -3, 0)[::-1])    # B[q]: (..., k, n)
     rows = diagonals - first + _CARRY_ROWS
     # Slice p of A times 2^(p·w), slice q of B times 2^((q − first)·w): the diagonal d = p + q
     # then comes out of the BLAS as its limb times 2^((d − first)·w) (powers of two: the sums
@@ -1210,10 +1222,10 @@ def _matmul_limbs(ca, cb, prec=None):
     if scaled:
         A *= _power_of_two(np.arange(sa) * w).reshape((sa,) + (1,) * (A.ndim - 1))
         B *= _power_of_two((np.arange(sb) - first) * w).reshape((sb,) + (1,) * (B.ndim - 1))
-    B = np.swapaxes(B, -1, -2)                                    # (sb, ..., k, n)
     limbs = np.empty((rows,) + out_shape)
     limbs[diagonals - first:] = 0.0                               # the carry rows
-    _diagonal_products(A, B, limbs, first)
+    _diagonal_products(wide.reshape(batch_a + (m, sa * k)), tall.reshape(batch_b + (sb * k, n)),
+                       sa, sb, limbs, first)
     exponent = np.broadcast_to(lowa[..., :, None] + lowb[..., None, :] + first * w, out_shape)
     return limbs, w, exponent, out_shape, "scaled product" if scaled else "product"
 
@@ -1263,19 +1275,14 @@ def _first_diagonal(a0, b0, groups_a, groups_b, w, diagonals, prec):
     return min(max(d0, 0), diagonals)
 
 
-def _diagonal_products(A, B, limbs, first=0):
+def _diagonal_products(wide, tall, sa, sb, limbs, first=0):
     """limbs[d − first] = Σ_{p+q=d} A[p] @ B[q] for the diagonals d ≥ ``first`` (slice pair
     (p, q) weighs 2^((p+q)w)), each diagonal one GEMM written straight into its limb: A's
-    slices side by side along the contraction axis times B's stacked in reverse order is the
-    diagonal's sum, so the BLAS adds the products of one weight itself (exact: the width
-    leaves room for min(sa, sb) of them) and no array of every slice product is formed. Both
-    stackings are views of one copy of each operand."""
-    sa, sb = A.shape[0], B.shape[0]
-    k = A.shape[-1]
-    wide = np.moveaxis(A, 0, -2)                                    # (..., m, sa, k)
-    wide = wide.reshape(wide.shape[:-2] + (sa * k,))                # [A_0 A_1 … A_{sa−1}]
-    tall = np.moveaxis(B[::-1], 0, -3)                              # (..., sb, k, n)
-    tall = tall.reshape(tall.shape[:-3] + (sb * k, tall.shape[-1]))  # [B_{sb−1}; …; B_0]
+    slices side by side along the contraction axis (``wide``: [A_0 A_1 … A_{sa−1}]) times B's
+    stacked in reverse order (``tall``: [B_{sb−1}; …; B_0]) is the diagonal's sum, so the
+    BLAS adds the products of one weight itself (exact: the width leaves room for min(sa, sb)
+    of them) and no array of every slice product is formed."""
+    k = wide.shape[-1] // sa
     for d in range(first, sa + sb - 1):
         p_lo, p_hi = max(0, d - sb + 1), min(d, sa - 1)
         r_lo = sb - 1 - d + p_lo                                    # B_{d−p_lo} in ``tall``
