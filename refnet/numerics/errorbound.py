@@ -75,7 +75,7 @@ all 200 spot checks of the recurrent full grid pass; each model's worst element 
 0.06–1.9σ for rnn-tanh, rnn-relu and gru (0.16–8.9σ under the independent rule), at up to 5.1σ
 for the lstm at T = 200 — unchanged, the cross-covariance (2) of its h and c paths, which grows
 with T. On non-recurrent nets nothing is tracked: the bound is bit for bit the independent
-rule's. Cost: the bound pass of a recurrent net runs 2–4× longer (an (N, D, D) matrix per
+rule's. Cost: the bound pass of a recurrent net runs 2.4–3× longer (an (N, D, D) matrix per
 per-step value); of any other net, as before.
 """
 
