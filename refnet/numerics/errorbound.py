@@ -30,6 +30,53 @@ tanh 1.03, erf 0.65, erfc 2.42; the table below allows 2 (4 for tanh, whose SIMD
 are specified to 4 ulp, and 6 for erfc, glibc's documented worst case being 5).
 
 The bound ignores the rounding of the bound computation itself (relative 1e-16 of the bound).
+
+The probabilistic scale σ (``s2`` = σ², in the extended ``S2_DTYPE``). The first-order error of a
+result is a linear combination Σᵢ cᵢδᵢ of the rounding errors δᵢ of every operation before it
+(|δᵢ| ≤ rᵢ, rᵢ the ``r(v)`` or k_f ulps above), cᵢ the result's sensitivity to δᵢ. If the δᵢ are
+independent with mean 0 (Higham & Mary 2019), Hoeffding's inequality gives P(|Σ cᵢδᵢ| > λσ) ≤
+2 exp(−λ²/2) with σ² = Σᵢ cᵢ² rᵢ² — whatever the cᵢ, provided σ² *is* that sum. The verifier's
+λσ (``LAMBDA``) rests on nothing else. An operation's own rounding is a new δ, independent of all
+before it, and adds r² (quadrature); the propagated part needs each δᵢ's total sensitivity cᵢ,
+the *sum* over every path by which δᵢ reaches the result.
+
+- Independent elements (the default). Each array carries σ² per element only, and a
+  contraction treats its operand's elements as independent: A @ B adds σ_A² B² + A² σ_B², i.e.
+  Σ over paths of (path coefficient)² where Hoeffding needs (Σ over paths)². Exact where each δ
+  reaches an element by one path; where it arrives by several, the cross terms are dropped. In a
+  feed-forward net the paths of one δ run through different weight matrices with independent
+  random signs, so the cross terms average out (measured errors 0.2–1.0σ, spec/verification.md).
+- Correlated errors (``cov``): through a recurrence they do not. ∂L/∂h_t = (∂h_(t+k)/∂h_t)ᵀ
+  ∂L/∂h_(t+k) applies the same W_hh k times, and the paths of one δ through Wᵀ…Wᵀ add
+  coherently (closed walks W_ab W_ba… are products of the same entries): the independent rule
+  propagates σ² with the products of the squared Jacobians (D W∘W)^k where the truth has the
+  squares of the product ((D W)^k)∘((D W)^k), and the error exceeded 8σ by 8–12 % in 3 of the
+  200 models of ``refnet study --recurrent`` (spec/study.md). So a recurrent layer's per-step
+  values (h_t, c_t, ∂L/∂h_t, ∂L/∂c_t, the gate gradients: ``store_step``, called by
+  ``layers.recurrent.at_step``) carry, from the first step on, the full covariance of their
+  errors along the feature axis, row by row: ``cov`` (N, D, D), diagonal = s2. Every
+  operation propagates it exactly to first order — elementwise f: Cov ← (c cᵀ) ∘ Cov, c = f′;
+  A @ B: Cov ← Bᵀ Cov(A) B (the contraction sees its operand's correlation); a selection
+  (``where``, max, min, the gate concatenation) keeps it between elements taken from one operand;
+  a row sum: 1ᵀ Cov 1 — and then puts s2 (its own new, independent rounding included) on the
+  diagonal. Along one row of a recurrence this is σ² = Σᵢ cᵢ² rᵢ² exactly, for every δ of the
+  chain: the Hoeffding scale itself, not an estimate of it (tests/test_recurrent_sigma.py checks
+  it against the explicit propagation J C Jᵀ).
+
+What stays assumed independent, and why: (1) the rows (the batch: each row's recurrence runs on
+its own, with exact weights); (2) two different arrays meeting in one operation (in a tanh RNN
+the backward chain ∂L/∂h_t and the forward chain's tanh′(a_t); an LSTM's h and c paths; a GRU's
+z ⊙ ∂L/∂h_t beside W_hhᵀ ∂L/∂v_t): their own correlations are carried, their cross-covariance is
+taken as 0; (3) anything that leaves the (N, D) layout of one step: a transpose, a reshape, the
+stacking of the steps, a contraction over rows (∂L/∂W = Σ_(n,t) δ_t x_tᵀ, ∂L/∂x_t = W_ihᵀ δ_t
+after stacking): there ``cov`` is given up and the diagonal s2 continues under the independent
+rule (a different matrix meets the errors, as in a feed-forward net). Measured (spec/study.md):
+all 200 spot checks of the recurrent full grid pass; each model's worst element lies at
+0.06–1.9σ for rnn-tanh, rnn-relu and gru (0.16–8.9σ under the independent rule), at up to 5.1σ
+for the lstm at T = 200 — unchanged, the cross-covariance (2) of its h and c paths, which grows
+with T. On non-recurrent nets nothing is tracked: the bound is bit for bit the independent
+rule's. Cost: the bound pass of a recurrent net runs 2.4–3× longer (an (N, D, D) matrix per
+per-step value); of any other net, as before.
 """
 
 from __future__ import annotations
@@ -101,7 +148,7 @@ class BoundArray:
 
     __array_ufunc__ = None      # numpy defers to our reflected operators (ndarray * BoundArray)
 
-    def __init__(self, v, e=None, s2=None):
+    def __init__(self, v, e=None, s2=None, cov=None):
         self.v = np.asarray(v, dtype=np.float64)
         self.e = np.zeros_like(self.v) if e is None else np.asarray(e, dtype=np.float64)
         if e is not None and np.isnan(self.e).any():
@@ -110,6 +157,12 @@ class BoundArray:
             self.e = np.where(np.isnan(self.e), np.inf, self.e)
         self.s2 = (np.zeros(self.v.shape, dtype=S2_DTYPE) if s2 is None
                    else np.asarray(s2, dtype=S2_DTYPE))
+        # The error covariance along the last axis, row by row (module docstring, "Correlated
+        # errors"): None (the elements' errors are modelled as independent), or, for a 2-D
+        # array (N, D), an (N, D, D) array whose diagonal is s2.
+        self.cov = None
+        if cov is not None:
+            _set_cov(self, cov, copy=True)
 
     @property
     def sigma(self):
@@ -139,13 +192,32 @@ class BoundArray:
         return f"BoundArray(v={self.v!r}, e={self.e!r})"
 
     def __getitem__(self, idx):
-        return self._view(lambda a: a[idx])
+        out = self._view(lambda a: a[idx])
+        if self.cov is not None:
+            # Rows and columns picked by slices or index arrays keep their covariance; any other
+            # index (an integer, an ellipsis, a mask) gives up the correlation (s2 stays whole).
+            rows, cols = (idx + (slice(None),))[:2] if isinstance(idx, tuple) else (idx, slice(None))
+            if (isinstance(idx, tuple) and len(idx) <= 2 and out.v.ndim == 2
+                    and all(isinstance(i, slice) or (isinstance(i, np.ndarray) and i.ndim == 1
+                                                     and i.dtype.kind in "iu")
+                            for i in (rows, cols))):
+                _set_cov(out, self.cov[rows][:, cols][:, :, cols], copy=True)
+        return out
 
     def reshape(self, *shape):
-        return self._view(lambda a: a.reshape(*shape))
+        out = self._view(lambda a: a.reshape(*shape))
+        if self.cov is not None and out.v.shape == self.v.shape:
+            out.cov = self.cov
+        return out
 
     def take(self, indices, axis=None):
-        return self._view(lambda a: a.take(indices, axis=axis))
+        out = self._view(lambda a: a.take(indices, axis=axis))
+        if self.cov is not None and out.v.ndim == 2 and axis in (0, 1, -1, -2):
+            if axis in (0, -2):
+                _set_cov(out, self.cov.take(indices, axis=0))
+            else:
+                _set_cov(out, self.cov.take(indices, axis=1).take(indices, axis=2))
+        return out
 
     def transpose(self, *axes):
         return self._view(lambda a: a.transpose(*axes))
@@ -156,7 +228,7 @@ class BoundArray:
         a, b = self, _wrap(other)
         v = a.v + b.v
         r = _half_ulp(v)
-        return BoundArray(v, a.e + b.e + r, a.s2 + b.s2 + _sq(r))
+        return _linear(BoundArray(v, a.e + b.e + r, a.s2 + b.s2 + _sq(r)), (a, 1.0), (b, 1.0))
 
     __radd__ = __add__
 
@@ -165,7 +237,7 @@ class BoundArray:
         a, b = self, _wrap(other)
         v = a.v - b.v
         r = _half_ulp(v)
-        return BoundArray(v, a.e + b.e + r, a.s2 + b.s2 + _sq(r))
+        return _linear(BoundArray(v, a.e + b.e + r, a.s2 + b.s2 + _sq(r)), (a, 1.0), (b, -1.0))
 
     def __rsub__(self, other):
         return _wrap(other) - self
@@ -175,8 +247,9 @@ class BoundArray:
         a, b = self, _wrap(other)
         v = a.v * b.v
         r = _half_ulp(v)
-        return BoundArray(v, np.abs(a.v) * b.e + np.abs(b.v) * a.e + a.e * b.e + r,
-                          _sq(b.v) * a.s2 + _sq(a.v) * b.s2 + _sq(r))
+        out = BoundArray(v, np.abs(a.v) * b.e + np.abs(b.v) * a.e + a.e * b.e + r,
+                         _sq(b.v) * a.s2 + _sq(a.v) * b.s2 + _sq(r))
+        return _linear(out, (a, b.v), (b, a.v))
 
     __rmul__ = __mul__
 
@@ -189,20 +262,24 @@ class BoundArray:
             prop = np.where(margin > 0, (a.e + np.abs(v) * b.e) / np.where(margin > 0, margin, 1),
                             np.inf)
             s2 = (a.s2 + _sq(v) * b.s2) / _sq(b.v)
+            slope_a, slope_b = 1.0 / b.v, -v / b.v
         r = _half_ulp(v)
-        return BoundArray(v, prop + r, s2 + _sq(r))
+        return _linear(BoundArray(v, prop + r, s2 + _sq(r)), (a, slope_a), (b, slope_b))
 
     def __rtruediv__(self, other):
         return _wrap(other) / self
 
     def __neg__(self):
-        return BoundArray(-self.v, self.e, self.s2)
+        out = BoundArray(-self.v, self.e, self.s2)
+        out.cov = self.cov                  # the same errors, negated: the same covariance
+        return out
 
     def __pos__(self):
         return self
 
     def __abs__(self):
-        return BoundArray(np.abs(self.v), self.e, self.s2)
+        out = BoundArray(np.abs(self.v), self.e, self.s2)
+        return _linear(out, (self, np.where(self.v < 0, -1.0, 1.0)))
 
     # comparisons give plain booleans from the computed values -----------------------------
     def __gt__(self, other):
@@ -233,6 +310,50 @@ def _wrap(x) -> BoundArray:
 
 def _value(x):
     return x.v if isinstance(x, BoundArray) else x
+
+
+def _set_cov(out: BoundArray, cov, copy=False):
+    """``out.cov = cov`` with its diagonal replaced by ``out.s2`` (which holds, beside the
+    propagated variances, the operation's own rounding and every independent term); dropped
+    (None) unless ``out`` is 2-D with the right shape and every entry is finite (one sum tells:
+    inf and NaN survive it, and |entries| ≤ 1e617 cannot overflow the extended type). ``copy``:
+    ``cov`` may be shared (a view), so the diagonal is written into a copy."""
+    cov = np.asarray(cov, dtype=S2_DTYPE)
+    if out.v.ndim != 2 or cov.shape != out.v.shape + out.v.shape[-1:] \
+            or not np.isfinite(np.sum(cov)) or not np.isfinite(np.sum(out.s2)):
+        out.cov = None
+        return out
+    if copy:
+        cov = cov.copy()
+    d = np.arange(out.v.shape[-1])
+    cov[:, d, d] = out.s2
+    out.cov = cov
+    return out
+
+
+def _diag(s2, shape):
+    """The covariance of independent errors of variances ``s2`` (broadcast to ``shape``)."""
+    s2 = np.broadcast_to(np.asarray(s2, dtype=S2_DTYPE), shape)
+    cov = np.zeros(shape + shape[-1:], dtype=S2_DTYPE)
+    d = np.arange(shape[-1])
+    cov[:, d, d] = s2
+    return cov
+
+
+def _linear(out: BoundArray, *terms):
+    """``out`` with its covariance, where an operand has one. ``terms``: (operand, c) with the
+    propagated error of ``out`` = Σ c·err(operand), elementwise (c the operation's derivative
+    in that operand, broadcast to ``out``). The operands' errors are independent of each other
+    (the model's assumption for distinct arrays); each one's own correlation is carried:
+    Cov(out) = Σ (c cᵀ) ∘ Cov(operand), off the diagonal; on it, ``out.s2``."""
+    tracked = [(x, c) for x, c in terms if x.cov is not None and x.v.shape == out.v.shape]
+    if not tracked:
+        return out
+    cov = 0
+    for x, c in tracked:
+        c = np.broadcast_to(np.asarray(c, dtype=S2_DTYPE), out.v.shape)
+        cov = cov + c[:, :, None] * c[:, None, :] * x.cov
+    return _set_cov(out, cov)
 
 
 def _interval_abs_min(a: BoundArray):
@@ -275,7 +396,7 @@ class BoundBackend:
         r = _ulps(v, FUNCTION_ULPS[name])
         with np.errstate(over="ignore", invalid="ignore"):
             s2 = _sq(slope) * x.s2
-        return BoundArray(v, bound + r, s2 + _sq(r))
+        return _linear(BoundArray(v, bound + r, s2 + _sq(r)), (x, slope))
 
     @_quiet
     def exp(self, x):
@@ -345,15 +466,26 @@ class BoundBackend:
             v = np.sqrt(x.v)
             bound = np.minimum(np.where(v > 0, x.e / np.where(v > 0, v, 1), np.inf), np.sqrt(x.e))
             s2 = x.s2 / (4 * np.asarray(x.v, dtype=S2_DTYPE))
+            slope = 0.5 / v
         r = _half_ulp(v)
-        return BoundArray(v, bound + r, s2 + _sq(r))
+        return _linear(BoundArray(v, bound + r, s2 + _sq(r)), (x, slope))
 
     def abs(self, x):
         return abs(_wrap(x))
 
     def _select(self, cond, a, b):
-        return BoundArray(np.where(cond, a.v, b.v), np.where(cond, a.e, b.e),
-                          np.where(cond, a.s2, b.s2))
+        out = BoundArray(np.where(cond, a.v, b.v), np.where(cond, a.e, b.e),
+                         np.where(cond, a.s2, b.s2))
+        if (a.cov is not None or b.cov is not None) and out.v.ndim == 2:
+            # An element's error is that of the operand it came from; two elements from the same
+            # operand keep their covariance, two from different operands have none.
+            shape = out.v.shape
+            pick = lambda x: x.cov if x.cov is not None and x.v.shape == shape \
+                else _diag(x.s2, shape)                                       # noqa: E731
+            c = np.broadcast_to(np.asarray(cond, dtype=bool), shape)
+            both_a, both_b = c[:, :, None] & c[:, None, :], ~c[:, :, None] & ~c[:, None, :]
+            _set_cov(out, np.where(both_a, pick(a), np.where(both_b, pick(b), 0)))
+        return out
 
     def maximum(self, a, b):
         a, b = _wrap(a), _wrap(b)
@@ -382,9 +514,19 @@ class BoundBackend:
         magnitude = abs_a @ abs_b
         r = _half_ulp(v)
         e = abs_a @ b.e + a.e @ abs_b + a.e @ b.e + _gamma(n) * magnitude + n * ETA + r
+        # The propagated error of A: its covariance along the contracted axis, Bᵀ Cov(A) B, where
+        # A carries one; otherwise its elements as independent, σ_A² B².
+        cov = None
+        if a.cov is not None and a.v.ndim == 2 and b.v.ndim == 2:
+            bl = np.asarray(b.v, dtype=S2_DTYPE)
+            cov = np.matmul(np.matmul(bl.T, a.cov), bl)
+            from_a = np.diagonal(cov, axis1=1, axis2=2)
+        else:
+            from_a = a.s2 @ _sq(b.v)
         # n roundings of partial sums, each at most u·(|A||B|) in size.
-        s2 = _sq(a.v) @ b.s2 + a.s2 @ _sq(b.v) + a.s2 @ b.s2 + n * _sq(magnitude, U)
-        return BoundArray(v, e, s2 + _sq(r))
+        s2 = _sq(a.v) @ b.s2 + from_a + a.s2 @ b.s2 + n * _sq(magnitude, U)
+        out = BoundArray(v, e, s2 + _sq(r))
+        return out if cov is None else _set_cov(out, cov)
 
     @_quiet
     def sum(self, a, axis=None, keepdims=False):
@@ -393,8 +535,24 @@ class BoundBackend:
         n = a.v.size if axis is None else int(np.prod([a.v.shape[i] for i in np.atleast_1d(axis)]))
         magnitude = np.sum(np.abs(a.v), axis=axis, keepdims=keepdims)
         e = np.sum(a.e, axis=axis, keepdims=keepdims) + _gamma(max(n - 1, 0)) * magnitude + n * ETA
-        s2 = np.sum(a.s2, axis=axis, keepdims=keepdims) + max(n - 1, 0) * _sq(magnitude, U)
+        axes = range(a.v.ndim) if axis is None else [i % a.v.ndim for i in np.atleast_1d(axis)]
+        if a.cov is not None and a.v.ndim - 1 in axes:
+            # A row's sum: its errors' variance is 1ᵀ Cov 1 (its correlation counted); the rows
+            # are independent.
+            row = np.maximum(np.sum(a.cov, axis=(1, 2)), 0)[:, None]
+            propagated = np.sum(row, axis=axis, keepdims=keepdims)
+        else:
+            propagated = np.sum(a.s2, axis=axis, keepdims=keepdims)
+        s2 = propagated + max(n - 1, 0) * _sq(magnitude, U)
         return BoundArray(v, e, s2)
+
+    def store_step(self, a, kind, layer, t):
+        """A recurrent layer's per-step value (``layers.recurrent.at_step``): from here on its
+        errors carry their covariance along the feature axis (module docstring, "Correlated
+        errors"); the value and both bounds are unchanged."""
+        if isinstance(a, BoundArray) and a.v.ndim == 2 and a.cov is None:
+            return BoundArray(a.v, a.e, a.s2, cov=_diag(a.s2, a.v.shape))
+        return a
 
     def argmax(self, a, axis):
         return np.argmax(_wrap(a).v, axis=axis)
