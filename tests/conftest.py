@@ -60,3 +60,11 @@ def spec_file(tmp_path):
     path.write_text(json.dumps(small_spec("tanh", loss="softmax_cross_entropy", widths=(4,),
                                           out_dim=3)))
     return path
+
+
+def reference_rounding(reference):
+    """Half an ulp of a correctly rounded reference (``MPBackend.to_numpy`` of the exact
+    value): a bound e on |v − exact| allows |v − fl(exact)| ≤ e + ½ ulp(fl(exact)), since
+    fl(exact) itself lies that far from the exact value. A float64 result one ulp from
+    fl(exact) can be within e of the exact value (random_nets seed 4627171: 0.53 e)."""
+    return 0.5 * np.spacing(np.abs(np.asarray(reference, dtype=np.float64)))
