@@ -985,15 +985,20 @@ def _scaled(x, e):
     return out
 
 
-def _slices(fixed, width, count, carried=True, out=None):
-    """(count, *G, k): slice j = Σ_components r_j − 2^w·r_{j+1}, r_j = rint(X · 2^(−j·w)) with
-    X = component · 2^−low, so that Σ_j slice_j · 2^(j·w) = X exactly (the sum telescopes, and
-    r_count = 0 because |X| < 2^(count·w − 1)). Every step is exact in float64: X is an
-    integer below 2^(span+1) ≤ 2^961, formed by two multiplications by powers of two of its
-    group (each factor within float64's range and the intermediate value between the
-    component and X, so neither rounds), scaling by 2^−w is exact (values that fall below the
-    normal range are below 1/2 and round to 0 as they should), and rint of a float is a float.
-    Signed slices, one bit narrower than slices of the magnitude: |slice| ≤ 2^(w−1).
+def _slices(fixed, width, count, carried=True, out=None, offset=None):
+    """(count, *G, k): the slices of X = Σ_components · 2^−low in base 2^w, balanced digits
+    with Σ_j slice_j · 2^(j·w) = X exactly; with ``offset`` = o, slice j comes out times its
+    weight 2^((j − o)·w) (a product's operands: ``_matmul_limbs``), else as an integer.
+
+    Per component, from the top down: R = component · 2^(−low − o·w), then for each slice j
+    (highest first) T = (R + C) − C with C = 1.5·2^(52 + (j − o)·w) — R rounded to a multiple
+    of 2^((j − o)·w), the nearest, in two exact operations: |R| < 2^(51 + (j − o)·w) keeps R + C
+    in C's binade, whose ulp is that multiple, and the subtraction is exact (Sterbenz) — and
+    R −= T (exact: T is R's rounding); the last slice the component reaches (``lowest``) takes
+    what is left. Each remainder is within half the next weight, so every digit is within
+    2^(w−1); the top one too, since |X| < 2^span ≤ 2^(count·w − 1). The scalings are by powers
+    of two within range (``_scaled``), exact. Signed slices, one bit narrower than slices of
+    the magnitude.
 
     Of m > 1 components the slices are summed, then (``carried``, for a product's operands,
     where each bit of width saves GEMMs) carried, balanced as ``_limb_terms`` does, so that
@@ -1007,44 +1012,43 @@ def _slices(fixed, width, count, carried=True, out=None):
     c = fixed.c
     if out is None:
         out = np.empty((count,) + c.shape[1:])
+    o = 0 if offset is None else offset
     # The leading component writes every slice from its first one up; below, slices start at
     # zero (the lower components add into them).
     out[:count if fixed.lowest[0] is None else fixed.lowest[0] // width] = 0.0
-    scale = 2.0 ** -width
-    up = 2.0 ** width
-    rounded = np.empty(c.shape[1:])
+    piece = np.empty(c.shape[1:])
     with np.errstate(under="ignore"):
         for i in range(c.shape[0]):
             if fixed.lowest[i] is None:
                 continue
-            # Slices below the component's lowest bit (anywhere in the array) are zero: start
-            # at the first slice it reaches (a low component of an expansion occupies a
-            # 53-bit window of a span of K·53 bits and more).
+            # Slices below the component's lowest bit (anywhere in the array) are zero: stop at
+            # the first slice it reaches (a low component of an expansion occupies a 53-bit
+            # window of a span of K·53 bits and more).
             first = fixed.lowest[i] // width
-            prev = _scaled(c[i], np.expand_dims(-fixed.low - first * width, fixed.axis))
-            for j in range(first, count):
-                last = j == count - 1
-                if not last:
-                    np.multiply(prev, scale, out=rounded)
-                    np.rint(rounded, out=rounded)
-                if i == 0:
-                    if last:
-                        out[j] = prev
-                    else:
-                        np.multiply(rounded, up, out=out[j])
-                        np.subtract(prev, out[j], out=out[j])
-                else:
-                    out[j] += prev if last else prev - rounded * up
-                if last:
-                    break
-                prev, rounded = rounded, prev
+            rest = _scaled(c[i], np.expand_dims(-fixed.low - o * width, fixed.axis))
+            for j in range(count - 1, first, -1):
+                target = out[j] if i == 0 else piece
+                magic = 1.5 * 2.0 ** (52 + (j - o) * width)
+                np.add(rest, magic, out=target)
+                np.subtract(target, magic, out=target)
+                np.subtract(rest, target, out=rest)
+                if i:
+                    out[j] += piece
+            if i:
+                out[first] += rest
+            else:
+                out[first] = rest
     if carried and c.shape[0] > 1:
         carry = np.empty(c.shape[1:])
         for j in range(count - 1):
-            np.multiply(out[j], scale, out=carry)
-            np.rint(carry, out=carry)
-            out[j] -= carry * up
+            magic = 1.5 * 2.0 ** (52 + (j + 1 - o) * width)
+            np.add(out[j], magic, out=carry)
+            np.subtract(carry, magic, out=carry)
+            out[j] -= carry
             out[j + 1] += carry
+    if offset is None:
+        for j in range(1, count):
+            out[j] *= 2.0 ** (-j * width)
     return out
 
 
@@ -1211,17 +1215,14 @@ def _matmul_limbs(ca, cb, prec=None):
     m, n = out_shape[-2:]
     wide = np.empty(batch_a + (m, sa, k))
     tall = np.empty(batch_b + (sb, k, n))
-    A = _slices(fa, w, sa, out=np.moveaxis(wide, -2, 0))          # A[p]: (..., m, k)
-    B = _slices(fb, w, sb, out=np.moveaxis(tall, -3, 0)[::-1])    # B[q]: (..., k, n)
-    rows = diagonals - first + _CARRY_ROWS
     # Slice p of A times 2^(p·w), slice q of B times 2^((q − first)·w): the diagonal d = p + q
     # then comes out of the BLAS as its limb times 2^((d − first)·w) (powers of two: the sums
     # stay exact), which saves the carries a pass (``_scaled_limb_terms``). Only where every
     # scaled value stays finite and normal (scaled B slices are integers times 2^(−first·w)).
     scaled = _PRESCALE and (sa + sb + 1) * w + k.bit_length() + _DOUBLE_BITS < 1020 and first * w < 900
-    if scaled:
-        A *= _power_of_two(np.arange(sa) * w).reshape((sa,) + (1,) * (A.ndim - 1))
-        B *= _power_of_two((np.arange(sb) - first) * w).reshape((sb,) + (1,) * (B.ndim - 1))
+    _slices(fa, w, sa, out=np.moveaxis(wide, -2, 0), offset=0 if scaled else None)
+    _slices(fb, w, sb, out=np.moveaxis(tall, -3, 0)[::-1], offset=first if scaled else None)
+    rows = diagonals - first + _CARRY_ROWS
     limbs = np.empty((rows,) + out_shape)
     limbs[diagonals - first:] = 0.0                               # the carry rows
     _diagonal_products(wide.reshape(batch_a + (m, sa * k)), tall.reshape(batch_b + (sb * k, n)),
