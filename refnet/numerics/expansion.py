@@ -811,7 +811,7 @@ def _vecsum(terms, ordered=False):
     return s, errors
 
 
-def _round_terms(terms, bk, ordered=False, rounds=_ROUNDS):
+def _round_terms(terms, bk, ordered=False, rounds=_ROUNDS, error_free=False):
     """At most K components whose sum is within 2^-prec (relative) of Σ terms, with the
     dominance of the leading one (see the module docstring); terms least significant first.
 
@@ -820,27 +820,30 @@ def _round_terms(terms, bk, ordered=False, rounds=_ROUNDS):
     (n − 1)·2^−53 of the sum of its n terms' magnitudes (recursive summation, Higham's
     γ_(n−1)) — already ~2^−(53(K−1)) below the leading component, far inside 2^−prec, at a
     fraction of the cost of one more exact pass. The check takes that bound as the leftover.
+    ``error_free``: all K components extracted error-free, the leftover terms exact.
 
     Every element is rounded by its own terms alone: the elements that fail the check are
-    gathered and rounded again from their own terms, all K components error-free
-    (``_round_terms_exact``). So a result never depends on which other elements share its
-    array (the blocks of ``_from_limbs``)."""
+    gathered and rounded again — from their own terms, error-free; or, where that was the
+    round that failed, from its components and exact leftovers (a second round converges: the
+    inputs are then nearly non-overlapping) — and after ``rounds`` rounds rounded exactly by
+    ``math.fsum``. So a result never depends on which other elements share its array (the
+    blocks of ``_from_limbs``)."""
     K, limit = bk.K, bk._limit
     shape = np.broadcast_shapes(*[np.shape(t) for t in terms])
     if shape == ():                                   # one element: as an array of one
         return [c.reshape(()) for c in _round_terms([np.reshape(t, (1,)) for t in terms], bk,
-                                                    ordered, rounds)]
+                                                    ordered, rounds, error_free)]
     rest = [np.broadcast_to(t, shape) for t in terms if np.any(t)]
     if not rest:
         return [np.zeros(shape)]
     if rounds == 0:
         return _round_exactly(rest, K)
     comps = []
-    while len(comps) < K - 1 and rest:
+    while len(comps) < K - (not error_free) and rest:
         top, rest = _vecsum(rest, ordered and not comps)
         comps.append(top)
-    leftover = None
-    if rest:
+    leftover = rest
+    if rest and not error_free:
         last = rest[0].copy()
         magnitude = np.abs(rest[0])
         for r in rest[1:]:
@@ -850,39 +853,15 @@ def _round_terms(terms, bk, ordered=False, rounds=_ROUNDS):
         # (n − 1)·2^−53 Σ|r| bounds the float sum's error; Σ|r| itself was summed in float
         # (relative error below n·2^−53): 2^−52·n·Σ|r| covers both.
         leftover = [magnitude * (len(rest) * 2.0 ** -52)] if len(rest) > 1 else []
-    failing = _failing(comps, leftover or [], limit)
+    failing = _failing(comps, leftover, limit)
     if failing is None:
         return comps
     where = np.nonzero(failing)
-    again = _round_terms_exact([np.broadcast_to(t, shape)[where] for t in terms], bk, ordered,
-                               rounds - 1)
-    comps = [np.array(ci, copy=True) for ci in comps] + [np.zeros(shape)] * (K - len(comps))
-    for i in range(K):
-        comps[i][where] = again[i] if i < len(again) else 0.0
-    return comps
-
-
-def _round_terms_exact(terms, bk, ordered=False, rounds=_ROUNDS):
-    """``_round_terms`` with every component extracted error-free, and what is left exact:
-    the elements that fail the check are summed again from their components and leftovers
-    (a second round converges: the inputs are then nearly non-overlapping), and after
-    ``rounds`` rounds rounded exactly by ``math.fsum``."""
-    K, limit = bk.K, bk._limit
-    shape = np.broadcast_shapes(*[np.shape(t) for t in terms])
-    rest = [np.broadcast_to(t, shape) for t in terms if np.any(t)]
-    if not rest:
-        return [np.zeros(shape)]
-    if rounds == 0:
-        return _round_exactly(rest, K)
-    comps = []
-    while len(comps) < K and rest:
-        top, rest = _vecsum(rest, ordered and not comps)
-        comps.append(top)
-    failing = _failing(comps, rest, limit)
-    if failing is None:
-        return comps
-    where = np.nonzero(failing)
-    again = _round_terms_exact([t[where] for t in rest + comps[::-1]], bk, False, rounds - 1)
+    if error_free:
+        again = _round_terms([t[where] for t in rest + comps[::-1]], bk, False, rounds - 1, True)
+    else:
+        again = _round_terms([np.broadcast_to(t, shape)[where] for t in terms], bk, ordered,
+                             rounds - 1, True)
     comps = [np.array(ci, copy=True) for ci in comps] + [np.zeros(shape)] * (K - len(comps))
     for i in range(K):
         comps[i][where] = again[i] if i < len(again) else 0.0
