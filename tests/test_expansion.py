@@ -180,6 +180,28 @@ def test_a_weight_gradient_leaves_diagonals_out_and_keeps_the_dot_product_model(
     assert _dot_model_excess(got, a, b) <= 1.0
 
 
+def test_the_truncation_bound_is_the_same_scaled_to_the_lowest_bits_or_to_the_tops(monkeypatch):
+    """``_first_diagonal``'s one-pass form (magnitudes scaled to each group's lowest bit) leaves
+    out exactly the diagonals its general form (scaled to the tops, for spans near float64's
+    range) does: the same smallest allowed diagonal, on weight gradients and forward products."""
+    rng = np.random.default_rng(14)
+    cases = [_gradient_operands(rng, 12, 32, 9),
+             (_operands(rng, (6, 40), "cancel"), E.asarray(rng.standard_normal((40, 7)))),
+             (E.asarray(rng.standard_normal((5, 30)) * np.exp(rng.uniform(-30, 30, (5, 30)))),
+              _operands(rng, (30, 4), "wide"))]
+    firsts = []
+    for limit in (ex._UNIT_SCALED_LIMIT, 0):
+        monkeypatch.setattr(ex, "_UNIT_SCALED_LIMIT", limit)
+        seen = []
+        original = ex._first_diagonal
+        monkeypatch.setattr(ex, "_first_diagonal", lambda *a: seen.append(original(*a)) or seen[-1])
+        for a, b in cases:
+            E.matmul(a, b)
+        monkeypatch.setattr(ex, "_first_diagonal", original)
+        firsts.append(seen)
+    assert firsts[0] == firsts[1] and max(firsts[0]) > 0
+
+
 def test_the_dot_model_check_catches_an_error_just_above_its_bound():
     """The check of the two tests above has teeth: one element moved by 1.01× its allowance
     fails it, by 0.99× passes (the move itself is rounded within 2^-prec of it)."""

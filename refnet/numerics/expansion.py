@@ -1210,6 +1210,9 @@ def _matmul_limbs(ca, cb, prec=None):
     return limbs, w, exponent, out_shape, "scaled product" if scaled else "product"
 
 
+# Where a product's magnitudes scaled to their groups' lowest bits stay below 2^this, the bound
+# of ``_first_diagonal`` is formed on them in one pass (else scaled to the group tops).
+_UNIT_SCALED_LIMIT = 1000
 # Below this, a float64 lower bound of Σ|a||b| (scaled to the group tops) is not trusted: its
 # own underflow could then matter.
 _TRUSTED_MAGNITUDE = 2.0 ** -900
@@ -1237,6 +1240,20 @@ def _first_diagonal(a0, b0, groups_a, groups_b, w, diagonals, prec):
     widest = int(np.max(top_a - low_a)) + int(np.max(top_b - low_b)) if a0.size and b0.size else 0
     if (widest + k.bit_length() + 1 - 1 - prec - c) // w - 1 <= 0:
         return 0
+    if widest + k.bit_length() + 2 < _UNIT_SCALED_LIMIT:
+        # The same bound in one pass: scaled by 2^−low instead of 2^−top, every nonzero product
+        # of magnitudes is at least 1 (no underflow, nothing untrusted; zero where no term is
+        # nonzero) and the sum below 2^(widest + log₂k + 1) (no overflow), and the scaled sum
+        # is L_ij · 2^(span_a,i + span_b,j) exactly: the element with the smallest allowed d0 is
+        # the one with the smallest scaled sum (⌊·⌋ is monotone).
+        unit_a = _scaled(np.abs(a0), -low_a[..., :, None])
+        unit_b = _scaled(np.abs(b0), -low_b[..., None, :])
+        scaled = np.matmul(unit_a, unit_b)                           # (..., m, n)
+        positive = scaled[scaled > 0]
+        if not positive.size:
+            return 0
+        exponent = int(np.frexp(np.min(positive))[1])                # ≥ 2^(exponent−1)
+        return min(max((exponent - 1 - prec - c) // w - 1, 0), diagonals)
     with np.errstate(under="ignore"):
         scaled_a = _scaled(np.abs(a0), -top_a[..., :, None])
         scaled_b = _scaled(np.abs(b0), -top_b[..., None, :])
