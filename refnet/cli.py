@@ -684,38 +684,29 @@ def cmd_study(args) -> int:
     from .study.grid import format_table, run_study, summary
     check_output_dir(args.out, "--out")
     out = Path(args.out)
+    options = dict(quick=args.quick, out=out, check=not args.no_check, progress=_progress(args))
     if args.recurrent:
-        return _study_recurrent(args, out)
-    try:
-        results = run_study(quick=args.quick, out=out, check=not args.no_check,
-                            progress=_progress(args))
-    except Interrupted as stop:
-        if stop.partial:
-            print(format_table(stop.partial))
-        return _interrupted(args, stop, "their table is on stdout" if stop.partial
-                            else "nothing to keep")
-    print(format_table(results))
-    print()
-    print(summary(results))
-    written = sorted(p.name for p in out.iterdir())
-    print(f"\nwrote {', '.join(written)} to {out}/")
-    return EXIT_OK
+        from .study.recurrent import format_recurrent_table, recurrent_summary, run_recurrent_study
+        return _report_study(args, out, lambda: run_recurrent_study(**options),
+                             format_recurrent_table, recurrent_summary, "recurrent")
+    return _report_study(args, out, lambda: (run_study(**options),), format_table, summary, "")
 
 
-def _study_recurrent(args, out) -> int:
-    from .study.recurrent import format_recurrent_table, recurrent_summary, run_recurrent_study
+def _report_study(args, out, run, table, summarize, prefix) -> int:
+    """Run a study (``run`` -> (results, *what its summary also takes)) and print its table,
+    its summary and the files it wrote (those named ``prefix``…); on Ctrl-C, the table of the
+    configurations finished."""
     try:
-        results, clip = run_recurrent_study(quick=args.quick, out=out, check=not args.no_check,
-                                            progress=_progress(args))
+        results, *rest = run()
     except Interrupted as stop:
         if stop.partial:
-            print(format_recurrent_table(stop.partial))
+            print(table(stop.partial))
         return _interrupted(args, stop, "their table is on stdout" if stop.partial
                             else "nothing to keep")
-    print(format_recurrent_table(results))
+    print(table(results))
     print()
-    print(recurrent_summary(results, clip))
-    written = sorted(p.name for p in out.iterdir() if p.name.startswith("recurrent"))
+    print(summarize(results, *rest))
+    written = sorted(p.name for p in out.iterdir() if p.name.startswith(prefix))
     print(f"\nwrote {', '.join(written)} to {out}/")
     return EXIT_OK
 

@@ -68,3 +68,15 @@ def reference_rounding(reference):
     fl(exact) itself lies that far from the exact value. A float64 result one ulp from
     fl(exact) can be within e of the exact value (random_nets seed 4627171: 0.53 e)."""
     return 0.5 * np.spacing(np.abs(np.asarray(reference, dtype=np.float64)))
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of the command line; argparse's own errors exit through
+    SystemExit."""
+    from refnet.cli import main
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import small_spec
+from conftest import run_cli, small_spec
 
 from refnet import Model
-from refnet.cli import MAX_DPS, MAX_PREC, MIN_DPS, MIN_PREC, main
+from refnet.cli import MAX_DPS, MAX_PREC, MIN_DPS, MIN_PREC
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,20 +42,12 @@ def cwd(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run(argv, capsys):
-    """(exit code, stdout, stderr) of the CLI; argparse's own errors exit via SystemExit."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_bad_input(argv, capsys, root, *needles):
     """Exit 2; stderr one line holding every needle; nothing on stdout; no file written."""
     before = _tree(root)
-    code, out, err = run(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     lines = err.splitlines()
     assert code == 2, f"expected exit 2, got {code}; stderr {err!r}"
     assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
@@ -69,7 +61,7 @@ def assert_bad_input(argv, capsys, root, *needles):
 
 def assert_accepted(argv, capsys):
     """Not bad input: exit 0 or 1 (a check may fail), and nothing at all on stderr."""
-    code, out, err = run(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     assert code in (0, 1), f"expected exit 0 or 1, got {code}; stderr {err!r}"
     assert err == "", f"expected an empty stderr, got {err!r}"
 

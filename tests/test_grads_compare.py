@@ -12,9 +12,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import HAVE_TORCH, small_spec
+from conftest import HAVE_TORCH, run_cli, small_spec
 
-from refnet.cli import main
 from refnet.lowp.diagnose import compare_tensor
 from refnet.lowp.emulation import Precision, run
 from refnet.model import Model
@@ -24,20 +23,13 @@ SPEC = "spec/examples/small-cnn.json"
 SCALE = 256.0
 
 
-def cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
 def grads_file(tmp_path, capsys):
     """The emulation's own gradients of the small CNN under half, S = 2⁸, as grads writes them."""
     path = tmp_path / "g.npz"
-    code, out, err = cli(["grads", SPEC, "--precision", "fp16", "--policy", "half",
+    code, out, err = run_cli(["grads", SPEC, "--precision", "fp16", "--policy", "half",
                           "--loss-scale", str(SCALE), "--out", str(path)], capsys)
     assert code == 0 and err == "", err
     return path
@@ -65,7 +57,7 @@ def test_grads_writes_the_emulated_gradients_unscaled_by_torch_name(grads_file):
 
 
 def compare_json(argv, capsys):
-    code, out, err = cli(argv + ["--json"], capsys)
+    code, out, err = run_cli(argv + ["--json"], capsys)
     assert err == "", err
     return code, {c["name"]: c for c in json.loads(out)["compare"]}
 
@@ -160,7 +152,7 @@ def test_a_bad_compare_file_is_one_line_naming_it(case, grads_file, tmp_path, ca
     def no_work(*a, **k):
         raise AssertionError("the work started")
     monkeypatch.setattr(importlib.import_module("refnet.lowp.diagnose"), "diagnose", no_work)
-    code, out, err = cli(["diagnose", SPEC, "--precision", "fp16", "--policy", "half",
+    code, out, err = run_cli(["diagnose", SPEC, "--precision", "fp16", "--policy", "half",
                           "--compare", str(theirs)], capsys)
     assert code == 2 and out == "" and len(err.splitlines()) == 1, err
     for needle in (f"--compare {theirs}", *needles):
@@ -171,7 +163,7 @@ def test_a_compare_file_that_needs_unpickling_is_refused(tmp_path, capsys):
     """An object array (which only pickle could load) is refused, never unpickled."""
     theirs = tmp_path / "obj.npz"
     np.savez(theirs, **{"0.weight": np.array([{"a": 1}], dtype=object)})
-    code, out, err = cli(["diagnose", SPEC, "--compare", str(theirs)], capsys)
+    code, out, err = run_cli(["diagnose", SPEC, "--compare", str(theirs)], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "--compare" in err, err
 
 
@@ -192,7 +184,7 @@ def test_emulation_options_without_an_emulated_precision_are_refused(argv, needl
     grads/compare take a static scale: exit 2, one line naming the option."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.json").write_text(json.dumps(small_spec("tanh", "softmax_cross_entropy")))
-    code, out, err = cli(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "g.npz").exists()
 
@@ -206,7 +198,7 @@ def test_capture_writes_every_gradient_that_compare_reads(policy, loss_dtype, tm
     claimed) writes every parameter's unscaled gradient by torch name and x, float32, in the
     model's shapes, and diagnose --compare reads the file with exit 0."""
     out = tmp_path / "theirs.npz"
-    code, _, err = cli(["capture", SPEC, "--precision", "fp16", "--policy", policy,
+    code, _, err = run_cli(["capture", SPEC, "--precision", "fp16", "--policy", policy,
                         "--loss-dtype", loss_dtype, "--loss-scale", "8", "--device", "cpu",
                         "--out", str(out)], capsys)
     assert code == 0 and err == "", err
@@ -232,6 +224,6 @@ def test_capture_refuses_dropout_in_train_mode(tmp_path, capsys):
     spec["layers"].insert(2, {"type": "dropout", "p": 0.2})
     (tmp_path / "d.json").write_text(json.dumps(spec))
     out = tmp_path / "t.npz"
-    code, _, err = cli(["capture", str(tmp_path / "d.json"), "--device", "cpu", "--out",
+    code, _, err = run_cli(["capture", str(tmp_path / "d.json"), "--device", "cpu", "--out",
                         str(out)], capsys)
     assert code == 2 and "dropout" in err and len(err.splitlines()) == 1 and not out.exists()

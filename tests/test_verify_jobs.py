@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import small_spec
+from conftest import run_cli, small_spec
 
 from refnet import Model, spot_check, verify
-from refnet.cli import main
 from refnet.numerics.backend import MPBackend
 from refnet.progress import ENV_AFTER, Interrupted
 from refnet.verification import triangle
@@ -296,13 +295,6 @@ def test_the_report_times_each_leg_and_leaves_them_out_of_the_plain_dict():
     assert report.to_dict(timings=True)["timings"] == t
 
 
-def _cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -317,18 +309,18 @@ def test_verify_names_the_engine_and_with_timings_the_seconds_of_each_leg(spec_p
     """JSON: "engine" always, "timings" with --timings; text: an "exact engine:" line always,
     a "time:" line with --timings. Without --timings the output of a command is a function of
     its inputs (tests/test_progress.py compares two runs byte for byte)."""
-    code, out, _ = _cli(["verify", spec_path, "--json", "--jobs", "1", "--engine", "mpmath",
+    code, out, _ = run_cli(["verify", spec_path, "--json", "--jobs", "1", "--engine", "mpmath",
                          "--timings"], capsys)
     d = json.loads(out)
     assert code == 0 and d["engine"] == "<refnet backend mp, 50 digits>"
     assert set(d["timings"]) == {"float64_and_bound", "exact", "fd_exact", "fd_float64", "total"}
-    code, out, _ = _cli(["verify", spec_path, "--json"], capsys)
+    code, out, _ = run_cli(["verify", spec_path, "--json"], capsys)
     assert code == 0 and "timings" not in json.loads(out)
-    code, out, _ = _cli(["verify", spec_path, "--timings", "--engine", "mpmath"], capsys)
+    code, out, _ = run_cli(["verify", spec_path, "--timings", "--engine", "mpmath"], capsys)
     lines = out.splitlines()
     assert code == 0 and "exact engine: <refnet backend mp, 50 digits>" in lines
     assert any(line.startswith("time: float64 + bound ") and " total " in line for line in lines)
-    code, out, _ = _cli(["verify", spec_path], capsys)
+    code, out, _ = run_cli(["verify", spec_path], capsys)
     assert not any(line.startswith("time:") for line in out.splitlines())
 
 
@@ -341,7 +333,7 @@ def test_verify_names_the_engine_and_with_timings_the_seconds_of_each_leg(spec_p
     (["--certify", "--timings"], ["--timings has no effect with --certify"]),
 ])
 def test_a_bad_jobs_or_engine_option_exits_2_with_one_line(argv, needles, spec_path, capsys):
-    code, out, err = _cli(["verify", spec_path] + argv, capsys)
+    code, out, err = run_cli(["verify", spec_path] + argv, capsys)
     assert code == 2 and out == ""
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     for needle in needles:

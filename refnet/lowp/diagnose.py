@@ -49,14 +49,13 @@ per-step value, gate gradients included).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
 import numpy as np
 
 from ..layers.base import ForwardState
-from ..numerics.backend import NumpyBackend
+from ..numerics.backend import LayerScope, NumpyBackend
 from ..numerics.formats import FLOAT32, get_format, ordinal, round_to
 from ..progress import SILENT
 from .emulation import (
@@ -190,7 +189,7 @@ class StepProfile:
         return d
 
 
-class StepRecorder(NumpyBackend):
+class StepRecorder(LayerScope, NumpyBackend):
     """float64 (or float32) arithmetic, bit for bit the plain backend's, that keeps a copy of
     every per-step value a recurrent layer hands to ``store_step``: ``steps`` is a list of
     (layer name, layer type, kind, layer k, step t, value), in the order they were computed."""
@@ -199,26 +198,9 @@ class StepRecorder(NumpyBackend):
         super().__init__(dtype)
         self.name = f"{self.dtype.name} recording steps"
         self.steps: List[tuple] = []
-        self._layer = None
-
-    @contextmanager
-    def _inside(self, layer):
-        outer, self._layer = self._layer, layer
-        try:
-            yield
-        finally:
-            self._layer = outer
-
-    def forward_layer(self, layer, params, x, state):
-        with self._inside(layer):
-            return layer.forward(self, params, x, state)
-
-    def backward_layer(self, layer, params, dy, cache):
-        with self._inside(layer):
-            return layer.backward(self, params, dy, cache)
 
     def store_step(self, a, kind, k, t):
-        layer = self._layer
+        layer = self.layer
         self.steps.append((layer.name, layer.type, kind, k, t, np.array(a)))
         return a
 

@@ -85,6 +85,30 @@ def float_constant_and_error(value: Constant):
     return rounded, float(abs(ctx.mpf(rounded) - exact))
 
 
+class LayerScope:
+    """Mixin for a backend that needs to know which layer it is computing (the hooks the
+    containers call, ``layers.sequential.run_forward``/``run_backward``): ``self.layer`` is the
+    innermost layer whose forward or backward is running, None outside every layer."""
+
+    layer = None
+
+    @contextlib.contextmanager
+    def inside(self, layer):
+        outer, self.layer = self.layer, layer
+        try:
+            yield
+        finally:
+            self.layer = outer
+
+    def forward_layer(self, layer, params, x, state):
+        with self.inside(layer):
+            return layer.forward(self, params, x, state)
+
+    def backward_layer(self, layer, params, dy, cache):
+        with self.inside(layer):
+            return layer.backward(self, params, dy, cache)
+
+
 class NumpyBackend:
     """float64 or float32: numpy as it is. ``erf``/``erfc`` go through the C library (math)."""
 

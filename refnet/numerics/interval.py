@@ -21,16 +21,15 @@ overlaps another candidate's; ``max`` is decided by midpoints (any shift works w
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Dict, Tuple
 
 import numpy as np
 from mpmath.ctx_iv import MPIntervalContext
 
-from .backend import Constant, constant_value, fraction_of
+from .backend import Constant, LayerScope, constant_value, fraction_of
 
 
-class IntervalBackend:
+class IntervalBackend(LayerScope):
     """Object arrays of intervals at ``prec`` bits (default 200: ~60 digits)."""
 
     exact_max = False        # max() returns an interval, not one element exactly
@@ -42,7 +41,6 @@ class IntervalBackend:
         self.ctx.prec = prec
         self.prec = prec
         self.name = f"interval{prec}"
-        self.current_layer = "the loss"
         self.straddles: Dict[str, int] = {}
         # Undecidable comparisons count as kinks only while a layer's kink signature is being
         # evaluated (``certify`` turns this on): elsewhere a comparison picks between equivalent
@@ -93,22 +91,13 @@ class IntervalBackend:
         for name in base:
             setattr(cls, name, make(name))
 
-    # the layer hook: remember where a straddle happens ---------------------------------------
-    @contextmanager
-    def _inside(self, layer):
-        outer, self.current_layer = self.current_layer, f"layer {layer.name} ({layer.type})"
-        try:
-            yield
-        finally:
-            self.current_layer = outer
+    # where a straddle happens (the layer hooks: ``LayerScope``) --------------------------------
+    outside = "the loss"        # what runs outside every layer
 
-    def forward_layer(self, layer, params, x, state):
-        with self._inside(layer):
-            return layer.forward(self, params, x, state)
-
-    def backward_layer(self, layer, params, dy, cache):
-        with self._inside(layer):
-            return layer.backward(self, params, dy, cache)
+    @property
+    def current_layer(self):
+        layer = self.layer
+        return self.outside if layer is None else f"layer {layer.name} ({layer.type})"
 
     # conversion ----------------------------------------------------------------------------
     def asarray(self, a):

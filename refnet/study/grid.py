@@ -141,21 +141,31 @@ class Result:
 
 def judge(norms: List[float], finite: bool):
     """(verdict, reason) from a per-layer gradient-norm profile (input side first)."""
+    return judge_profile(
+        (norms[0], norms[-1]), norms, finite, ratio="first/last", size="a layer's norm",
+        nonfinite="the loss or a gradient is inf/NaN", all_zero="every gradient is 0",
+        healthy=lambda r, bottom, top: f"norms in [{bottom:.1e}, {top:.1e}], first/last {r:.1e}")
+
+
+def judge_profile(ends, sizes, finite, *, ratio, size, nonfinite, all_zero, healthy):
+    """The verdict rule of both studies: nonfinite; else exploding or vanishing where the ratio
+    of the profile's ends (first/last: the input side's gradient over the output side's) leaves
+    RATIO_RANGE; else where a size leaves NORM_RANGE; else healthy. The strings name what the
+    caller measured (``ratio``, ``size``; ``healthy(ratio, smallest, largest)``)."""
     if not finite:
-        return "nonfinite", "the loss or a gradient is inf/NaN"
-    first, last = norms[0], norms[-1]
-    ratio = first / last if last > 0 else (math.inf if first > 0 else math.nan)
-    if ratio > RATIO_RANGE[1]:
-        return "exploding", f"first/last = {ratio:.1e} > {RATIO_RANGE[1]:g}"
-    if not ratio >= RATIO_RANGE[0]:
-        return "vanishing", (f"first/last = {ratio:.1e} < {RATIO_RANGE[0]:g}" if ratio == ratio
-                             else "every gradient is 0")
-    top, bottom = max(norms), min(norms)
+        return "nonfinite", nonfinite
+    first, last = ends
+    r = first / last if last > 0 else (math.inf if first > 0 else math.nan)
+    if r > RATIO_RANGE[1]:
+        return "exploding", f"{ratio} = {r:.1e} > {RATIO_RANGE[1]:g}"
+    if not r >= RATIO_RANGE[0]:
+        return "vanishing", (f"{ratio} = {r:.1e} < {RATIO_RANGE[0]:g}" if r == r else all_zero)
+    top, bottom = max(sizes), min(sizes)
     if top > NORM_RANGE[1]:
-        return "exploding", f"a layer's norm {top:.1e} > {NORM_RANGE[1]:g}"
+        return "exploding", f"{size} {top:.1e} > {NORM_RANGE[1]:g}"
     if bottom < NORM_RANGE[0]:
-        return "vanishing", f"a layer's norm {bottom:.1e} < {NORM_RANGE[0]:g}"
-    return "healthy", (f"norms in [{bottom:.1e}, {top:.1e}], first/last {ratio:.1e}")
+        return "vanishing", f"{size} {bottom:.1e} < {NORM_RANGE[0]:g}"
+    return "healthy", healthy(r, bottom, top)
 
 
 def _norm(a) -> float:

@@ -69,7 +69,7 @@ from ..progress import SILENT, Reporter
 from ..training.loop import train
 from ..training.optim import make_optimizer
 from ..verification.triangle import spot_check
-from .grid import NORM_RANGE, RATIO_RANGE, SPOT_CHECK_DPS, _fmt, run_grid, sparkline
+from .grid import SPOT_CHECK_DPS, _fmt, judge_profile, run_grid, sparkline
 
 HIDDEN, FEATURES, BATCH, OUT = 16, 4, 16, 2
 SPOT_CHECK_SAMPLES = 2          # sequences per spot check (the grid's MLPs use 4; T = 200
@@ -162,22 +162,13 @@ def set_spectral_radius(model: Model, params, radius: float):
 
 def judge_through_time(step_norms: List[float], grad_norms: List[float], finite: bool):
     """(verdict, reason) from ‖∂L/∂h_t‖ for t = 0 … T−1 and the parameter-gradient norms."""
-    if not finite:
-        return "nonfinite", "the loss, a gradient or a step's dL/dh_t is inf/NaN"
-    first, last = step_norms[0], step_norms[-1]
-    ratio = first / last if last > 0 else (math.inf if first > 0 else math.nan)
-    if ratio > RATIO_RANGE[1]:
-        return "exploding", f"|dL/dh_0| / |dL/dh_T-1| = {ratio:.1e} > {RATIO_RANGE[1]:g}"
-    if not ratio >= RATIO_RANGE[0]:
-        return "vanishing", (f"|dL/dh_0| / |dL/dh_T-1| = {ratio:.1e} < {RATIO_RANGE[0]:g}"
-                             if ratio == ratio else "every step's gradient is 0")
-    top, bottom = max(grad_norms), min(grad_norms)
-    if top > NORM_RANGE[1]:
-        return "exploding", f"a parameter gradient's norm {top:.1e} > {NORM_RANGE[1]:g}"
-    if bottom < NORM_RANGE[0]:
-        return "vanishing", f"a parameter gradient's norm {bottom:.1e} < {NORM_RANGE[0]:g}"
-    return "healthy", (f"|dL/dh_0| / |dL/dh_T-1| = {ratio:.1e}, parameter gradient norms in "
-                       f"[{bottom:.1e}, {top:.1e}]")
+    return judge_profile(
+        (step_norms[0], step_norms[-1]), grad_norms, finite, ratio="|dL/dh_0| / |dL/dh_T-1|",
+        size="a parameter gradient's norm",
+        nonfinite="the loss, a gradient or a step's dL/dh_t is inf/NaN",
+        all_zero="every step's gradient is 0",
+        healthy=lambda r, bottom, top: (f"|dL/dh_0| / |dL/dh_T-1| = {r:.1e}, parameter gradient "
+                                        f"norms in [{bottom:.1e}, {top:.1e}]"))
 
 
 def _finite_or_none(values):

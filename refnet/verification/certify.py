@@ -94,9 +94,9 @@ def certify(model: Model, params=None, x=None, y=None, *, prec: int = 150,
     # The kinks: every layer's kink signature, evaluated on the interval run's caches.
     ib.recording = True
     for layer, cache in zip(model.layers, gi.forward.caches):
-        ib.current_layer = f"layer {layer.name} ({layer.type})"
-        layer.kink_signature(cache)
-    ib.current_layer = f"the loss ({model.loss.type})"        # l1's d = 0, huber's |d| = δ, …
+        with ib.inside(layer):
+            layer.kink_signature(cache)
+    ib.outside = f"the loss ({model.loss.type})"              # l1's d = 0, huber's |d| = δ, …
     model.loss.kink_signature(gi.forward.loss_cache)
     ib.recording = False
     mp = MPBackend(dps)
