@@ -233,15 +233,16 @@ NORM_CASES = [(shape, seed) for seed in range(50)
 @pytest.mark.parametrize("bk", [FLOAT64, FLOAT32], ids=["float64", "float32"])
 def test_batchnorm_backward_with_gamma_outside_the_sums_is_as_accurate_as_the_textbook_form(bk):
     """BatchNorm's backward forms dx = (γ/s)·(dy − Σdy/m − x̂·Σ(dy·x̂)/m), reusing dβ and dγ as
-    its sums (5 passes over the batch fewer); the textbook form puts dx̂ = γ·dy inside them.
-    Over 200 seeded cases (offsets to ±20, scales 1e-3 to 1e3, γ 1e-2 to 1e2, dy correlated
-    with x̂ so that the bracket cancels) its median error is no larger than the textbook
-    form's (measured: 0.97× in float64, 0.95× in float32; both about 0.4 u of the terms).
-    The comparison can fail: 0.3 u of the terms added to each element (a third of one
-    rounding) makes it (1.11×, 1.04×)."""
+    its sums (5 passes over the batch fewer), as two muladds (t = dy − x̂·Σ(dy·x̂)/m, then
+    t·k − (Σdy/m)·k, k = γ/s); the textbook form puts dx̂ = γ·dy inside them. Over 200 seeded
+    cases (offsets to ±20, scales 1e-3 to 1e3, γ 1e-2 to 1e2, dy correlated with x̂ so that
+    the bracket cancels) its median error is no larger than the textbook form's (measured:
+    0.93× in float64, 0.86× in float32; both about 0.4 u of the terms). The comparison can
+    fail: 0.4 u of the terms added to each element (less than half a rounding) makes it
+    (1.21×, 1.09×)."""
     ours, textbook = _backward_errors(bk, NORM_CASES)
     assert ours <= textbook, (ours, textbook)
-    planted, textbook = _backward_errors(bk, NORM_CASES, plant=0.3)
+    planted, textbook = _backward_errors(bk, NORM_CASES, plant=0.4)
     assert planted > textbook, (planted, textbook)
 
 

@@ -36,6 +36,7 @@ import math
 
 import numpy as np
 
+from ..numerics.backend import muladd, sum_product
 from ..validate import require_number
 from .base import Layer
 
@@ -45,7 +46,8 @@ def normalize(bk, x, axes, eps):
     m = math.prod(x.shape[a] for a in axes)
     mean = bk.sum(x, axis=axes, keepdims=True) / m
     centred = x - mean
-    var = bk.sum(centred * centred, axis=axes, keepdims=True) / m
+    kept = tuple(1 if k in axes else n for k, n in enumerate(centred.shape))
+    var = sum_product(bk, centred, centred, axes).reshape(kept) / m       # Σ(x − μ)², one pass
     std = bk.sqrt(var + eps)
     centred /= std                      # x̂, in place: x − μ is this function's own array
     return centred, std, m, mean, var
@@ -54,7 +56,8 @@ def normalize(bk, x, axes, eps):
 def normalize_backward(bk, dxhat, xhat, std, axes, m):
     """dx from dx̂ through x̂ = (x − μ)/s, μ and s depending on x."""
     sum_d = bk.sum(dxhat, axis=axes, keepdims=True)
-    sum_dx = bk.sum(dxhat * xhat, axis=axes, keepdims=True)
+    kept = tuple(1 if k in axes else n for k, n in enumerate(xhat.shape))
+    sum_dx = sum_product(bk, dxhat, xhat, axes).reshape(kept)
     # (m·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂)) / (m·s), evaluated in that order, updating one fresh array in
     # place (the same values as the expression, without its three other temporaries).
     dx = m * dxhat
@@ -144,9 +147,9 @@ class BatchNorm(Layer):
             std = bk.sqrt(self._per_channel(params["running_var"], ndim) + eps)
             xhat, m = (x - mean) / std, None
         y = xhat
-        if self.config["affine"]:
-            y = self._per_channel(params["weight"], ndim) * xhat
-            y += self._per_channel(params["bias"], ndim)       # in place: γx̂ is a fresh array
+        if self.config["affine"]:           # γ x̂ + β, in one trip through memory (muladd)
+            y = muladd(bk, xhat, self._per_channel(params["weight"], ndim),
+                       self._per_channel(params["bias"], ndim))
         return y, (xhat, std, m, axes)
 
     def _grouped_forward(self, bk, params, x, state):
@@ -179,23 +182,24 @@ class BatchNorm(Layer):
         that its two sums are the parameter gradients dβ = Σdy and dγ = Σdy·x̂, formed once for
         both. As accurate as the form with dx̂ = γ·dy inside (the bracket cancels the same way,
         from dy itself rather than from the rounded γ·dy; tests/test_norm.py holds both to
-        the mp result), and 5 passes over the batch fewer. Eval: dx = dy·γ/√(rv + ε)."""
+        the mp result), and 5 passes over the batch fewer. Evaluated as two muladds,
+        t = dy − x̂·(Σ(dy·x̂)/m) and dx = t·k − (Σdy/m)·k with k = γ/s: the bracket's two
+        subtractions in the other order and its scaling distributed over them — each term
+        still rounded a bounded number of times (tests/test_norm.py), and each muladd one trip
+        through memory. Eval: dx = dy·γ/√(rv + ε)."""
         xhat, std, m, axes = cache
         ndim, affine = len(dy.shape), self.config["affine"]
         weight = self._per_channel(params["weight"], ndim) if affine else None
         sum_dy = sum_dy_xhat = None
         if affine or m is not None:
             sum_dy = bk.sum(dy, axis=axes)                              # (C,): dβ
-            sum_dy_xhat = bk.sum(dy * xhat, axis=axes)                  # (C,): dγ
+            sum_dy_xhat = sum_product(bk, dy, xhat, axes)               # (C,): dγ
         if m is None:                                    # eval: a fixed affine map
             dx = (dy * weight if affine else dy) / std
         else:
-            dx = dy - self._per_channel(sum_dy, ndim) / m               # fresh: updated in place
-            dx -= xhat * (self._per_channel(sum_dy_xhat, ndim) / m)
-            if affine:
-                dx *= weight / std
-            else:
-                dx /= std
+            k = weight / std if affine else 1 / std                     # (1, C, 1, ...)
+            t = muladd(bk, xhat, -(self._per_channel(sum_dy_xhat, ndim) / m), dy)
+            dx = muladd(bk, t, k, -((self._per_channel(sum_dy, ndim) / m) * k))
         grads = {"weight": sum_dy_xhat, "bias": sum_dy} if affine else {}
         return dx, grads
 

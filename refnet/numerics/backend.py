@@ -201,6 +201,77 @@ class NumpyBackend:
         """Index of the first maximum (NaN counts as the maximum), as numpy ints."""
         return np.argmax(a, axis=axis)
 
+    # fused forms (see sum_product and muladd below: every other backend computes them as
+    # their plain expressions) ---------------------------------------------------------------
+    def sum_product(self, a, b, axis):
+        """Σ a·b over ``axis`` in one pass with no a·b temporary (np.einsum's sum-of-products
+        loop; 3-4x faster than summing a fresh a * b over a batch, measured). The same error
+        bound as the sum of the rounded products: each term is a product rounded once (or
+        not at all, where einsum's loop uses a fused multiply-add — machine-dependent bits,
+        as a GEMM's), summed in the backend's dtype with a few accumulators a row."""
+        if (not _plain(a, self.dtype) or not _plain(b, self.dtype) or a.shape != b.shape
+                or a.size < FUSED_MIN_SIZE):
+            return self.sum(a * b, axis=axis)
+        axes = _axis_tuple(axis, a.ndim)
+        letters = "abcdefghijklmnopqrstuvwxyz"[:a.ndim]
+        kept = "".join(letter for k, letter in enumerate(letters) if k not in axes)
+        return np.einsum(f"{letters},{letters}->{kept}", a, b)
+
+    def muladd(self, a, b, c):
+        """a·b + c, rounded as ``a * b + c`` is — the product rounded, then the sum: no fused
+        multiply-add, so the same bits — in two passes over one fresh array. An operand
+        broadcast over the result's leading axis with size-1 axes after it (a per-channel
+        γ of shape (1, C, 1, 1)) is first repeated to one row of the result (C, H, W): numpy's
+        inner loop then runs over a whole row instead of H·W elements at a time, 1.4x faster
+        for BatchNorm's (32, 64, 16, 16) (measured; the same values, only repeated)."""
+        if np.size(a) < FUSED_MIN_SIZE or not all(_plain(v, self.dtype) or np.isscalar(v)
+                                                  for v in (a, b, c)):
+            return a * b + c
+        shape = np.broadcast_shapes(np.shape(a), np.shape(b), np.shape(c))
+        a, b, c = (_row_repeated(v, shape) for v in (a, b, c))
+        out = np.multiply(a, b, dtype=self.dtype)
+        return np.add(out, c, out=out)
+
+
+# The most bytes muladd repeats a broadcast operand to (one row of the result).
+ROW_BYTES = 1 << 20
+# Below this many elements (of sum_product's operands, of muladd's first) the plain expressions
+# run: their few microseconds of call overhead are less than the fused forms' (einsum parses
+# its subscripts; muladd inspects its operands), and a small network makes dozens of calls.
+FUSED_MIN_SIZE = 4096
+
+
+def _plain(x, dtype) -> bool:
+    """x is a plain numpy array (not a storage-format subclass) of the backend's dtype."""
+    return type(x) is np.ndarray and x.dtype == dtype
+
+
+def _row_repeated(v, shape):
+    """v, broadcast to one row of ``shape`` ((1,) + shape[1:]) and made contiguous, when v is
+    constant along axis 0 and along some later axis and that row is at most ROW_BYTES; else
+    v unchanged."""
+    if np.ndim(v) == 0 or len(shape) < 2:
+        return v
+    full = (1,) * (len(shape) - v.ndim) + v.shape
+    row = (1,) + tuple(shape[1:])
+    if full[0] != 1 or full == row or v.itemsize * math.prod(row) > ROW_BYTES:
+        return v
+    return np.ascontiguousarray(np.broadcast_to(v.reshape(full), row))
+
+
+def sum_product(bk, a, b, axis):
+    """Σ a·b over ``axis`` in backend ``bk``: the backend's fused form where it has one (the
+    float backends, ``NumpyBackend.sum_product``), else ``bk.sum(a * b, axis=axis)``."""
+    fused = getattr(bk, "sum_product", None)
+    return fused(a, b, axis) if fused else bk.sum(a * b, axis=axis)
+
+
+def muladd(bk, a, b, c):
+    """a·b + c in backend ``bk`` (two roundings, as the expression): ``NumpyBackend.muladd``
+    where the backend has it (the float backends), else ``a * b + c``."""
+    fused = getattr(bk, "muladd", None)
+    return fused(a, b, c) if fused else a * b + c
+
 
 # Below this many elements np.where is as fast (the bitwise select's few ufunc calls cost ~6 µs;
 # np.where's branches cost ~2 ns an element when mispredicted, and small masks are predicted).

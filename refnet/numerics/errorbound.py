@@ -86,7 +86,7 @@ import math
 
 import numpy as np
 
-from .backend import Constant, float_constant_and_error
+from .backend import FLOAT64, Constant, float_constant_and_error
 
 U = 2.0**-53          # unit roundoff of float64
 ETA = 2.0**-1074      # the smallest subnormal: more than an underflow can lose (half of it)
@@ -545,6 +545,16 @@ class BoundBackend:
             propagated = np.sum(a.s2, axis=axis, keepdims=keepdims)
         s2 = propagated + max(n - 1, 0) * _sq(magnitude, U)
         return BoundArray(v, e, s2)
+
+    def sum_product(self, a, b, axis):
+        """Σ a·b with the float backend's value (``NumpyBackend.sum_product``: one pass, its
+        own order, products perhaps fused) and the bound of the sum of the rounded products,
+        which holds for any order of the additions, fused or not — so that the values stay
+        float64's bit for bit."""
+        a, b = _wrap(a), _wrap(b)
+        out = self.sum(a * b, axis=axis)
+        out.v = FLOAT64.sum_product(a.v, b.v, axis)
+        return out
 
     def store_step(self, a, kind, layer, t):
         """A recurrent layer's per-step value (``layers.recurrent.at_step``): from here on its
