@@ -254,12 +254,15 @@ def test_float_where_flips_one_bit_when_the_mask_is_off_by_one_element():
 
 # --- the float backends' fused forms (numerics.backend.muladd, sum_product) ---------------------
 
-# Sizes above FUSED_MIN_SIZE (4096 elements), where the fused form runs.
-MULADD_SHAPES = [((8, 3, 15, 15), (1, 3, 1, 1), (1, 3, 1, 1)),    # BatchNorm's per-channel γ, β
-                 ((8, 3, 15, 15), (8, 3, 15, 15), (1, 3, 1, 1)),  # t·k − q with full t
-                 ((8, 3, 15, 15), (1, 3, 1, 1), (8, 3, 15, 15)),  # dy − x̂·p
-                 ((600, 7), (7,), (7,)),                          # LayerNorm's trailing weight
-                 ((2, 50, 41), (50, 1), ()),                      # fewer dimensions, a scalar
+from refnet.numerics.backend import FUSED_MIN_SIZE  # noqa: E402  (this section's threshold)
+
+# The first five above FUSED_MIN_SIZE (8192 elements), where the fused form runs; the last
+# three below it, and empty.
+MULADD_SHAPES = [((8, 3, 20, 20), (1, 3, 1, 1), (1, 3, 1, 1)),    # BatchNorm's per-channel γ, β
+                 ((8, 3, 20, 20), (8, 3, 20, 20), (1, 3, 1, 1)),  # t·k − q with full t
+                 ((8, 3, 20, 20), (1, 3, 1, 1), (8, 3, 20, 20)),  # dy − x̂·p
+                 ((1200, 7), (7,), (7,)),                          # LayerNorm's trailing weight
+                 ((4, 50, 41), (50, 1), ()),                      # fewer dimensions, a scalar
                  ((3,), (3,), (3,)), ((1, 4, 1), (1, 4, 1), (1, 4, 1)), ((0, 3), (3,), (3,))]
 
 
@@ -281,6 +284,8 @@ def test_float_muladd_gives_the_bits_of_a_times_b_plus_c(bk, shapes):
             v = v.astype(bk.dtype)
         return v.reshape(shape) if shape else bk.dtype.type(v[0])
     a, b, c = (draw(s) for s in shapes)
+    if shapes in MULADD_SHAPES[:5]:                  # the fused form (the rest: the plain one)
+        assert np.size(a) >= FUSED_MIN_SIZE
     with np.errstate(all="ignore"):
         got, want = muladd(bk, a, b, c), a * b + c
     assert got.dtype == want.dtype == bk.dtype and got.shape == want.shape
@@ -294,19 +299,20 @@ def test_float_sum_product_is_within_the_bound_of_any_summation_order(bk):
     γ_n·Σ|a·b| of the exact Σ a·b over the n summed terms — the bound of a sum of rounded (or
     fused) products in any order, with γ_n = n·u/(1 − n·u): the bound numpy's own sum of a * b
     meets too. Mixed signs and magnitudes over 12 binades; exact reference by Fractions. The
-    bound is met with room (measured: at most 0.002 of it); summing over the wrong axes, or
+    bound is met with room (measured: at most 0.001 of it); summing over the wrong axes, or
     dropping a term, misses it by orders of magnitude."""
     from fractions import Fraction
 
     from refnet.numerics.backend import sum_product
     rng = np.random.default_rng(7)
     u = float(np.finfo(bk.dtype).eps) / 2
-    shape, axes = (6, 4, 15, 14), (0, 2, 3)           # above FUSED_MIN_SIZE: einsum runs
+    shape, axes = (8, 4, 20, 15), (0, 2, 3)           # above FUSED_MIN_SIZE: einsum runs
     a = (rng.standard_normal(shape) * 2.0 ** rng.integers(-20, 20, shape)).astype(bk.dtype)
     b = (rng.standard_normal(shape) * 2.0 ** rng.integers(-20, 20, shape)).astype(bk.dtype)
+    assert a.size >= FUSED_MIN_SIZE                   # the fused form, not bk.sum(a * b)
     got = sum_product(bk, a, b, axes)
     assert got.shape == (4,) and got.dtype == bk.dtype
-    n = 6 * 15 * 14
+    n = 8 * 20 * 15
     gamma = n * u / (1 - n * u)
     for ch in range(4):
         pa, pb = a[:, ch].astype(np.float64).ravel(), b[:, ch].astype(np.float64).ravel()

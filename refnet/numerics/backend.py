@@ -238,7 +238,7 @@ ROW_BYTES = 1 << 20
 # Below this many elements (of sum_product's operands, of muladd's first) the plain expressions
 # run: their few microseconds of call overhead are less than the fused forms' (einsum parses
 # its subscripts; muladd inspects its operands), and a small network makes dozens of calls.
-FUSED_MIN_SIZE = 4096
+FUSED_MIN_SIZE = 8192
 
 
 def _plain(x, dtype) -> bool:
@@ -256,7 +256,9 @@ def _row_repeated(v, shape):
     row = (1,) + tuple(shape[1:])
     if full[0] != 1 or full == row or v.itemsize * math.prod(row) > ROW_BYTES:
         return v
-    return np.ascontiguousarray(np.broadcast_to(v.reshape(full), row))
+    repeated = np.empty(row, dtype=v.dtype)
+    repeated[...] = v.reshape(full)                 # (np.broadcast_to costs 10x this call)
+    return repeated
 
 
 def sum_product(bk, a, b, axis):
