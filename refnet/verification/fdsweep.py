@@ -6,17 +6,30 @@ of every parameter and of x — the classic gradcheck's numerical gradient, the 
 Step: h = u^(1/3)·max(1, max|θ|) per tensor (u = 2⁻⁵³), the error-balancing step of a central
 difference. The mode (train/eval) and dropout masks are the spec's, drawn once.
 
-Batching. All 2P perturbed forward passes run as one stacked batch per chunk: the layers below
-the perturbed one run once; the perturbed layer's output is its base output plus ±h times its
-response to the one parameter — exact linear algebra for dense and conv2d weights and biases
-and batchnorm's, groupnorm's and instancenorm2d's γ and β, whose outputs are linear in them (the
-dense response to W[o, j] is column j of its input, written into output o; conv's is one row of
-its im2col matrix) — and
-the layers above run once on all copies, batchnorm taking its statistics per copy
-(``ForwardState.groups``). Perturbed inputs x ± h eᵢ run the whole network stacked the same
-way. Parameters of other layers (prelu, layernorm, anything inside a residual block) are
-perturbed one at a time. The results equal one-at-a-time differences up to rounding: z + h·r
-is rounded once where the perturbed layer would have rounded inside its GEMM.
+Batching. All 2P perturbed forward passes run as one stacked batch per chunk of CHUNK copies:
+the layers below the perturbed one run once; the perturbed layer's output is its base output z
+plus ±h times its response r to the one element — exact linear algebra where the output is
+linear in that element — and the layers above run once on all copies, batchnorm taking its
+statistics per copy (``ForwardState.groups``). The responses:
+
+- parameters of dense and conv2d (weights and biases) and the γ and β of batchnorm, groupnorm
+  and instancenorm2d (γ x̂ + β): the dense response to W[o, j] is column j of its input, written
+  into output o; conv's is one row of its im2col matrix; a bias's and β's is 1, γ's is x̂;
+- input elements, when the first layer is dense or conv2d (linear in its input): the response
+  to x[n, …] is the layer's output, bias zeroed, for the one-hot sample e_… — W's column j
+  (dense); W[o, c, i, j] at each output (o, oh, ow) whose window reads the position through
+  offset (i, j) (conv) — exact, each output summing one product W·1 and zeros; it lands in
+  sample n of its copy, the other samples keep z;
+- input elements otherwise: x ± h eᵢ, the whole network run on the stacked copies.
+
+Each chunk's copies are written straight into one preallocated stacked array: z broadcast,
+then z ± h·r over the part of a copy r occupies (output o, channel c, or sample n).
+Parameters of other layers (prelu, layernorm, anything inside a residual block) are perturbed
+one at a time. The results equal one-at-a-time differences up to rounding: z + h·r is rounded
+once where the perturbed layer would have rounded inside its GEMM, and the step taken is h
+itself where a one-at-a-time difference takes fl(θᵢ + h) − θᵢ (the input x included, when its
+first layer is linear: no longer x ± h eᵢ). tests/test_fdsweep.py holds every element of
+small models to that, within a bound from the error analysis.
 """
 
 from __future__ import annotations
@@ -35,6 +48,8 @@ CHUNK = 256                     # perturbed copies per stacked batch
 LINEAR_IN_PARAMS = ("dense", "conv2d", "batchnorm")
 # γ x̂ + β per channel with x̂ (N, C, ...) first in the cache, as batchnorm's: the same response.
 LINEAR_IN_PARAMS += ("groupnorm", "instancenorm2d")
+# First layers whose output is linear in their input: the input sweep starts above them.
+LINEAR_IN_INPUT = ("dense", "conv2d")
 
 
 def _step(base: np.ndarray) -> float:
@@ -64,34 +79,83 @@ class _Sweep:
         return self._losses(h, groups)
 
 
-def _response(layer, name: str, index, h_in, cache, out_shape):
-    """∂(layer output)/∂(param element) for a layer linear in its parameters, (N, *out)."""
-    n = h_in.shape[0]
-    r = np.zeros((n,) + tuple(out_shape))
+def _copies(z: np.ndarray, k: int) -> np.ndarray:
+    """2k copies of z, (2k, *z.shape), in one preallocated array: copy 2i is to hold z + h·rᵢ,
+    copy 2i + 1 z − h·rᵢ (written again only over the part rᵢ occupies)."""
+    stacked = np.empty((2 * k,) + z.shape)
+    stacked[...] = z
+    return stacked
+
+
+def _add_response(stacked, select, base, step, r):
+    """stacked[2i][select] = base + h·rᵢ, stacked[2i + 1][select] = base − h·rᵢ, for the k
+    responses r (k, ...); ``select`` indexes a copy (a tuple whose first advanced index runs
+    over the k elements), ``base`` is z at those places, (k, ...) as r."""
+    k = r.shape[0]
+    plus, minus = np.arange(0, 2 * k, 2), np.arange(1, 2 * k, 2)
+    hr = step * r
+    stacked[(plus,) + select] = base + hr
+    stacked[(minus,) + select] = base - hr
+
+
+def _param_copies(layer, name: str, index, h_in, cache, z, step):
+    """The 2k copies of z ± h·(response to parameter element index[:, i]), (2k, N, *out), for a
+    layer linear in its parameters; index is (ndim, k), one row per axis of the parameter."""
+    k = index.shape[1]
+    stacked = _copies(z, k)
+    moved = lambda a, axis: np.moveaxis(a, axis, 0)                  # noqa: E731  (k first)
     if layer.type == "dense":                                        # on the last axis (N, *, ·)
-        if name == "weight":
-            o, j = index
-            r[..., o] = h_in[..., j]
-        else:
-            r[..., index[0]] = 1.0
+        o = index[0]
+        r = moved(h_in[..., index[1]], -1) if name == "weight" else np.ones((k,) + z.shape[:-1])
+        _add_response(stacked, (Ellipsis, o), moved(z[..., o], -1), step, r)
     elif layer.type == "conv2d":
+        o = index[0]
         if name == "weight":
-            o, c, p, q = index
-            g_size = layer.out_channels // layer.groups
-            g = o // g_size
+            _, c, p, q = index
+            g = o // (layer.out_channels // layer.groups)
             f = (c * layer.kernel[0] + p) * layer.kernel[1] + q      # row within the group
             cols = cache                                             # (N, G, C/G·K, L)
-            r[:, o] = cols[:, g, f, :].reshape((n,) + tuple(out_shape[1:]))
+            r = moved(cols[:, g, f, :], 1).reshape((k, z.shape[0]) + z.shape[2:])
         else:
-            r[:, index[0]] = 1.0
+            r = np.ones((k, z.shape[0]) + z.shape[2:])
+        _add_response(stacked, (slice(None), o), moved(z[:, o], 1), step, r)
     else:                                          # batchnorm, groupnorm, instancenorm2d: γ x̂ + β
         c = index[0]
-        if name == "weight":
-            xhat = cache[0]
-            r[:, c] = xhat[:, c]
-        else:
-            r[:, c] = 1.0
-    return r
+        r = moved(cache[0][:, c], 1) if name == "weight" else np.ones((k, z.shape[0]) + z.shape[2:])
+        _add_response(stacked, (slice(None), c), moved(z[:, c], 1), step, r)
+    return stacked
+
+
+def _input_copies(layer, params, index, z, step, state):
+    """The 2k copies of layer-0 output z ± h·(response to x element index[:, i]), for a first
+    layer linear in its input: the response is the layer (bias zeroed) on the one-hot sample."""
+    k = index.shape[1]
+    onehot = np.zeros((k,) + tuple(layer.in_shape))
+    onehot[(np.arange(k),) + tuple(index[1:])] = 1.0
+    params = {name: np.zeros_like(v) if name == "bias" else v for name, v in params.items()}
+    r = layer.forward(FLOAT64, params, onehot, state)[0]            # (k, *out)
+    stacked = _copies(z, k)
+    _add_response(stacked, (index[0],), z[index[0]], step, r)
+    return stacked
+
+
+def _shifted_copies(x, index, step):
+    """The 2k copies x ± h·e_i of the input, (2k, *x.shape): the whole network runs on them."""
+    k = np.arange(index.shape[1])
+    stacked = _copies(x, k.size)
+    stacked[(2 * k,) + tuple(index)] += step
+    stacked[(2 * k + 1,) + tuple(index)] -= step
+    return stacked
+
+
+def _chunks(shape):
+    """The elements of an array of ``shape`` in row-major order, CHUNK/2 at a time: (flat
+    slice, index (ndim, k))."""
+    size = int(np.prod(shape))
+    for lo in range(0, size, CHUNK // 2):
+        flat = np.arange(lo, min(lo + CHUNK // 2, size))
+        yield slice(lo, lo + flat.size), np.array(np.unravel_index(flat, shape)).reshape(
+            len(shape), flat.size)
 
 
 def fd_sweep(model: Model, params=None, x=None, y=None,
@@ -102,12 +166,21 @@ def fd_sweep(model: Model, params=None, x=None, y=None,
     model.forward(FLOAT64, params, x, y, first)                      # draws dropout masks
     sweep = _Sweep(model, params, x, y, first)
     replay = ForwardState(train=first.train, rng=None, masks=first.masks)
-    # the base pass, layer by layer: inputs and caches of the top-level layers
-    inputs, caches, h = [], [], x
+    # the base pass, layer by layer: inputs, outputs and caches of the top-level layers
+    inputs, outputs, caches, h = [], [], [], x
     for j, layer in enumerate(model.layers):
         inputs.append(h)
         h, cache = layer.forward(FLOAT64, split(params, j), h, replay)
+        outputs.append(h)
         caches.append(cache)
+
+    def central(fd, step, start, copies):
+        """fd's elements, CHUNK/2 at a time: (L(+) − L(−)) / 2h of the 2k copies that
+        ``copies(index)`` stacks as layer start's input."""
+        for where, index in _chunks(fd.shape):
+            losses = sweep.run_from(start, copies(index), 2 * index.shape[1])
+            fd.reshape(-1)[where] = (losses[0::2] - losses[1::2]) / (2 * step)
+
     grads = {}
     for name, value in params.items():
         if name not in model.param_shapes():
@@ -116,21 +189,12 @@ def fd_sweep(model: Model, params=None, x=None, y=None,
         layer, local = model.layers[j], name[len(f"{j}."):]
         step = _step(value)
         fd = np.zeros(value.shape)
-        elements = list(np.ndindex(value.shape))
         if layer.type in LINEAR_IN_PARAMS and "." not in local:
-            z = layer.forward(FLOAT64, split(params, j), inputs[j], replay)[0]
-            cache = caches[j]
-            for lo in range(0, len(elements), CHUNK // 2):
-                chunk = elements[lo:lo + CHUNK // 2]
-                stacked = []
-                for index in chunk:
-                    r = _response(layer, local, index, inputs[j], cache, layer.out_shape)
-                    stacked += [z + step * r, z - step * r]
-                losses = sweep.run_from(j + 1, np.concatenate(stacked, axis=0), 2 * len(chunk))
-                for k, index in enumerate(chunk):
-                    fd[index] = (losses[2 * k] - losses[2 * k + 1]) / (2 * step)
+            z = outputs[j]
+            central(fd, step, j + 1, lambda index: _param_copies(
+                layer, local, index, inputs[j], caches[j], z, step).reshape((-1,) + z.shape[1:]))
         else:
-            for index in elements:
+            for index in np.ndindex(value.shape):
                 plus, minus = dict(params), dict(params)
                 plus[name], minus[name] = value.copy(), value.copy()
                 plus[name][index] += step
@@ -143,16 +207,11 @@ def fd_sweep(model: Model, params=None, x=None, y=None,
         grads[name] = fd
     step = _step(x)
     fd_x = np.zeros(x.shape)
-    elements = list(np.ndindex(x.shape))
-    for lo in range(0, len(elements), CHUNK // 2):
-        chunk = elements[lo:lo + CHUNK // 2]
-        stacked = []
-        for index in chunk:
-            for sign in (1.0, -1.0):
-                xp = x.copy()
-                xp[index] += sign * step
-                stacked.append(xp)
-        losses = sweep.run_from(0, np.concatenate(stacked, axis=0), 2 * len(chunk))
-        for k, index in enumerate(chunk):
-            fd_x[index] = (losses[2 * k] - losses[2 * k + 1]) / (2 * step)
+    if model.layers[0].type in LINEAR_IN_INPUT:
+        z, first_params = outputs[0], split(params, 0)
+        central(fd_x, step, 1, lambda index: _input_copies(
+            model.layers[0], first_params, index, z, step, replay).reshape((-1,) + z.shape[1:]))
+    else:
+        central(fd_x, step, 0, lambda index: _shifted_copies(x, index, step).reshape(
+            (-1,) + x.shape[1:]))
     return grads, fd_x
