@@ -75,6 +75,12 @@ SWEEP_MODELS = {
                     "padding": 1, "groups": 2}, {"type": "batchnorm"}, {"type": "relu"},
                    {"type": "dropout2d", "p": 0.25}, {"type": "flatten"},
                    {"type": "dense", "out": 3}]},
+    # L1 and L2 on the dense weights: the stacked copies run the layers and the loss only, so
+    # the sweep adds each weight element's penalty difference itself.
+    "dense-regularized": {
+        "input_shape": [4], "seed": 4, "batch": 3, "loss": {"type": "softmax_cross_entropy"},
+        "regularization": {"l1": 0.05, "l2": 0.2},
+        "layers": [{"type": "dense", "out": 5}, {"type": "tanh"}, {"type": "dense", "out": 3}]},
     "dense-on-a-sequence": {
         "input_shape": [3, 4], "seed": 3, "batch": 2, "loss": {"type": "mse"},
         "layers": [{"type": "dense", "out": 5}, {"type": "tanh"}, {"type": "dense", "out": 2}]},

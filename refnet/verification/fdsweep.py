@@ -24,8 +24,11 @@ statistics per copy (``ForwardState.groups``). The responses:
 
 Each chunk's copies are written straight into one preallocated stacked array: z broadcast,
 then z ± h·r over the part of a copy r occupies (output o, channel c, or sample n).
-Parameters of other layers (prelu, layernorm, anything inside a residual block) are perturbed
-one at a time. The results equal one-at-a-time differences up to rounding: z + h·r is rounded
+The stacked copies run the layers and the loss only: for an L1/L2-regularized tensor the
+penalty's own central difference is added, element by element (``_penalty_difference``; the
+penalty is a sum over elements, so only element i's terms differ). Parameters of other
+layers (prelu, layernorm, anything inside a residual block) are perturbed one at a time, the
+whole loss, penalty included. The results equal one-at-a-time differences up to rounding: z + h·r is rounded
 once where the perturbed layer would have rounded inside its GEMM, and the step taken is h
 itself where a one-at-a-time difference takes fl(θᵢ + h) − θᵢ (the input x included, when its
 first layer is linear: no longer x ± h eᵢ). tests/test_fdsweep.py holds every element of
@@ -158,6 +161,20 @@ def _chunks(shape):
             len(shape), flat.size)
 
 
+def _penalty_difference(model: Model, value: np.ndarray, step: float) -> np.ndarray:
+    """(R(θ + h eᵢ) − R(θ − h eᵢ)) / 2h of the L1/L2 penalty R = α₁Σ|w| + (α₂/2)Σw², every
+    element i of a regularized tensor at once: the stacked copies above run the layers and
+    the loss only, and R is a sum over elements, so only element i's terms differ —
+    α₁(|θᵢ + h| − |θᵢ − h|) + 2α₂θᵢh (the kink of |·| straddled where |θᵢ| < h, as the
+    one-at-a-time difference straddles it)."""
+    diff = np.zeros(value.shape)
+    if model.l1:
+        diff += model.l1 * (np.abs(value + step) - np.abs(value - step))
+    if model.l2:
+        diff += 2 * model.l2 * value * step
+    return diff / (2 * step)
+
+
 def fd_sweep(model: Model, params=None, x=None, y=None,
              train=None) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
     """(FD gradient of every parameter by name, FD gradient of x); see the module docstring."""
@@ -193,6 +210,8 @@ def fd_sweep(model: Model, params=None, x=None, y=None,
             z = outputs[j]
             central(fd, step, j + 1, lambda index: _param_copies(
                 layer, local, index, inputs[j], caches[j], z, step).reshape((-1,) + z.shape[1:]))
+            if name in model.regularized:
+                fd += _penalty_difference(model, value, step)
         else:
             for index in np.ndindex(value.shape):
                 plus, minus = dict(params), dict(params)
