@@ -339,3 +339,46 @@ def test_fused_forms_fall_back_to_the_plain_expressions_in_the_other_backends():
     assert np.array_equal(np.asarray(sum_product(half, ha, hb, (0,))),
                           np.asarray(half.sum(ha * hb, axis=(0,))))
     assert np.array_equal(np.asarray(muladd(half, ha, hb, hc)), np.asarray(ha * hb + hc))
+
+
+@pytest.mark.parametrize("bk", [FLOAT64, FLOAT32], ids=["float64", "float32"])
+def test_float_sum_over_strided_axes_is_within_the_bound_and_trailing_ones_are_add_reduce(bk):
+    """bk.sum over axes that skip a kept one (BatchNorm's (0, 2, 3)) runs as np.einsum above
+    FUSED_MIN_SIZE: within γ_{n−1}·Σ|x| of the exact sum (Fractions; measured: at most 5e-5 of
+    the bound), any order's bound. A trailing block of axes, or all of them, stays np.add.reduce
+    (pairwise there), bit for bit — as does everything below the threshold."""
+    from fractions import Fraction
+    rng = np.random.default_rng(11)
+    u = float(np.finfo(bk.dtype).eps) / 2
+    a = (rng.standard_normal((8, 4, 40, 30)) * 2.0 ** rng.integers(-20, 20, (8, 4, 40, 30))
+         ).astype(bk.dtype)
+    assert a.size >= FUSED_MIN_SIZE
+    got = bk.sum(a, axis=(0, 2, 3))
+    assert got.shape == (4,) and got.dtype == bk.dtype
+    assert bk.sum(a, axis=(0, 2, 3), keepdims=True).shape == (1, 4, 1, 1)
+    n = 8 * 40 * 30
+    gamma = (n - 1) * u / (1 - (n - 1) * u)
+    for ch in range(4):
+        terms = a[:, ch].astype(np.float64).ravel()
+        exact = sum(Fraction(float(t)) for t in terms)
+        bound = gamma * float(np.sum(np.abs(terms)))
+        assert abs(Fraction(float(got[ch])) - exact) <= Fraction(bound), ch
+    bits = np.dtype(f"u{bk.dtype.itemsize}")
+    for axis in [(2, 3), (1, 2, 3), None, 0, (0, 1)]:
+        plain = np.add.reduce(a, axis=axis, dtype=bk.dtype)
+        assert np.array_equal(np.asarray(bk.sum(a, axis=axis)).view(bits),
+                              np.asarray(plain).view(bits)), axis
+
+
+def test_sample_shaped_statistics_change_no_value_of_batchnorm():
+    """normalize subtracts and divides by μ and s repeated to one sample (sample_shaped, for
+    numpy's inner loop): x̂ is bit for bit (x − μ)/s with the (1, C, 1, 1) statistics."""
+    from refnet.layers.norm import normalize
+    from refnet.numerics.backend import FUSED_MIN_SIZE as threshold
+    rng = np.random.default_rng(5)
+    for bk in (FLOAT64, FLOAT32):
+        x = (3 * rng.standard_normal((8, 5, 30, 30)) + 2).astype(bk.dtype)
+        assert x.size >= threshold
+        xhat, std, m, mean, var = normalize(bk, x, (0, 2, 3), 1e-5)
+        assert std.shape == mean.shape == (1, 5, 1, 1)
+        assert np.array_equal(xhat, (x - mean) / std)

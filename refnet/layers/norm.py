@@ -36,7 +36,7 @@ import math
 
 import numpy as np
 
-from ..numerics.backend import muladd, sum_product
+from ..numerics.backend import muladd, sample_shaped, sum_product
 from ..validate import require_number
 from .base import Layer
 
@@ -45,11 +45,11 @@ def normalize(bk, x, axes, eps):
     """(x̂, s, m): x normalized over ``axes`` with biased variance, s = √(σ² + ε)."""
     m = math.prod(x.shape[a] for a in axes)
     mean = bk.sum(x, axis=axes, keepdims=True) / m
-    centred = x - mean
+    centred = x - sample_shaped(bk, mean, x.shape)        # (sample_shaped: the same values)
     kept = tuple(1 if k in axes else n for k, n in enumerate(centred.shape))
     var = sum_product(bk, centred, centred, axes).reshape(kept) / m       # Σ(x − μ)², one pass
     std = bk.sqrt(var + eps)
-    centred /= std                      # x̂, in place: x − μ is this function's own array
+    centred /= sample_shaped(bk, std, x.shape)  # x̂, in place: x − μ is this function's own
     return centred, std, m, mean, var
 
 

@@ -191,6 +191,8 @@ class NumpyBackend:
         # np.add.reduce is what np.sum calls, without its Python wrapper (5 µs a call, and a
         # small network makes dozens of calls a step).
         if type(a) is np.ndarray:
+            if a.size >= FUSED_MIN_SIZE and a.dtype == self.dtype and _strided(axis, a.ndim):
+                return _einsum_sum(a, axis, keepdims)
             return np.add.reduce(a, axis=axis, dtype=self.dtype, keepdims=keepdims)
         return np.sum(a, axis=axis, keepdims=keepdims, dtype=self.dtype)
 
@@ -216,6 +218,15 @@ class NumpyBackend:
         letters = "abcdefghijklmnopqrstuvwxyz"[:a.ndim]
         kept = "".join(letter for k, letter in enumerate(letters) if k not in axes)
         return np.einsum(f"{letters},{letters}->{kept}", a, b)
+
+    def sample_shaped(self, v, shape):
+        """v (broadcastable to ``shape``, constant along its axis 0: a per-channel statistic)
+        repeated to one sample of ``shape``, (1, *shape[1:]), where that makes numpy's
+        broadcasting inner loop run over a whole sample instead of a few elements at a time
+        (x − μ over (32, 64, 16, 16): 1.3x faster; the same values, only repeated)."""
+        if not _plain(v, self.dtype) or math.prod(shape) < FUSED_MIN_SIZE:
+            return v
+        return _row_repeated(v, shape)
 
     def muladd(self, a, b, c):
         """a·b + c, rounded as ``a * b + c`` is — the product rounded, then the sum: no fused
@@ -261,6 +272,33 @@ def _row_repeated(v, shape):
     repeated = np.empty(row, dtype=v.dtype)
     repeated[...] = v.reshape(full)                 # (np.broadcast_to costs 10x this call)
     return repeated
+
+
+def _strided(axis, ndim) -> bool:
+    """Does a reduction over ``axis`` skip over kept axes — several axes reduced, not one
+    trailing block (BatchNorm's (0, 2, 3) of (N, C, H, W))? Then np.add.reduce runs its inner
+    loop over the last axis alone (W elements at a time) and adds the rest up one by one;
+    np.einsum sums the contiguous run in one go, 1.5x faster, with partial sums no longer
+    than add.reduce's (the same γ_n bound, any order). A trailing block (or everything) stays
+    with add.reduce, whose pairwise summation is the more accurate there."""
+    axes = _axis_tuple(axis, ndim)
+    return 1 < len(axes) < ndim and axes != tuple(range(ndim - len(axes), ndim))
+
+
+def _einsum_sum(a, axis, keepdims):
+    axes = _axis_tuple(axis, a.ndim)
+    letters = "abcdefghijklmnopqrstuvwxyz"[:a.ndim]
+    total = np.einsum(f"{letters}->" + "".join(c for k, c in enumerate(letters) if k not in axes), a)
+    if keepdims:
+        total = total.reshape(tuple(1 if k in axes else n for k, n in enumerate(a.shape)))
+    return total
+
+
+def sample_shaped(bk, v, shape):
+    """``NumpyBackend.sample_shaped`` where the backend has it (a per-channel statistic
+    repeated to one sample, for numpy's broadcasting), else v itself."""
+    spread = getattr(bk, "sample_shaped", None)
+    return spread(v, shape) if spread else v
 
 
 def sum_product(bk, a, b, axis):

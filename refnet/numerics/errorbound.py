@@ -531,7 +531,7 @@ class BoundBackend:
     @_quiet
     def sum(self, a, axis=None, keepdims=False):
         a = _wrap(a)
-        v = np.sum(a.v, axis=axis, keepdims=keepdims, dtype=np.float64)
+        v = FLOAT64.sum(a.v, axis=axis, keepdims=keepdims)     # float64's value, bit for bit
         n = a.v.size if axis is None else int(np.prod([a.v.shape[i] for i in np.atleast_1d(axis)]))
         magnitude = np.sum(np.abs(a.v), axis=axis, keepdims=keepdims)
         e = np.sum(a.e, axis=axis, keepdims=keepdims) + _gamma(max(n - 1, 0)) * magnitude + n * ETA
