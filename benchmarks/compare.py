@@ -6,6 +6,9 @@
 Benchmarks are paired by group: ``impl=refnet`` against ``impl=torch`` of the same group. With
 ``--json`` the output is an object mapping each group to its refnet/torch ratio (mean times;
 ``--stat median`` or ``min`` compares those instead, robust to rounds slowed by other work).
+The text output adds, where the refnet benchmark measured them, the same ratios from
+interleaved pairs (``paired_ratio_to_torch``, ``paired_refnet_over_floor``): the median of
+pairs of blocks run back to back, which the VM's drift between two groups' runs cannot move.
 A ``gemm-floor-G`` group (the bare numpy GEMMs of group G's refnet step) maps to refnet/floor,
 refnet's time in G over the floor's; the text output adds floor/torch, what numpy's BLAS does
 against torch's on the machine.
@@ -20,6 +23,9 @@ import json
 import sys
 
 FLOOR = "gemm-floor-"
+# The ratios a group's refnet benchmark also measures in interleaved pairs (test_bench.py's
+# paired_ratio: both sides in the same machine state), by the name printed beside them.
+PAIRED = {"paired_ratio_to_torch": "refnet/torch", "paired_refnet_over_floor": "refnet/floor"}
 
 
 def ratios(run: dict, stat: str = "mean") -> dict:
@@ -68,6 +74,9 @@ def main(argv=None):
             if group.startswith(FLOOR) and group[len(FLOOR):] in result:
                 line += f"; floor/torch {result[group[len(FLOOR):]] / ratio:.3g}"
             extra = extras.get(group, {})
+            for key, name in PAIRED.items():
+                if key in extra:
+                    line += f"; {name} {extra[key]:.3g} in interleaved pairs"
             if "speedup_over_mpmath" in extra:
                 line += f"; {extra['speedup_over_mpmath']:.3g}x the mpmath path"
             if "peak_rss_mib" in extra:

@@ -14,6 +14,8 @@ from refnet.numerics.backend import NumpyBackend
 EXAMPLES = Path(__file__).resolve().parent.parent / "spec" / "examples"
 MODELS = Path(__file__).resolve().parent / "models"
 RNG = np.random.default_rng(0)
+PAIRS = 7                   # interleaved pairs behind every paired ratio
+PAIR_BLOCK_SECONDS = 0.05   # each side's block of calls in a pair runs about this long
 
 
 def mlp_4x1024():
@@ -38,12 +40,21 @@ def _model_step(model, bk):
 
 
 def _model_bench(benchmark, impl, model, dtype_name):
-    params, x, y = model.prepare()
+    """Time refnet's step (impl=refnet) or torch's (impl=torch). The refnet side also records
+    ``paired_ratio_to_torch`` in extra_info where torch is installed: the two steps timed in
+    interleaved pairs (``paired_ratio``), the ratio compare.py prints beside the one of means."""
     if impl == "refnet":
-        benchmark(_model_step(model, FLOAT64 if dtype_name == "float64" else FLOAT32))
+        step = _model_step(model, FLOAT64 if dtype_name == "float64" else FLOAT32)
+        benchmark(step)
+        _record_paired(benchmark, step, lambda: _torch_model_step(model, dtype_name))
         return
+    benchmark(_torch_model_step(model, dtype_name))
+
+
+def _torch_model_step(model, dtype_name):
     import torch
     from torch_peer import torch_loss, torch_twin
+    params, x, y = model.prepare()
     dtype = getattr(torch, dtype_name)
     net = torch_twin(model, params, dtype)
     tx = torch.tensor(x, dtype=dtype, requires_grad=True)
@@ -54,7 +65,21 @@ def _model_bench(benchmark, impl, model, dtype_name):
         net.zero_grad(set_to_none=True)
         tx.grad = None
         loss_fn(net(tx), ty).backward()
-    benchmark(step)
+    return step
+
+
+def _record_paired(benchmark, ours, peer_for, key="paired_ratio_to_torch", needs_torch=True,
+                   pairs=PAIRS):
+    """extra_info[key] = paired_ratio(ours, peer_for()) — unless this is the smoke run (nothing
+    timed) or the peer needs torch and torch is not installed."""
+    if benchmark.disabled:
+        return
+    if needs_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return
+    benchmark.extra_info[key] = paired_ratio(ours, peer_for(), pairs)
 
 
 # --- the GEMM floor: the bare numpy GEMMs of a refnet step ----------------------------------------
@@ -126,6 +151,11 @@ def _floor_bench(benchmark, name, dtype):
                              np.random.default_rng(1))
     benchmark.extra_info["gemms"] = count
     benchmark(step)
+    # refnet's step against this floor in interleaved pairs (paired_ratio): refnet/floor
+    # without the drift between the two groups' runs.
+    refnet_step = _floor_step_for(name, dtype)(FLOAT64 if dtype == "float64" else FLOAT32)
+    _record_paired(benchmark, refnet_step, lambda: step, key="paired_refnet_over_floor",
+                   needs_torch=False)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -175,11 +205,18 @@ def _layer_step(layer, params, x, dy, bk, train=False):
 
 def _layer_bench(benchmark, impl, layer, params, x, dy, torch_forward, dtype, train=False):
     """forward + backward of one layer with upstream gradient dy; the torch twin computes
-    ``torch_forward(x, weight, bias, params)`` and backpropagates the same dy."""
+    ``torch_forward(x, weight, bias, params)`` and backpropagates the same dy. The refnet side
+    records ``paired_ratio_to_torch`` as _model_bench does."""
     if impl == "refnet":
-        benchmark(_layer_step(layer, params, x, dy, FLOAT64 if dtype == "float64" else FLOAT32,
-                              train))
+        step = _layer_step(layer, params, x, dy, FLOAT64 if dtype == "float64" else FLOAT32,
+                           train)
+        benchmark(step)
+        _record_paired(benchmark, step, lambda: _torch_layer_step(params, x, dy, torch_forward))
         return
+    benchmark(_torch_layer_step(params, x, dy, torch_forward))
+
+
+def _torch_layer_step(params, x, dy, torch_forward):
     import torch
     tx = torch.tensor(x, requires_grad=True)
     tw = torch.tensor(params["weight"], requires_grad=True)
@@ -189,7 +226,7 @@ def _layer_bench(benchmark, impl, layer, params, x, dy, torch_forward, dtype, tr
     def torch_step():
         tx.grad = tw.grad = tb.grad = None
         torch_forward(tx, tw, tb, params).backward(tdy)
-    benchmark(torch_step)
+    return torch_step
 
 
 def conv2d_case(dtype, rng=RNG):
@@ -288,6 +325,28 @@ def _mean_time(fn, rounds):
     for _ in range(rounds):
         fn()
     return (time.perf_counter() - start) / rounds
+
+
+def paired_ratio(ours, peer, pairs=PAIRS):
+    """The median over ``pairs`` interleaved pairs of (our mean time / the peer's mean time),
+    each pair a block of calls of each side back to back (which side goes first alternates),
+    blocks of about PAIR_BLOCK_SECONDS: both sides of a pair meet the same machine state. Why:
+    on a shared VM both sides' speed drifts by 20–40 % over a run, so a ratio of two groups
+    timed a minute apart moves with the drift (benchmarks/README.md); within a pair it cancels."""
+    import time
+    ours(), peer()                                          # warm both
+    calls = {}
+    for name, fn in (("ours", ours), ("peer", peer)):
+        start = time.perf_counter()
+        fn()
+        calls[name] = max(1, int(PAIR_BLOCK_SECONDS / max(time.perf_counter() - start, 1e-6)))
+    ratios = []
+    for k in range(pairs):
+        times = {}
+        for name, fn in sorted((("ours", ours), ("peer", peer)), reverse=k % 2 == 1):
+            times[name] = _mean_time(fn, calls[name])
+        ratios.append(times["ours"] / times["peer"])
+    return float(np.median(ratios))
 
 
 ISSUE_14_NETS = {"mlp784": "mlp-784-256-256-10", "lenet5": "lenet5", "resblock16": "resblock16",
@@ -445,14 +504,23 @@ def test_fd_sweep_of_a_500_parameter_cnn(benchmark, impl, need_torch):
     backward here: the loss is a scalar). Target ratio ≤ 0.1."""
     benchmark.group = "fd-sweep-small-cnn"
     model = Model.load(EXAMPLES / "small-cnn.json")
-    params, x, y = model.prepare()
     if impl == "refnet":
         from refnet.verification.fdsweep import fd_sweep
-        benchmark.pedantic(lambda: fd_sweep(model, params, x, y), rounds=3, iterations=1)
+        params, x, y = model.prepare()
+        sweep = lambda: fd_sweep(model, params, x, y)      # noqa: E731
+        benchmark.pedantic(sweep, rounds=3, iterations=1)
+        # gradcheck takes ~1 s a call: 5 pairs, one call of each side a pair.
+        _record_paired(benchmark, sweep, lambda: _gradcheck_of(model), pairs=5)
         return
+    benchmark.pedantic(_gradcheck_of(model), rounds=1, iterations=1)
+
+
+def _gradcheck_of(model):
+    """torch.autograd.gradcheck of the model's loss in every parameter and the input."""
     import torch
     from torch.func import functional_call
     from torch_peer import torch_loss, torch_twin
+    params, x, y = model.prepare()
     net = torch_twin(model, params, torch.float64)
     names = [n for n, _ in net.named_parameters()]
     tensors = [torch.tensor(params[n], dtype=torch.float64, requires_grad=True) for n in names]
@@ -462,8 +530,7 @@ def test_fd_sweep_of_a_500_parameter_cnn(benchmark, impl, need_torch):
 
     def f(xx, *ps):
         return loss(functional_call(net, dict(zip(names, ps)), (xx,)), ty)
-    benchmark.pedantic(lambda: torch.autograd.gradcheck(f, (tx, *tensors), eps=1e-6, atol=1e-5,
-                                                        rtol=1e-3), rounds=1, iterations=1)
+    return lambda: torch.autograd.gradcheck(f, (tx, *tensors), eps=1e-6, atol=1e-5, rtol=1e-3)
 
 
 # --- the main job ------------------------------------------------------------------------------

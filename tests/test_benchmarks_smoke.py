@@ -65,3 +65,57 @@ def test_compare_stat_median_compares_the_medians_not_the_means(tmp_path):
     assert json.loads(subprocess.run(compare, capture_output=True, text=True).stdout) == {"bn": 0.6}
     median = subprocess.run(compare + ["--stat", "median"], capture_output=True, text=True)
     assert json.loads(median.stdout) == {"bn": 1.5}
+
+
+def test_compare_prints_the_paired_ratios_beside_the_ratio_of_means(tmp_path):
+    """A refnet benchmark's paired_ratio_to_torch (and a floor's paired_refnet_over_floor) is
+    printed on its group's line, named as the ratio it is; --json keeps the ratios of means."""
+    import json
+    run = {"benchmarks": [
+        {"group": "mlp", "params": {"impl": "refnet"}, "stats": {"mean": 3.0},
+         "extra_info": {"paired_ratio_to_torch": 1.1}},
+        {"group": "mlp", "params": {"impl": "torch"}, "stats": {"mean": 2.0}, "extra_info": {}},
+        {"group": "gemm-floor-mlp", "params": {}, "stats": {"mean": 2.4},
+         "extra_info": {"paired_refnet_over_floor": 1.05}}]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    compare = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), str(path)]
+    lines = subprocess.run(compare, capture_output=True, text=True).stdout.splitlines()
+    mlp = next(line for line in lines if line.startswith("mlp "))
+    floor = next(line for line in lines if line.startswith("gemm-floor-mlp "))
+    assert "1.5  (refnet/torch); refnet/torch 1.1 in interleaved pairs" in mlp
+    assert "refnet/floor 1.05 in interleaved pairs" in floor
+    out = subprocess.run(compare + ["--json"], capture_output=True, text=True)
+    assert json.loads(out.stdout) == {"gemm-floor-mlp": 1.25, "mlp": 1.5}
+
+
+def test_paired_ratio_is_the_median_of_per_pair_ratios_with_alternating_order(monkeypatch):
+    """benchmarks' paired_ratio on a fake clock: our call costs 3 ticks, the peer's 2, except
+    that one pair's peer block is slowed 10x (a noisy neighbour) — the median of the pairs'
+    ratios is still exactly 1.5, where the ratio of the two sides' total times is not; the
+    order of the two blocks alternates from pair to pair."""
+    import time
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import test_bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    clock, calls = [0.0], []
+
+    def ours():
+        clock[0] += 3.0
+        calls.append("ours")
+
+    def peer():
+        slowed = calls.count("peer") == 4          # the third pair's peer block
+        clock[0] += 20.0 if slowed else 2.0
+        calls.append("peer")
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(test_bench, "PAIR_BLOCK_SECONDS", 3.0)   # one call a block, each side
+    assert test_bench.paired_ratio(ours, peer, pairs=7) == 1.5
+    pairs = calls[4:]                  # after the warm-up and the calibration call of each side
+    assert len(pairs) == 14 and sum(c == "peer" for c in pairs) == 7
+    assert [pairs[2 * k] for k in range(7)] == ["ours", "peer"] * 3 + ["ours"]
+    ours_total = 3.0 * 7
+    peer_total = 2.0 * 6 + 20.0
+    assert ours_total / peer_total != 1.5
