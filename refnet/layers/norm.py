@@ -13,6 +13,12 @@ positions; InstanceNorm2d: one sample's channel over its H×W positions)::
 The input gradient sums to zero over each group (Σdx = 0), so a bias right before BatchNorm
 gets zero gradient; Σ dx·x̂ = (γ/s)·Σ(dy·x̂)·ε/(σ² + ε), which vanishes only at ε = 0.
 
+The statistics take two passes, μ first, then Σ(x − μ)² over x − μ, which x̂ needs anyway;
+torch's one-pass forms are not taken: Σx² − (Σx)²/m cancels catastrophically when |μ| ≫ σ,
+and Welford's update is a loop numpy cannot vectorize. The float backends run the sums of
+products and the affine maps as their fused forms (``numerics.backend.sum_product``,
+``muladd``: one pass each, the same bound; muladd the same bits).
+
 batchnorm (torch BatchNorm1d/2d; input (N, C) or (N, C, *spatial), channels on axis 1)
     config: eps 1e-5, momentum 0.1, affine true, track_running_stats true
     parameters weight (C) = 1, bias (C) = 0; buffers running_mean (C) = 0, running_var (C) = 1,
