@@ -382,3 +382,27 @@ def test_sample_shaped_statistics_change_no_value_of_batchnorm():
         xhat, std, m, mean, var = normalize(bk, x, (0, 2, 3), 1e-5)
         assert std.shape == mean.shape == (1, 5, 1, 1)
         assert np.array_equal(xhat, (x - mean) / std)
+
+
+@pytest.mark.parametrize("bk", [FLOAT64, FLOAT32], ids=["float64", "float32"])
+def test_float_muladd_into_a_reused_array_gives_the_same_bits_and_only_there(bk):
+    """muladd(..., reuse=r) writes a·b + c into r — the caller's own array of the result's shape
+    and dtype — with the bits of the fresh result, even when r is the operand a itself (the
+    product is formed element by element before the sum overwrites it); an r of another
+    shape, dtype or a read-only one is left alone and a fresh array returned."""
+    from refnet.numerics.backend import muladd
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((8, 3, 40, 40)).astype(bk.dtype)
+    b, c = (rng.standard_normal((1, 3, 1, 1)).astype(bk.dtype) for _ in range(2))
+    assert a.size >= FUSED_MIN_SIZE
+    want = a * b + c
+    mine = a.copy()
+    got = muladd(bk, mine, b, c, reuse=mine)
+    assert got is mine and np.array_equal(got, want)
+    other = np.zeros(a.shape, dtype=bk.dtype)
+    assert muladd(bk, a, b, c, reuse=other) is other and np.array_equal(other, want)
+    for wrong in (np.zeros((8, 3, 40, 41), bk.dtype), np.zeros(a.shape, np.float16),
+                  np.broadcast_to(np.zeros((1,), bk.dtype), a.shape)):
+        before = wrong.copy()
+        got = muladd(bk, a, b, c, reuse=wrong)
+        assert got is not wrong and np.array_equal(got, want) and np.array_equal(wrong, before)

@@ -205,7 +205,7 @@ class BatchNorm(Layer):
         else:
             k = weight / std if affine else 1 / std                     # (1, C, 1, ...)
             t = muladd(bk, xhat, -(self._per_channel(sum_dy_xhat, ndim) / m), dy)
-            dx = muladd(bk, t, k, -((self._per_channel(sum_dy, ndim) / m) * k))
+            dx = muladd(bk, t, k, -((self._per_channel(sum_dy, ndim) / m) * k), reuse=t)
         grads = {"weight": sum_dy_xhat, "bias": sum_dy} if affine else {}
         return dx, grads
 

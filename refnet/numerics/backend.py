@@ -228,9 +228,12 @@ class NumpyBackend:
             return v
         return _row_repeated(v, shape)
 
-    def muladd(self, a, b, c):
+    def muladd(self, a, b, c, reuse=None):
         """a·b + c, rounded as ``a * b + c`` is — the product rounded, then the sum: no fused
-        multiply-add, so the same bits — in two passes over one fresh array. An operand
+        multiply-add, so the same bits — in two passes over one array: ``reuse`` where the
+        caller gives one of the result's shape and dtype that it owns and no longer needs
+        (writing into memory just read costs half a fresh array's first write, measured:
+        0.71 ms against 1.31 ms over (32, 64, 16, 16) float64), else a fresh one. An operand
         broadcast over the result's leading axis with size-1 axes after it (a per-channel
         γ of shape (1, C, 1, 1)) is first repeated to one row of the result (C, H, W): numpy's
         inner loop then runs over a whole row instead of H·W elements at a time, 1.4x faster
@@ -240,7 +243,9 @@ class NumpyBackend:
             return a * b + c
         shape = np.broadcast_shapes(np.shape(a), np.shape(b), np.shape(c))
         a, b, c = (_row_repeated(v, shape) for v in (a, b, c))
-        out = np.multiply(a, b, dtype=self.dtype)
+        if not (_plain(reuse, self.dtype) and reuse.shape == shape and reuse.flags.writeable):
+            reuse = None
+        out = np.multiply(a, b, out=reuse, dtype=self.dtype)
         return np.add(out, c, out=out)
 
 
@@ -308,11 +313,13 @@ def sum_product(bk, a, b, axis):
     return fused(a, b, axis) if fused else bk.sum(a * b, axis=axis)
 
 
-def muladd(bk, a, b, c):
+def muladd(bk, a, b, c, reuse=None):
     """a·b + c in backend ``bk`` (two roundings, as the expression): ``NumpyBackend.muladd``
-    where the backend has it (the float backends), else ``a * b + c``."""
+    where the backend has it (the float backends; ``reuse``: an array of the result's shape
+    the caller owns and no longer needs, which they may overwrite with the result), else
+    ``a * b + c``."""
     fused = getattr(bk, "muladd", None)
-    return fused(a, b, c) if fused else a * b + c
+    return fused(a, b, c, reuse) if fused else a * b + c
 
 
 # Below this many elements np.where is as fast (the bitwise select's few ufunc calls cost ~6 µs;
