@@ -7,7 +7,7 @@ import pytest
 from refnet import BOUND, FLOAT32, FLOAT64, IntervalBackend, MPBackend, Precision
 from refnet.layers.base import ForwardState
 from refnet.layers.norm import BatchNorm
-from refnet.layers.pool import MaxPool2d
+from refnet.layers.registry import build_layer
 from refnet.lowp.emulation import EmulatedBackend, format_of, plain, store
 from refnet.model import Model
 from refnet.numerics.backend import fraction_of
@@ -311,15 +311,20 @@ def test_a_stacked_batchnorm_takes_two_pass_statistics_accurate_far_off_centre()
     assert np.all(np.abs(y64 - exact) <= bound) and np.max(bound) < 1e-9
 
 
-@pytest.mark.parametrize("config", [{"kernel_size": 2},
-                                    {"kernel_size": 3, "stride": 2, "padding": 1}], ids=str)
+@pytest.mark.parametrize("config", [
+    {"type": "maxpool2d", "kernel_size": 2},                                    # strided views
+    {"type": "maxpool2d", "kernel_size": [2, 3], "stride": [1, 2], "dilation": [3, 1]},
+    {"type": "maxpool2d", "kernel_size": 3, "stride": 2, "padding": 1},         # padded groups
+    {"type": "adaptive_maxpool2d", "output_size": [2, 3]}], ids=str)
 def test_a_stacked_maxpool_gives_the_ordinary_output_without_the_argmax_in_every_backend(config):
     """Max pooling rounds nothing, so with groups > 1 its output is the ordinary forward's
-    value for value in every backend (im2col windows, and padded windows' groups); the cache,
-    the argmax that only backward and kink_signature read, is None."""
-    layer = MaxPool2d({"type": "maxpool2d", **config}, (2, 5, 5), "layers[0] (maxpool2d)")
+    value for value in every backend — from the strided views of unpadded windows (also
+    dilated and strided, per axis), the groups of windows that reach padding, adaptive
+    windows; the cache, the argmax only backward and kink_signature read, is
+    None (the inputs hold a 4-way tie: the value is the same whichever maximum wins)."""
+    layer = build_layer(config, (2, 5, 5), "layers[0]", "0")
     x = np.random.default_rng(3).standard_normal((6, 2, 5, 5))
-    x[0, 0, :2, :2] = 1.5                                  # a tie: the value is the same
+    x[0, 0, :2, :2] = 1.5
     emulated = EmulatedBackend(Precision("fp16", "autocast"))
 
     def run(bk, state):
