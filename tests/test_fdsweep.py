@@ -85,6 +85,18 @@ SWEEP_MODELS = {
         "input_shape": [4], "seed": 4, "batch": 3, "loss": {"type": "softmax_cross_entropy"},
         "regularization": {"l1": 0.05, "l2": 0.2},
         "layers": [{"type": "dense", "out": 5}, {"type": "tanh"}, {"type": "dense", "out": 3}]},
+    # A residual block (its inner tensors: the block's own forward on its base input, one copy
+    # at a time, the layers above stacked), prelu (not linear in its slope: the same), and L1/L2
+    # on every conv/dense weight, those inside the block included.
+    "residual-prelu-regularized": {
+        "input_shape": [2, 4, 4], "seed": 5, "batch": 3, "loss": {"type": "softmax_cross_entropy"},
+        "regularization": {"l1": 0.05, "l2": 0.2},
+        "layers": [{"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": 1},
+                   {"type": "residual", "shortcut": "identity", "body": [
+                       {"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": 1,
+                        "bias": False}, {"type": "batchnorm"}, {"type": "relu"},
+                       {"type": "conv2d", "out_channels": 3, "kernel_size": 1}]},
+                   {"type": "prelu"}, {"type": "flatten"}, {"type": "dense", "out": 2}]},
     "dense-on-a-sequence": {
         "input_shape": [3, 4], "seed": 3, "batch": 2, "loss": {"type": "mse"},
         "layers": [{"type": "dense", "out": 5}, {"type": "tanh"}, {"type": "dense", "out": 2}]},
@@ -146,9 +158,9 @@ def test_every_batched_difference_equals_its_one_at_a_time_difference_up_to_roun
 
 
 def _planted(monkeypatch, function, target, eta=None, layer=None, name=None):
-    """Wrap fdsweep.<function> (the input copies, or the parameter copies of ``layer``'s tensor
-    ``name``) to make one element's copies wrong: its response scaled by 1 + eta, or (eta
-    None) moved to the next sample."""
+    """Wrap fdsweep.<function> (the input copies, or the parameter copies — linear responses
+    or the layer's own forward — of ``layer``'s tensor ``name``) to make one element's copies
+    wrong: its response scaled by 1 + eta, or (eta None) moved to the next sample."""
     original = getattr(fdsweep, function)
 
     def wrapper(*args):
@@ -203,6 +215,22 @@ def test_the_check_catches_a_parameter_response_off_by_twice_the_rounding_bound(
     eta = 2 * rounding_bound(model, params, x, y)["0.weight"][target] / g
     _planted(monkeypatch, "_param_copies", target, eta=eta, layer=model.layers[0], name="weight")
     assert rounding_offenders(model, params, x, y) == [("0.weight", target)]
+
+
+def test_the_check_catches_a_residual_blocks_inner_copy_off_by_twice_the_rounding_bound(
+        monkeypatch):
+    """The copies of a tensor inside a residual block (the block's own forward with θᵢ ± h):
+    the batchnorm γ element inside it with the largest gradient has its copies' change
+    h·r scaled so that its difference moves by twice its bound; exactly it is named."""
+    model = Model(SWEEP_MODELS["residual-prelu-regularized"])
+    params, x, y = model.prepare()
+    name = "1.body.1.weight"
+    assert name not in model.regularized                  # its gradient is the data loss's alone
+    target, g = _largest_gradient(model, params, x, y, name)
+    eta = 2 * rounding_bound(model, params, x, y)[name][target] / g
+    _planted(monkeypatch, "_own_copies", target, eta=eta, layer=model.layers[1],
+             name="body.1.weight")
+    assert rounding_offenders(model, params, x, y) == [(name, target)]
 
 
 def test_the_check_catches_an_input_response_written_into_the_wrong_sample(monkeypatch):

@@ -24,15 +24,18 @@ statistics per copy (``ForwardState.groups``). The responses:
 
 Each chunk's copies are written straight into one preallocated stacked array: z broadcast,
 then z ± h·r over the part of a copy r occupies (output o, channel c, or sample n).
+Parameters of other layers (prelu, layernorm, anything inside a residual block) are
+perturbed in their layer only: its own forward on its base input with θᵢ ± h, one copy at a
+time (the layers below are not rerun: their output is the base pass's, bit for bit), the
+copies then stacked for the layers above (``_own_copies``).
 The stacked copies run the layers and the loss only: for an L1/L2-regularized tensor the
 penalty's own central difference is added, element by element (``_penalty_difference``; the
-penalty is a sum over elements, so only element i's terms differ). Parameters of other
-layers (prelu, layernorm, anything inside a residual block) are perturbed one at a time, the
-whole loss, penalty included. The results equal one-at-a-time differences up to rounding: z + h·r is rounded
-once where the perturbed layer would have rounded inside its GEMM, and the step taken is h
-itself where a one-at-a-time difference takes fl(θᵢ + h) − θᵢ (the input x included, when its
-first layer is linear: no longer x ± h eᵢ). tests/test_fdsweep.py holds every element of
-small models to that, within a bound from the error analysis.
+penalty is a sum over elements, so only element i's terms differ). The results equal
+one-at-a-time differences up to rounding: z + h·r is rounded once where the perturbed layer
+would have rounded inside its GEMM, and the step taken is h itself where a one-at-a-time
+difference takes fl(θᵢ + h) − θᵢ (the input x included, when its first layer is linear: no
+longer x ± h eᵢ). tests/test_fdsweep.py holds every element of small models to that, within
+a bound from the error analysis.
 """
 
 from __future__ import annotations
@@ -148,6 +151,29 @@ def _input_copies(layer, params, index, z, step, state):
     return stacked
 
 
+def _own_copies(layer, name: str, index, params, h_in, step, state):
+    """The 2k copies of layer j's output with its tensor ``name``'s element index[:, i] at
+    θᵢ + h (copy 2i) and θᵢ − h (copy 2i + 1), (2k, N, *out): the layer's own forward on its
+    base input, one copy at a time — for a layer not linear in the tensor (prelu, layernorm,
+    ...) or a container (a residual block's inner tensors). The element is set and restored
+    in one working copy of the tensor (restoring assigns the saved value: exact)."""
+    k = index.shape[1]
+    tensor = params[name].copy()
+    params = {**params, name: tensor}
+    stacked = None
+    for i in range(k):
+        element = tuple(index[:, i])
+        saved = tensor[element]
+        for copy, sign in ((2 * i, 1), (2 * i + 1, -1)):
+            tensor[element] = saved + sign * step
+            out = layer.forward(FLOAT64, params, h_in, state)[0]
+            if stacked is None:
+                stacked = np.empty((2 * k,) + out.shape)
+            stacked[copy] = out
+        tensor[element] = saved
+    return stacked
+
+
 def _shifted_copies(x, index, step):
     """The 2k copies x ± h·e_i of the input, (2k, *x.shape): the whole network runs on them."""
     k = np.arange(index.shape[1])
@@ -215,23 +241,16 @@ def fd_sweep(model: Model, params=None, x=None, y=None,
         layer, local = model.layers[j], name[len(f"{j}."):]
         step = _step(value)
         fd = np.zeros(value.shape)
+        z = outputs[j]
         if layer.type in LINEAR_IN_PARAMS and "." not in local:
-            z = outputs[j]
             central(fd, step, j + 1, lambda index: _param_copies(
                 layer, local, index, inputs[j], caches[j], z, step).reshape((-1,) + z.shape[1:]))
-            if name in model.regularized:
-                fd += _penalty_difference(model, value, step)
         else:
-            for index in np.ndindex(value.shape):
-                plus, minus = dict(params), dict(params)
-                plus[name], minus[name] = value.copy(), value.copy()
-                plus[name][index] += step
-                minus[name][index] -= step
-                lp = model.forward(FLOAT64, plus, x, y, ForwardState(
-                    train=first.train, masks=first.masks)).loss
-                lm = model.forward(FLOAT64, minus, x, y, ForwardState(
-                    train=first.train, masks=first.masks)).loss
-                fd[index] = (float(lp) - float(lm)) / (2 * step)
+            central(fd, step, j + 1, lambda index: _own_copies(
+                layer, local, index, split(params, j), inputs[j], step, replay).reshape(
+                    (-1,) + z.shape[1:]))
+        if name in model.regularized:
+            fd += _penalty_difference(model, value, step)
         grads[name] = fd
     step = _step(x)
     fd_x = np.zeros(x.shape)
