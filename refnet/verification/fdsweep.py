@@ -45,7 +45,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 from ..layers.base import ForwardState
-from ..layers.sequential import split
+from ..layers.sequential import split_all
 from ..model import Model
 from ..numerics.backend import FLOAT64
 
@@ -73,6 +73,7 @@ class _Sweep:
         self.model, self.params, self.x, self.y = model, params, x, y
         self.train, self.masks = state.train, state.masks
         self.n = x.shape[0]
+        self.per_layer = split_all(params, len(model.layers))   # each layer's tensors, once
 
     def _state(self, groups: int) -> ForwardState:
         masks = {k: np.concatenate([m] * groups, axis=0) if m.shape and m.shape[0] == self.n
@@ -87,7 +88,7 @@ class _Sweep:
         state = self._state(groups)
         h = h_stacked
         for j in range(start, len(self.model.layers)):
-            h, _ = self.model.layers[j].forward(FLOAT64, split(self.params, j), h, state)
+            h, _ = self.model.layers[j].forward(FLOAT64, self.per_layer[j], h, state)
         return self._losses(h, groups)
 
 
@@ -221,7 +222,7 @@ def fd_sweep(model: Model, params=None, x=None, y=None,
     inputs, outputs, caches, h = [], [], [], x
     for j, layer in enumerate(model.layers):
         inputs.append(h)
-        h, cache = layer.forward(FLOAT64, split(params, j), h, replay)
+        h, cache = layer.forward(FLOAT64, sweep.per_layer[j], h, replay)
         outputs.append(h)
         caches.append(cache)
 
@@ -247,7 +248,7 @@ def fd_sweep(model: Model, params=None, x=None, y=None,
                 layer, local, index, inputs[j], caches[j], z, step).reshape((-1,) + z.shape[1:]))
         else:
             central(fd, step, j + 1, lambda index: _own_copies(
-                layer, local, index, split(params, j), inputs[j], step, replay).reshape(
+                layer, local, index, sweep.per_layer[j], inputs[j], step, replay).reshape(
                     (-1,) + z.shape[1:]))
         if name in model.regularized:
             fd += _penalty_difference(model, value, step)
@@ -255,7 +256,7 @@ def fd_sweep(model: Model, params=None, x=None, y=None,
     step = _step(x)
     fd_x = np.zeros(x.shape)
     if model.layers[0].type in LINEAR_IN_INPUT:
-        z, first_params = outputs[0], split(params, 0)
+        z, first_params = outputs[0], sweep.per_layer[0]
         central(fd_x, step, 1, lambda index: _input_copies(
             model.layers[0], first_params, index, z, step, replay).reshape((-1,) + z.shape[1:]))
     else:
