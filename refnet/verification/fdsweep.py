@@ -9,8 +9,9 @@ difference. The mode (train/eval) and dropout masks are the spec's, drawn once.
 Batching. All 2P perturbed forward passes run as stacked batches, a chunk of copies each:
 the layers below the perturbed one run once; the perturbed layer's output is its base output z
 plus ±h times its response r to the one element — exact linear algebra where the output is
-linear in that element — and the layers above run once on all copies, batchnorm taking its
-statistics per copy (``ForwardState.groups``). The responses:
+linear in that element — and the layers above run once on all copies, as a forward-only
+batch of groups (``ForwardState.groups``): batchnorm takes its statistics per copy, max
+pooling forms no argmax. The responses:
 
 - parameters of dense and conv2d (weights and biases) and the γ and β of batchnorm, groupnorm
   and instancenorm2d (γ x̂ + β): the dense response to W[o, j] is column j of its input, written
@@ -53,8 +54,8 @@ U64 = 2.0 ** -53
 # A stacked batch holds CHUNK copies, or fewer where they would take more than CHUNK_BYTES at
 # the layer they start at (its input; at least one element's two copies): the layers above
 # then work on arrays that stay in a core's cache (the small CNN's input sweep: 128 copies a
-# batch, 1.1x faster than 256, measured); tiny copies (a small MLP's) run 256 at a time, as
-# fast as any larger count (measured: 2048 at a time 1.2x slower).
+# batch, 1.1x faster than 256, measured); tiny copies (a small MLP's) run 256 at a time
+# (2048 at a time: 1.2x slower, measured).
 CHUNK = 256
 CHUNK_BYTES = 1 << 20
 LINEAR_IN_PARAMS = ("dense", "conv2d", "batchnorm")
