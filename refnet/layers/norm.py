@@ -159,8 +159,7 @@ class BatchNorm(Layer):
         two-pass statistics (μ = Σx/m, then σ² = Σ(x − μ)²/m, never Σx²/m − μ²), so as
         accurate. Then y = γ x̂ + β written over x̂, normalize's own fresh array, in place:
         the same two roundings as the expression, without its two fresh arrays of the whole
-        stacked batch (the small CNN's sweep: (1024, 4, 8, 8) in 1.4 ms instead of 3.3,
-        measured)."""
+        stacked batch (the small CNN's FD sweep: its two batchnorms 1.2x faster, measured)."""
         g = state.groups
         shape = tuple(x.shape)
         ndim = len(shape)

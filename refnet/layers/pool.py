@@ -84,8 +84,8 @@ class MaxPool2d(_Pool2d):
         """y (N, C, OH, OW) and the cache: the argmax (N, C, L), each window's first maximum as
         a kernel offset — or None on a forward-only stacked batch (``state.groups > 1``, the
         FD sweep's perturbed copies), where no backward and no kink signature reads it:
-        forming it took 60 % of the forward (measured). There, windows inside the input are
-        not gathered either (``_max_of_views``)."""
+        forming it took half the layer's time in the small CNN's sweep (measured). There,
+        windows inside the input are not gathered either (``_max_of_views``)."""
         n, c = x.shape[:2]
         win = self.windows
         forward_only = state is not None and state.groups > 1
