@@ -4,9 +4,13 @@ the analytic gradient to finite-difference accuracy."""
 import numpy as np
 import pytest
 
-from refnet import FLOAT64
+from refnet import BOUND, FLOAT32, FLOAT64, IntervalBackend, MPBackend, Precision
 from refnet.layers.base import ForwardState
+from refnet.layers.norm import BatchNorm
+from refnet.layers.registry import build_layer
+from refnet.lowp.emulation import EmulatedBackend, format_of, plain, store
 from refnet.model import Model
+from refnet.numerics.backend import fraction_of
 from refnet.verification import fdsweep
 from refnet.verification.fdsweep import U64, _step, fd_sweep
 
@@ -81,6 +85,18 @@ SWEEP_MODELS = {
         "input_shape": [4], "seed": 4, "batch": 3, "loss": {"type": "softmax_cross_entropy"},
         "regularization": {"l1": 0.05, "l2": 0.2},
         "layers": [{"type": "dense", "out": 5}, {"type": "tanh"}, {"type": "dense", "out": 3}]},
+    # A residual block (its inner tensors: the block's own forward on its base input, one copy
+    # at a time, the layers above stacked), prelu (not linear in its slope: the same), and L1/L2
+    # on every conv/dense weight, those inside the block included.
+    "residual-prelu-regularized": {
+        "input_shape": [2, 4, 4], "seed": 5, "batch": 3, "loss": {"type": "softmax_cross_entropy"},
+        "regularization": {"l1": 0.05, "l2": 0.2},
+        "layers": [{"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": 1},
+                   {"type": "residual", "shortcut": "identity", "body": [
+                       {"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": 1,
+                        "bias": False}, {"type": "batchnorm"}, {"type": "relu"},
+                       {"type": "conv2d", "out_channels": 3, "kernel_size": 1}]},
+                   {"type": "prelu"}, {"type": "flatten"}, {"type": "dense", "out": 2}]},
     "dense-on-a-sequence": {
         "input_shape": [3, 4], "seed": 3, "batch": 2, "loss": {"type": "mse"},
         "layers": [{"type": "dense", "out": 5}, {"type": "tanh"}, {"type": "dense", "out": 2}]},
@@ -142,9 +158,9 @@ def test_every_batched_difference_equals_its_one_at_a_time_difference_up_to_roun
 
 
 def _planted(monkeypatch, function, target, eta=None, layer=None, name=None):
-    """Wrap fdsweep.<function> (the input copies, or the parameter copies of ``layer``'s tensor
-    ``name``) to make one element's copies wrong: its response scaled by 1 + eta, or (eta
-    None) moved to the next sample."""
+    """Wrap fdsweep.<function> (the input copies, or the parameter copies — linear responses
+    or the layer's own forward — of ``layer``'s tensor ``name``) to make one element's copies
+    wrong: its response scaled by 1 + eta, or (eta None) moved to the next sample."""
     original = getattr(fdsweep, function)
 
     def wrapper(*args):
@@ -201,6 +217,22 @@ def test_the_check_catches_a_parameter_response_off_by_twice_the_rounding_bound(
     assert rounding_offenders(model, params, x, y) == [("0.weight", target)]
 
 
+def test_the_check_catches_a_residual_blocks_inner_copy_off_by_twice_the_rounding_bound(
+        monkeypatch):
+    """The copies of a tensor inside a residual block (the block's own forward with θᵢ ± h):
+    the batchnorm γ element inside it with the largest gradient has its copies' change
+    h·r scaled so that its difference moves by twice its bound; exactly it is named."""
+    model = Model(SWEEP_MODELS["residual-prelu-regularized"])
+    params, x, y = model.prepare()
+    name = "1.body.1.weight"
+    assert name not in model.regularized                  # its gradient is the data loss's alone
+    target, g = _largest_gradient(model, params, x, y, name)
+    eta = 2 * rounding_bound(model, params, x, y)[name][target] / g
+    _planted(monkeypatch, "_own_copies", target, eta=eta, layer=model.layers[1],
+             name="body.1.weight")
+    assert rounding_offenders(model, params, x, y) == [(name, target)]
+
+
 def test_the_check_catches_an_input_response_written_into_the_wrong_sample(monkeypatch):
     """The response to x[0, 1, 2, 2] written into sample 1 of its copies (an indexing slip): the
     difference is then that of x[1, 1, 2, 2], off by O(|g|)."""
@@ -208,3 +240,134 @@ def test_the_check_catches_an_input_response_written_into_the_wrong_sample(monke
     params, x, y = model.prepare()
     _planted(monkeypatch, "_input_copies", (0, 1, 2, 2))
     assert rounding_offenders(model, params, x, y) == [("x", (0, 1, 2, 2))]
+
+
+# --- the forward-only stacked batch (ForwardState.groups > 1), in every backend ---------------
+# The sweep runs its perturbed copies as G batches stacked on axis 0: batchnorm takes each
+# batch's own statistics (_grouped_forward) and max pooling skips the argmax only backward
+# reads. These hold the two paths, in every backend, to the layers' ordinary forward.
+
+STACK_G, STACK_N, STACK_SAMPLE = 3, 4, (3, 2, 2)
+MP60 = MPBackend(60)
+
+
+def _stacked_batchnorm_case():
+    """G = 3 batches of 4 off-centre samples (3, 2, 2), x exactly representable in fp16 and
+    γ, β in float32, so that every backend starts from the same numbers; the layer."""
+    rng = np.random.default_rng(7)
+    x = 5 * rng.standard_normal((STACK_G * STACK_N,) + STACK_SAMPLE) + 12
+    x = np.asarray(plain(store(x, "fp16")), dtype=np.float64)
+    c = STACK_SAMPLE[0]
+    params = {"weight": rng.standard_normal(c).astype(np.float32).astype(np.float64),
+              "bias": rng.standard_normal(c).astype(np.float32).astype(np.float64),
+              "running_mean": np.zeros(c), "running_var": np.ones(c),
+              "num_batches_tracked": np.zeros(())}
+    layer = BatchNorm({"type": "batchnorm"}, STACK_SAMPLE, "layers[1] (batchnorm)")
+    layer.name = "1"
+    return layer, params, x
+
+
+def _forward(layer, bk, params, x, groups):
+    p = {k: bk.asarray(v) if v.shape else v for k, v in params.items()}
+    return layer.forward(bk, p, bk.asarray(x), ForwardState(train=True, groups=groups))
+
+
+def test_a_stacked_batchnorm_normalizes_each_batch_with_its_own_statistics_exactly_in_mp():
+    """At 60 digits the stacked forward (G = 3) equals the three batches' own forwards element
+    for element: both form the same correctly rounded operations, each sum exact and rounded
+    once. Statistics pooled over the stack, or an affine map applied to the wrong channel,
+    differ at the first digit."""
+    layer, params, x = _stacked_batchnorm_case()
+    stacked = np.asarray(_forward(layer, MP60, params, x, STACK_G)[0], dtype=object)
+    own = np.concatenate([np.asarray(_forward(layer, MP60, params, x[g * STACK_N:(g + 1) * STACK_N],
+                                              1)[0], dtype=object) for g in range(STACK_G)])
+    assert stacked.shape == x.shape and np.all(stacked == own)
+
+
+def test_a_stacked_batchnorm_is_as_accurate_as_its_error_analysis_in_every_float_backend():
+    """Against the 60-digit result (its own error ~1e-60, negligible):
+
+    - float64 within e, the rigorous running error bound of this very computation (the bound
+      backend's values are float64's bit for bit): the two-pass statistics of the ordinary
+      forward, in the stacked layout;
+    - float32 (float32 out) within 2·(u32/u64)·e: the same analysis in float32's unit (first
+      order; the factor 2 covers the second-order terms, < 1e-6 of the first at u32; x, γ, β
+      are float32 numbers, and ε's own rounding to float32, ≤ u32·1e-5 against σ² ≈ 25,
+      moves x̂ by ~1e-14);
+    - the fp16 emulation (autocast: batch_norm keeps its input's format, float32 statistics)
+      within that float32 error plus the one rounding of its stored output, u16·|y| + 2⁻²⁵
+      (half fp16's subnormal spacing, for outputs near 0), u16 = 2⁻¹¹;
+    - intervals at 100 bits enclose it."""
+    layer, params, x = _stacked_batchnorm_case()
+    exact_mp = _forward(layer, MP60, params, x, STACK_G)[0]
+    exact = MP60.to_numpy(exact_mp)
+    y64 = _forward(layer, FLOAT64, params, x, STACK_G)[0]
+    yb = _forward(layer, BOUND, params, x, STACK_G)[0]
+    assert np.array_equal(yb.v, y64)
+    assert np.all(np.abs(y64 - exact) <= yb.e)
+    e32 = 2 * (2.0 ** -24 / U64) * yb.e
+    y32 = _forward(layer, FLOAT32, params, x, STACK_G)[0]
+    assert y32.dtype == np.float32 and np.all(np.abs(y32 - exact) <= e32)
+    emulated = EmulatedBackend(Precision("fp16", "autocast"))
+    p32 = {k: v.astype(np.float32) for k, v in params.items()}
+    y16, _ = emulated.forward_layer(layer, p32, store(x, "fp16"),
+                                    ForwardState(train=True, groups=STACK_G))
+    assert format_of(y16) == "fp16"
+    y16 = np.asarray(plain(y16), dtype=np.float64)
+    assert np.all(np.abs(y16 - exact) <= e32 + 2.0 ** -11 * (np.abs(exact) + e32) + 2.0 ** -25)
+    ib = IntervalBackend(100)
+    lo, hi = (ib.to_fractions(b) for b in ib.bounds(_forward(layer, ib, params, x, STACK_G)[0]))
+    rational = np.frompyfunc(fraction_of, 1, 1)(np.asarray(exact_mp, dtype=object))
+    assert np.all((lo <= rational) & (rational <= hi))
+
+
+def test_a_stacked_batchnorm_takes_two_pass_statistics_accurate_far_off_centre():
+    """Data 1e4 off centre with unit spread (|μ|/s = 1e4, affine false): the two-pass variance
+    Σ(x − μ)²/m errs only through μ's rounding, ~m·u·|μ|/s ≈ 2e-11 in x̂, and the rigorous
+    bound e of the computation says so (1.2e-10); a one-pass Σx²/m − μ² cancels (μ/s)² = 1e8
+    (6e-8 measured, and its bound as large). Held: float64 within e of the 60-digit result,
+    and e below 1e-9."""
+    layer = BatchNorm({"type": "batchnorm", "affine": False}, STACK_SAMPLE,
+                      "layers[1] (batchnorm)")
+    layer.name = "1"
+    x = np.random.default_rng(7).standard_normal((STACK_G * STACK_N,) + STACK_SAMPLE) + 1e4
+    buffers = {"running_mean": np.zeros(3), "running_var": np.ones(3),
+               "num_batches_tracked": np.zeros(())}
+    exact = MP60.to_numpy(_forward(layer, MP60, buffers, x, STACK_G)[0])
+    y64 = _forward(layer, FLOAT64, buffers, x, STACK_G)[0]
+    bound = _forward(layer, BOUND, buffers, x, STACK_G)[0].e
+    assert np.all(np.abs(y64 - exact) <= bound) and np.max(bound) < 1e-9
+
+
+@pytest.mark.parametrize("config", [
+    {"type": "maxpool2d", "kernel_size": 2},                                    # strided views
+    {"type": "maxpool2d", "kernel_size": [2, 3], "stride": [1, 2], "dilation": [3, 1]},
+    {"type": "maxpool2d", "kernel_size": 3, "stride": 2, "padding": 1},         # padded groups
+    {"type": "adaptive_maxpool2d", "output_size": [2, 3]}], ids=str)
+def test_a_stacked_maxpool_gives_the_ordinary_output_without_the_argmax_in_every_backend(config):
+    """Max pooling rounds nothing, so with groups > 1 its output is the ordinary forward's
+    value for value in every backend — from the strided views of unpadded windows (also
+    dilated and strided, per axis), the groups of windows that reach padding, adaptive
+    windows; the cache, the argmax only backward and kink_signature read, is
+    None (the inputs hold a 4-way tie: the value is the same whichever maximum wins)."""
+    layer = build_layer(config, (2, 5, 5), "layers[0]", "0")
+    x = np.random.default_rng(3).standard_normal((6, 2, 5, 5))
+    x[0, 0, :2, :2] = 1.5
+    emulated = EmulatedBackend(Precision("fp16", "autocast"))
+
+    def run(bk, state):
+        if bk is emulated:                      # the layer's own cache comes first in its
+            y, ecache = emulated.forward_layer(layer, {}, store(x, "fp16"), state)
+            return y, ecache[0]
+        return layer.forward(bk, {}, bk.asarray(x), state)
+
+    for bk in (FLOAT64, FLOAT32, MP60, BOUND, IntervalBackend(100), emulated):
+        ordinary, argmax = run(bk, ForwardState())
+        stacked, cache = run(bk, ForwardState(groups=3))
+        assert argmax is not None and cache is None, bk
+        values = (lambda a: a.v) if bk is BOUND else np.asarray                 # noqa: E731
+        assert np.array_equal(values(stacked), values(ordinary)), bk
+        if bk is BOUND:
+            assert np.array_equal(stacked.e, ordinary.e)
+        if bk is emulated:
+            assert format_of(stacked) == format_of(ordinary) == "fp16"

