@@ -499,3 +499,35 @@ def test_the_run_layout_of_the_float_im2col_equals_the_generic_indexed_gather(
             assert np.array_equal(win.gather(FLOAT64, x, fill=fill), generic)
     finally:
         windows.GATHER_CHUNK_BYTES = old
+
+
+def test_the_float_col2im_leaves_numpys_buffer_size_as_it_found_it():
+    """The run layout's adds run with numpy's ufunc buffer at its smallest (``_unbuffered``:
+    faster for long runs, the same bits): afterwards the caller's buffer size is back, also
+    when the adds raise — no state leaks out of a layer."""
+    from refnet.layers import windows
+    win = windows.Windows((16, 16), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), "test")
+    assert win.runs is not None
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((1, 2 * win.K, 3)), rng.standard_normal((2, 1, 3, win.L))
+    previous = np.setbufsize(4096)
+    try:
+        seen = []
+        original = windows.Windows._add_runs
+
+        def spy(self, out, v):
+            seen.append(v.shape)
+            original(self, out, v)
+        windows.Windows._add_runs = spy
+        try:
+            win.scatter_product(FLOAT64, a, b)
+        finally:
+            windows.Windows._add_runs = original
+        assert seen and np.getbufsize() == 4096                 # the runs were added
+        with pytest.raises(ZeroDivisionError):
+            with windows._unbuffered():
+                assert np.getbufsize() == 16
+                1 / 0
+        assert np.getbufsize() == 4096
+    finally:
+        np.setbufsize(previous)
