@@ -11,9 +11,10 @@ and the position is *padding* when h or w falls outside the input. ``gather`` bu
 indexing plus ``bk.where`` and ``bk.sum``, so they run in every backend; the integer index
 arrays are computed once per layer, in numpy. For float numpy arrays both run on strided views
 instead — one strided copy of the padded input (gather), one add per kernel offset into the
-input gradient, the padding clipped off (scatter) — the same values, in the same order of
-additions, about 3× faster; ``scatter_product`` (conv2d's col2im of W_gᵀ·dY_g) makes the
-product a few samples at a time and scatters each chunk while it is in cache.
+input gradient, the padding clipped off (scatter); with stride 1 and as many output columns as
+input ones, one copy or add per offset of a run per (n, c) (``runs``) — the same values, in the
+same order of additions, about 3× faster. ``scatter_product`` (conv2d's col2im of W_gᵀ·dY_g)
+makes the product a few samples at a time and scatters each chunk while it is in cache.
 
     gather(x)   x: (N, C, H, W)        -> (N, C, K, L)   K = kh·kw, L = OH·OW
     scatter(v)  v: (N, C, K, L)        -> (N, C, H, W)   dx[h, w] = Σ_{(k, l) reading (h, w)} v[k, l]
@@ -119,8 +120,8 @@ class Windows:
         # the input gradient as one run of consecutive positions per (n, c) — in the flattened
         # (H·W) gradient, output (oh, ow) goes to (oh + i·dh − top)·W + ow + j·dw − left —
         # except the columns that read padding, which would wrap into the row above or below:
-        # the float scatter_product zeroes those in its own product first (the runs, per k:
-        # source and destination ranges, and the column slices to zero; scatter_product).
+        # the float gather fills those afterwards, the float scatter_product zeroes them in its
+        # own product first (per k: the source and destination ranges, and those columns).
         self.runs = None
         if (sh, sw) == (1, 1) and OW == W:
             self.runs = [None if where is None else _run(where, OW, W, H)
