@@ -6,7 +6,7 @@ from conftest import HAVE_TORCH, reference_rounding
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from refnet import BOUND, FLOAT64, Model, MPBackend, verify
+from refnet import BOUND, FLOAT32, FLOAT64, Model, MPBackend, verify
 from refnet.layers.conv import Conv2d
 from refnet.layers.pool import AvgPool2d, GlobalAvgPool, MaxPool2d
 
@@ -358,3 +358,176 @@ def test_both_layouts_of_the_float_col2im_run_and_agree(width, monkeypatch):
         assert np.array_equal(chosen, other)
         if dtype == np.float64:
             assert np.array_equal(chosen, w.scatter(FLOAT64, v.astype(object)).astype(dtype))
+
+
+class _NotPlain(np.ndarray):
+    """A float array that is not a plain ndarray: the windows take their generic paths on it."""
+
+
+class _CountingFloat64(type(FLOAT64)):
+    """The float64 backend, counting its matmul calls and the largest product made."""
+
+    def __init__(self):
+        super().__init__(np.float64)
+        self.products = []
+
+    def matmul(self, a, b):
+        out = super().matmul(a, b)
+        self.products.append(out.shape)
+        return out
+
+
+@pytest.mark.parametrize("case, runs", [(case, case["padding"] == "same") for case in CONV_CASES]
+                         + [(dict(kernel_size=3, stride=1, padding=[2, 1], dilation=[2, 1],
+                                  groups=1), True),
+                            (dict(kernel_size=[3, 2], stride=[1, 2], padding=1, dilation=1,
+                                  groups=4), False)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_conv2d_backward_made_a_few_samples_at_a_time_gives_the_bits_of_the_whole_product(
+        case, runs, dtype, monkeypatch):
+    """The float col2im of W_gᵀ·dY_g (``Windows.scatter_product``) makes the product a chunk of
+    samples at a time, never whole, and gives the bits of the whole product scattered at once —
+    the same per-sample GEMMs, the same additions in the same order — for chunks of 1, 2 (not
+    dividing the batch of 5) and all samples, added row by row or, for stride 1 and as many
+    output columns as input ones, as one run an offset; in float64 also the bound backend's
+    values, which
+    run the generic gather-and-sum (verify holds float64's gradient to the bound computed at
+    those values). The data make the order matter: the offsets added in reverse order change
+    some element's bits, so the equality is no accident. Also the generic gather-and-sum in the
+    same dtype (on a float array that is no plain ndarray)."""
+    from refnet.layers import windows
+    layer, params = _conv(case, in_shape=(4, 9, 40))
+    params = {k: v.astype(dtype) for k, v in params.items()}
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 4, 9, 40)).astype(dtype)
+    win = layer.windows
+    assert win.out_hw[1] >= windows.SCATTER_CHANNELS_LAST_BELOW      # not channels-last
+    assert (win.runs is not None) == runs               # stride 1, OW = W: one run an offset
+    _, cache = layer.forward(FLOAT64, params, x)
+    dy = rng.standard_normal((5,) + layer.out_shape).astype(dtype)
+    w_t = layer._grouped_weight(params["weight"]).transpose(0, 2, 1)
+    dy_g = dy.reshape(5, layer.groups, -1, win.L)
+    product = np.matmul(w_t, dy_g).reshape(5, 4, win.K, win.L)
+    whole = win.scatter(FLOAT64, product)
+    per_sample = product[0].nbytes
+    for chunk in (1, 2, 5):
+        monkeypatch.setattr(windows, "SCATTER_CHUNK_BYTES", chunk * per_sample)
+        bk = _CountingFloat64()
+        dx, grads = layer.backward(bk, params, dy, cache)
+        made = [s for s in bk.products if s[-1] == win.L]                 # the products dcols
+        assert [s[0] for s in made] == ([1] * 5 if chunk == 1 else [2, 2, 1] if chunk == 2
+                                        else [5])
+        assert dx.dtype == dtype and dx.flags.c_contiguous
+        assert np.array_equal(dx.view(np.uint8), whole.view(np.uint8)), chunk
+    bk = FLOAT64 if dtype == np.float64 else FLOAT32
+    generic = win.scatter(bk, product.view(_NotPlain))                   # take, where, bk.sum
+    assert np.array_equal(dx, generic)
+    if dtype == np.float64:
+        dxb, _ = layer.backward(BOUND, params, dy, cache)
+        assert np.array_equal(dx, dxb.v)
+    # Teeth: where a position sums three or more terms, the order of the additions shows in
+    # the bits (two terms commute; case 4's windows do not overlap at all).
+    reverse = np.zeros_like(whole)
+    for k in reversed(range(win.K)):
+        one = np.zeros_like(product)
+        one[:, :, k] = product[:, :, k]
+        reverse += win.scatter(FLOAT64, one)
+    if win.back_valid.sum(axis=0).max() >= 3:
+        assert not np.array_equal(reverse, whole)
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 2), st.integers(1, 2),
+       st.integers(0, 2), st.integers(0, 2), st.integers(0, 4), st.integers(1, 6),
+       st.integers(13, 16))
+def test_the_run_layout_of_the_float_col2im_drops_what_read_padding_inf_and_nan_included(
+        kh, kw, dh, dw, top, bottom, left, h, w):
+    """Stride 1 with as many output columns as input ones (left + right = dw·(kw − 1)): the
+    float col2im of a product adds each offset as one run, its columns that read padding
+    zeroed, which would otherwise wrap into the next or previous row. Equal to the generic
+    gather-and-sum, bit for bit, with chunks of 2 samples and with ±inf and NaN in the product
+    (a NaN in a column that read padding must not reach dx)."""
+    from refnet.layers import windows
+    left = min(left, dw * (kw - 1))
+    try:
+        win = windows.Windows((h, w), (kh, kw), (1, 1), (dh, dw),
+                              (top, bottom, left, dw * (kw - 1) - left), "test")
+    except ValueError:
+        assume(False)
+    assert win.out_hw[1] == w and win.runs is not None
+    rng = np.random.default_rng(h * 100 + w)
+    a = rng.standard_normal((1, 3 * win.K, 2))
+    b = rng.standard_normal((5, 1, 2, win.L))
+    b[1, 0, 0, rng.integers(win.L, size=3)] = np.inf                # ±inf, and 0·inf = NaN
+    a[0, rng.integers(3 * win.K, size=2), 0] = 0.0
+    old = windows.SCATTER_CHUNK_BYTES
+    with np.errstate(invalid="ignore"):
+        product = np.matmul(a, b).reshape(5, 3, win.K, win.L)
+        assert np.isnan(product).any() and np.isinf(product).any()
+        generic = win.scatter(FLOAT64, product.view(_NotPlain))
+        try:
+            windows.SCATTER_CHUNK_BYTES = 2 * product[0].nbytes
+            fast = win.scatter_product(FLOAT64, a, b)
+        finally:
+            windows.SCATTER_CHUNK_BYTES = old
+    assert np.array_equal(fast, generic, equal_nan=True)
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 2), st.integers(1, 2),
+       st.integers(0, 2), st.integers(0, 2), st.integers(0, 4), st.integers(1, 6),
+       st.integers(3, 16), st.sampled_from([0.0, -np.inf]))
+def test_the_run_layout_of_the_float_im2col_equals_the_generic_indexed_gather(
+        kh, kw, dh, dw, top, bottom, left, h, w, fill):
+    """Stride 1 with as many output columns as input ones: the float im2col copies each
+    offset's windows as one run of the flattened input, then sets what read padding (rows
+    before and after, the columns that wrapped into the next or previous row) to ``fill`` —
+    the generic indexed gather's values exactly, for conv's 0 and max-pool's −inf, a few
+    samples at a time (chunks of 2 of 5) or all at once."""
+    from refnet.layers import windows
+    left = min(left, dw * (kw - 1))
+    try:
+        win = windows.Windows((h, w), (kh, kw), (1, 1), (dh, dw),
+                              (top, bottom, left, dw * (kw - 1) - left), "test")
+    except ValueError:
+        assume(False)
+    assert win.out_hw[1] == w and win.runs is not None
+    x = np.random.default_rng(h * 100 + w).standard_normal((5, 3, h, w))
+    generic = win.gather(FLOAT64, x.view(_NotPlain), fill=fill)
+    old = windows.GATHER_CHUNK_BYTES
+    try:
+        for chunk in (2, 5):
+            windows.GATHER_CHUNK_BYTES = chunk * 3 * win.K * win.L * 8
+            assert np.array_equal(win.gather(FLOAT64, x, fill=fill), generic)
+    finally:
+        windows.GATHER_CHUNK_BYTES = old
+
+
+def test_the_float_col2im_leaves_numpys_buffer_size_as_it_found_it():
+    """The run layout's adds run with numpy's ufunc buffer at its smallest (``_unbuffered``:
+    faster for long runs, the same bits): afterwards the caller's buffer size is back, also
+    when the adds raise — no state leaks out of a layer."""
+    from refnet.layers import windows
+    win = windows.Windows((16, 16), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), "test")
+    assert win.runs is not None
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((1, 2 * win.K, 3)), rng.standard_normal((2, 1, 3, win.L))
+    previous = np.setbufsize(4096)
+    try:
+        seen = []
+        original = windows.Windows._add_runs
+
+        def spy(self, out, v):
+            seen.append(v.shape)
+            original(self, out, v)
+        windows.Windows._add_runs = spy
+        try:
+            win.scatter_product(FLOAT64, a, b)
+        finally:
+            windows.Windows._add_runs = original
+        assert seen and np.getbufsize() == 4096                 # the runs were added
+        with pytest.raises(ZeroDivisionError):
+            with windows._unbuffered():
+                assert np.getbufsize() == 16
+                1 / 0
+        assert np.getbufsize() == 4096
+    finally:
+        np.setbufsize(previous)

@@ -712,9 +712,10 @@ def test_the_torch_comparison_fails_too_when_an_options_formula_is_changed(row, 
        st.integers(0, 1), st.integers(3, 7), st.sampled_from([0.0, -np.inf]))
 def test_the_strided_float_paths_pad_a_ceil_mode_overhang_like_the_generic_ones(kh, kw, sh, dh,
                                                                                 pad, size, fill):
-    """In ceil mode the last window may run past the padded input: the float fast paths pad
-    that far more (``overhang``) and give the generic indexed gather and its adjoint bit for
-    bit (the same values, the same order of additions)."""
+    """In ceil mode the last window may run past the padded input: the float gather pads that
+    far more (``overhang``), the float scatter clips the window to the input, and both give the
+    generic indexed gather and its adjoint bit for bit (the same values, the same order of
+    additions)."""
     try:
         w = windows.Windows((size, size + 1), (kh, kw), (sh, 2), (dh, 1),
                             (min(pad, kh // 2), min(pad, kh // 2), 0, 0), "test", ceil_mode=True)

@@ -105,6 +105,7 @@ class Conv2d(WeightedLayer):
         if self.config["bias"]:
             grads["bias"] = bk.sum(dy, axis=(0, 2, 3))
         w_t = self._grouped_weight(params["weight"]).transpose(0, 2, 1)  # (G, C/G·K, O/G)
-        dcols = bk.matmul(w_t, dy_g)                                     # (N, G, C/G·K, L)
-        dx = win.scatter(bk, dcols.reshape(n, self.in_channels, win.K, win.L))
+        # dx = col2im(dcols), dcols = W_gᵀ·dY_g (N, G, C/G·K, L): for float arrays made and
+        # scattered a few samples at a time, never whole (Windows.scatter_product).
+        dx = win.scatter_product(bk, w_t, dy_g)
         return dx, grads

@@ -9,22 +9,28 @@ and the position is *padding* when h or w falls outside the input. ``gather`` bu
 (im2col) and ``scatter`` sends per-window values back to the input positions they came from
 (col2im, the adjoint of gather: a sum over every window that read a position). Both are plain
 indexing plus ``bk.where`` and ``bk.sum``, so they run in every backend; the integer index
-arrays are computed once per layer, in numpy. For float numpy arrays both run as one strided
-copy (gather) or add (scatter) per kernel offset on the padded input instead: the same values,
-in the same order of additions, about 3× faster.
+arrays are computed once per layer, in numpy. For float numpy arrays both run on strided views
+instead — one strided copy of the padded input (gather), one add per kernel offset into the
+input gradient, the padding clipped off (scatter); with stride 1 and as many output columns as
+input ones, one copy or add per offset of a run per (n, c) (``runs``) — the same values, in the
+same order of additions, about 3× faster. ``scatter_product`` (conv2d's col2im of W_gᵀ·dY_g)
+makes the product a few samples at a time and scatters each chunk while it is in cache.
 
     gather(x)   x: (N, C, H, W)        -> (N, C, K, L)   K = kh·kw, L = OH·OW
     scatter(v)  v: (N, C, K, L)        -> (N, C, H, W)   dx[h, w] = Σ_{(k, l) reading (h, w)} v[k, l]
+    scatter_product(a, b)              = scatter(a @ b), the product (N, …, L) read as (N, C, K, L)
 
 Pooling's ``ceil_mode`` (torch's rule, ``pool_output_size``) adds a last window that may run past
 the padded input; its positions past the padding are padding too (``fill``), and the strided
-paths pad that far (``overhang``). ``AdaptiveWindows`` are torch's uneven adaptive-pooling
-windows, window i of n over a length L being [⌊i·L/n⌋, ⌈(i+1)·L/n⌉): K = the largest window,
-the offsets past a smaller window's end are padding, and windows may overlap (n > L included).
+gather pads that far (``overhang``; the strided scatter clips every window to the input).
+``AdaptiveWindows`` are torch's uneven adaptive-pooling windows, window i of n over a length L
+being [⌊i·L/n⌋, ⌈(i+1)·L/n⌉): K = the largest window, the offsets past a smaller window's end
+are padding, and windows may overlap (n > L included).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Tuple
 
 import numpy as np
@@ -101,11 +107,33 @@ class Windows:
         self.back_index[k_idx, self.flat[k_idx, l_idx]] = l_idx
         self.back_k = np.broadcast_to(np.arange(self.K)[:, None], (self.K, H * W))
 
+        # The float col2im's slices, per kernel offset k: the input rows and columns it reads
+        # (a strided slice of (H, W)) and the output rows and columns that read them, padding
+        # left out (the clipped window); None for an offset that reads only padding.
+        self.offset_slices = []
+        for k in range(self.K):
+            i, j = divmod(k, kw)
+            rows = _clipped(OH, sh, i * dh - top, H)
+            cols = _clipped(OW, sw, j * dw - left, W)
+            self.offset_slices.append(None if rows is None or cols is None else rows + cols)
+        # With stride 1 and as many output columns as input ones, offset k's values land on
+        # the input gradient as one run of consecutive positions per (n, c) — in the flattened
+        # (H·W) gradient, output (oh, ow) goes to (oh + i·dh − top)·W + ow + j·dw − left —
+        # except the columns that read padding, which would wrap into the row above or below:
+        # the float gather fills those afterwards, the float scatter_product zeroes them in its
+        # own product first (per k: the source and destination ranges, and those columns).
+        self.runs = None
+        if (sh, sw) == (1, 1) and OW == W:
+            self.runs = [None if where is None else _run(where, OW, W, H)
+                         for where in self.offset_slices]
+
     def gather(self, bk, x, fill=0.0):
         """(N, C, H, W) -> (N, C, K, L); padding positions hold ``fill``."""
         n, c = x.shape[:2]
         if type(x) is np.ndarray and x.dtype.kind == "f":      # not a subclass: a storage-
-            return self._gather_strided(x, fill)                # format array rounds its sums
+            if self.runs is not None:                           # format array rounds its sums
+                return self._gather_runs(x, fill)
+            return self._gather_strided(x, fill)
         # take (not fancy indexing): 4x faster than fancy indexing, and C-contiguous.
         windows = x.reshape(n, c, self.in_hw[0] * self.in_hw[1]).take(self.flat, axis=2)
         return bk.where(self.valid, windows, fill)
@@ -123,6 +151,34 @@ class Windows:
             padded, (n, c, kh, kw, OH, OW), (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw),
             writeable=False)
         return view.copy().reshape(n, c, kh * kw, OH * OW)
+
+    def _gather_runs(self, x, fill):
+        """float numpy, stride 1 and OW = W (``runs``): each offset's windows copied out of the
+        flattened input as one run per (n, c), then the positions that read padding — the
+        rows before and after the run and the columns that wrapped into the row above or
+        below — set to ``fill``: the same values as the strided gather, no padded copy of x,
+        long inner loops (1.1-1.2x faster at 16×16 and 32×32, 2x at 8×8, measured). Written a
+        few samples at a time (``GATHER_CHUNK_BYTES`` of windows each), so that the K passes
+        over the chunk stay in cache."""
+        n, c = x.shape[:2]
+        (OH, OW), K, L = self.out_hw, self.K, self.L
+        cols = np.empty((n, c, K, L), dtype=x.dtype)
+        flat = x.reshape(n, c, self.in_hw[0] * self.in_hw[1])
+        by_row = cols.reshape(n, c, K, OH, OW)
+        chunk = max(1, GATHER_CHUNK_BYTES // (c * K * L * x.itemsize))
+        for s in range(0, n, chunk):
+            part, source, part_rows = cols[s:s + chunk], flat[s:s + chunk], by_row[s:s + chunk]
+            for k, run in enumerate(self.runs):
+                if run is None:
+                    part[:, :, k] = fill
+                    continue
+                src, dst, padding_columns = run
+                part[:, :, k, src] = source[:, :, dst]
+                part[:, :, k, :src.start] = fill
+                part[:, :, k, src.stop:] = fill
+                for columns in padding_columns:
+                    part_rows[:, :, k, :, columns] = fill
+        return cols
 
     def _padded(self, x, fill):
         """x inside a border of ``fill`` (the padding, and a ceil-mode window's overhang): np.pad's
@@ -147,10 +203,68 @@ class Windows:
         per_offset = bk.where(self.back_valid, per_offset, 0)
         return bk.sum(per_offset, axis=2).reshape(n, c, *self.in_hw)
 
+    def scatter_product(self, bk, a, b):
+        """col2im of a batched product: ``scatter(a @ b)``, the product (N, …, L) read as
+        (N, C, K, L); b's axis 0 is the sample — conv2d's dx = col2im(W_gᵀ·dY_g), a (G, C/G·K,
+        O/G), b (N, G, O/G, L).
+
+        For float numpy operands the product is made and added into the gradient a few samples
+        at a time (``SCATTER_CHUNK_BYTES`` of product each): each chunk is scattered while it is
+        still in cache, and no whole product is ever allocated (conv2d's benchmark makes 38 MB
+        of it in float64: above glibc's largest mmap threshold, 32 MB, such an array is mapped
+        afresh every step and the kernel zeroes each page). The same bits as the whole product
+        scattered: numpy's batched matmul calls BLAS once per sample and group, the same calls
+        chunk or not, and each position receives the same additions in the same order."""
+        n = b.shape[0]
+        whole = lambda: bk.matmul(a, b).reshape(n, -1, self.K, self.L)     # noqa: E731
+        if not (type(a) is np.ndarray and type(b) is np.ndarray and a.dtype.kind == "f"
+                and b.dtype.kind == "f"):
+            return self.scatter(bk, whole())
+        if self.out_hw[1] < SCATTER_CHANNELS_LAST_BELOW:    # small images: one scatter
+            return self.scatter(bk, whole())
+        # The product's bytes per sample: b's other axes (the groups) times a's rows times L.
+        per_sample = (b.size // (n * b.shape[-2]) * a.shape[-2]
+                      * np.result_type(a.dtype, b.dtype).itemsize)
+        chunk = max(1, SCATTER_CHUNK_BYTES // per_sample)
+        out = None
+        for s in range(0, n, chunk):
+            v = bk.matmul(a, b[s:s + chunk])
+            if type(v) is not np.ndarray:             # a backend that wraps float products
+                return self.scatter(bk, whole())
+            v = v.reshape(v.shape[0], -1, self.K, self.L)
+            if out is None:
+                out = np.zeros((n, v.shape[1]) + self.in_hw, dtype=v.dtype)
+            if self.runs is not None:
+                self._add_runs(out[s:s + chunk], v)
+            else:
+                self._add_offsets(out[s:s + chunk], v.transpose(2, 0, 1, 3), last=False)
+        return out
+
+    def _add_runs(self, out, v):
+        """out (n, c, H, W) += v (n, c, K, L) at the positions each offset read, k = 0..K−1, as
+        one run a (n, c) and offset (``runs``: stride 1, OW = W). v is scatter_product's own
+        product, and its columns that read padding are zeroed first: in the run they fall on
+        the row above or below (or off the ends, cut), where their exact zero changes nothing
+        — the sum there starts from +0 and so is never −0, and s + 0 = s for every other s,
+        inf and NaN included. The same bits as ``_add_offsets``, with one long inner loop per
+        (n, c, k) instead of one per output row."""
+        n, c = v.shape[:2]
+        (OH, OW), HW = self.out_hw, self.in_hw[0] * self.in_hw[1]
+        flat, by_row = out.reshape(n, c, HW), v.reshape(n, c, self.K, OH, OW)
+        with _unbuffered():
+            for k, run in enumerate(self.runs):
+                if run is None:
+                    continue
+                src, dst, padding_columns = run
+                for columns in padding_columns:
+                    by_row[:, :, k, :, columns] = 0
+                flat[:, :, dst] += v[:, :, k, src]
+
     def _scatter_strided(self, v):
-        """float numpy: add each kernel offset's values into a strided view of the padded
-        input, offsets in order k = 0..K−1 (the order the generic path sums them in), then
-        crop the padding: 3x faster than gathering K candidates per position.
+        """float numpy: add each kernel offset's values into a strided view of the input
+        gradient, offsets in order k = 0..K−1 (the order the generic path sums them in), the
+        positions that read padding left out (they are dropped anyway): 3x faster than
+        gathering K candidates per position.
 
         Each add runs numpy's inner loop over one output row (OW values); below
         ``SCATTER_CHANNELS_LAST_BELOW`` columns that overhead dominates, and the adds run on
@@ -159,32 +273,83 @@ class Windows:
         2-3x slower at 32×32, measured)."""
         n, c = v.shape[:2]
         (H, W), (OH, OW) = self.in_hw, self.out_hw
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
-        top, bottom, left, right = self.padding
-        bottom, right = bottom + self.overhang[0], right + self.overhang[1]
         last = OW < SCATTER_CHANNELS_LAST_BELOW
-        padded = (H + top + bottom, W + left + right)
-        out = np.zeros(padded + (n * c,) if last else (n, c) + padded, dtype=v.dtype)
         if last:                                          # (K, OH, OW, N·C)
-            per_offset = v.reshape(n * c, kh * kw, OH, OW).transpose(1, 2, 3, 0)
-        else:
-            per_offset = v.reshape(n, c, kh * kw, OH, OW).transpose(2, 0, 1, 3, 4)
-        for k in range(kh * kw):
-            i, j = divmod(k, kw)
-            rows = slice(i * dh, i * dh + sh * (OH - 1) + 1, sh)
-            cols = slice(j * dw, j * dw + sw * (OW - 1) + 1, sw)
+            out = np.zeros((H, W, n * c), dtype=v.dtype)
+            self._add_offsets(out, v.reshape(n * c, self.K, OH, OW).transpose(1, 2, 3, 0),
+                              last=True)
+            return np.ascontiguousarray(out.transpose(2, 0, 1)).reshape(n, c, H, W)
+        out = np.zeros((n, c, H, W), dtype=v.dtype)
+        self._add_offsets(out, v.transpose(2, 0, 1, 3), last=False)
+        return out
+
+    def _add_offsets(self, out, per_offset, last):
+        """out += each kernel offset's values at the input positions it read, k = 0..K−1:
+        out (n, c, H, W) and per_offset (K, n, c, L), or channels-last (``last``) out (H, W, ·)
+        and per_offset (K, OH, OW, ·)."""
+        OH, OW = self.out_hw
+        if not last:
+            per_offset = per_offset.reshape(per_offset.shape[:3] + (OH, OW))
+        for k, where in enumerate(self.offset_slices):
+            if where is None:
+                continue
+            rows, src_rows, cols, src_cols = where
             if last:
-                out[rows, cols] += per_offset[k]
+                out[rows, cols] += per_offset[k, src_rows, src_cols]
             else:
-                out[:, :, rows, cols] += per_offset[k]
-        if last:
-            return np.ascontiguousarray(
-                out[top:top + H, left:left + W].transpose(2, 0, 1)).reshape(n, c, H, W)
-        return out[:, :, top:top + H, left:left + W]
+                out[:, :, rows, cols] += per_offset[k, :, :, src_rows, src_cols]
 
 
 # Output widths below this scatter channels-last (Windows._scatter_strided).
 SCATTER_CHANNELS_LAST_BELOW = 13
+# The product scattered at a time by the float Windows.scatter_product: about an L2 cache
+# (1–2 MB a core on the machines measured; 1 to 4 samples of conv2d's benchmark).
+SCATTER_CHUNK_BYTES = 2 << 20
+# The windows written at a time by the float Windows._gather_runs (measured: 1 MB and 4 MB
+# both beat the whole batch at 32×32, 4 MB by a little more in float32).
+GATHER_CHUNK_BYTES = 4 << 20
+
+
+def _clipped(out_size, stride, start, size):
+    """The outputs o in [0, out_size) whose input o·stride + start lies in [0, size), and those
+    inputs: (input slice, output slice), or None if there are none."""
+    lo = max(0, (-start + stride - 1) // stride)
+    hi = min(out_size - 1, (size - 1 - start) // stride)
+    if lo > hi:
+        return None
+    return (slice(lo * stride + start, hi * stride + start + 1, stride), slice(lo, hi + 1))
+
+
+@contextmanager
+def _unbuffered():
+    """numpy's ufunc buffer at its smallest (16 elements) inside, the caller's restored after
+    (numpy keeps it per thread, per context in numpy 2). A ufunc on an operand that is not
+    contiguous as a whole copies it through that buffer whenever its contiguous rows are
+    shorter than the buffer (8192 elements by default), to run longer inner loops. For the
+    runs of ``_add_runs`` (hundreds to thousands of values) the copies in and out cost more
+    than they save — scatter_product 1.2-1.3x faster without them at 14×14 to 32×32, about
+    even at 64×64 (numpy 1.26 and 2.4) — while for the rows of ``_add_offsets`` (one output
+    row, ≤ 30 values in the cases measured) the buffered loops are faster, so only the runs
+    use this. Buffering copies values, it never rounds them: the same bits either way."""
+    previous = np.setbufsize(16)
+    try:
+        yield
+    finally:
+        np.setbufsize(previous)
+
+
+def _run(where, OW, W, H):
+    """Offset k's run (``Windows.runs``) from its clipped slices (stride 1, OW = W): the source
+    range in the flattened (OH·OW) values, the destination range in the flattened (H·W)
+    gradient — the output rows that read the input, whole, cut where it would leave the array
+    (only columns that read padding are cut) — and the output columns that read padding."""
+    rows, src_rows, cols, src_cols = where
+    shift = (rows.start - src_rows.start) * W + cols.start - src_cols.start   # dst − src
+    start, stop = src_rows.start * OW, src_rows.stop * OW
+    start, stop = max(start, -shift), min(stop, H * W - shift)
+    padding_columns = [s for s in (slice(0, src_cols.start), slice(src_cols.stop, OW))
+                       if s.stop > s.start]
+    return slice(start, stop), slice(start + shift, stop + shift), padding_columns
 
 
 def window_groups(valid):
