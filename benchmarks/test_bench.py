@@ -16,6 +16,11 @@ MODELS = Path(__file__).resolve().parent / "models"
 RNG = np.random.default_rng(0)
 PAIRS = 7                   # interleaved pairs behind every paired ratio
 PAIR_BLOCK_SECONDS = 0.05   # each side's block of calls in a pair runs about this long
+# A pause before each block: the side just timed leaves worker threads spinning (OpenBLAS's
+# after a GEMM, OpenMP's for its block time) that take the cores from the next block. Without
+# it the MLP's pairs read refnet/torch 0.71 where blocks timed apart read 1.24-1.41; with
+# 0.3 s, 1.14 (measured).
+PAIR_SETTLE_SECONDS = 0.3
 
 
 def mlp_4x1024():
@@ -330,7 +335,8 @@ def _mean_time(fn, rounds):
 def paired_ratio(ours, peer, pairs=PAIRS):
     """The median over ``pairs`` interleaved pairs of (our mean time / the peer's mean time),
     each pair a block of calls of each side back to back (which side goes first alternates),
-    blocks of about PAIR_BLOCK_SECONDS: both sides of a pair meet the same machine state. Why:
+    blocks of about PAIR_BLOCK_SECONDS, each after a PAIR_SETTLE_SECONDS pause: both sides of
+    a pair meet the same machine state. Why:
     on a shared VM both sides' speed drifts by 20–40 % over a run, so a ratio of two groups
     timed a minute apart moves with the drift (benchmarks/README.md); within a pair it cancels."""
     import time
@@ -344,6 +350,7 @@ def paired_ratio(ours, peer, pairs=PAIRS):
     for k in range(pairs):
         times = {}
         for name, fn in sorted((("ours", ours), ("peer", peer)), reverse=k % 2 == 1):
+            time.sleep(PAIR_SETTLE_SECONDS)
             times[name] = _mean_time(fn, calls[name])
         ratios.append(times["ours"] / times["peer"])
     return float(np.median(ratios))

@@ -112,6 +112,7 @@ def test_paired_ratio_is_the_median_of_per_pair_ratios_with_alternating_order(mo
         calls.append("peer")
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(test_bench, "PAIR_BLOCK_SECONDS", 3.0)   # one call a block, each side
+    monkeypatch.setattr(test_bench, "PAIR_SETTLE_SECONDS", 0.0)
     assert test_bench.paired_ratio(ours, peer, pairs=7) == 1.5
     pairs = calls[4:]                  # after the warm-up and the calibration call of each side
     assert len(pairs) == 14 and sum(c == "peer" for c in pairs) == 7
