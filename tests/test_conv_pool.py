@@ -436,6 +436,20 @@ def test_conv2d_backward_made_a_few_samples_at_a_time_gives_the_bits_of_the_whol
         assert not np.array_equal(reverse, whole)
 
 
+def _same_width_windows(kh, kw, dh, dw, top, bottom, left, h, w):
+    """Stride-1 windows with as many output columns as input ones (left + right = dw·(kw − 1)),
+    which take the run layout; hypothesis skips geometries whose kernel outgrows the input."""
+    from refnet.layers import windows
+    left = min(left, dw * (kw - 1))
+    try:
+        win = windows.Windows((h, w), (kh, kw), (1, 1), (dh, dw),
+                              (top, bottom, left, dw * (kw - 1) - left), "test")
+    except ValueError:
+        assume(False)
+    assert win.out_hw[1] == w and win.runs is not None
+    return win
+
+
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 2), st.integers(1, 2),
        st.integers(0, 2), st.integers(0, 2), st.integers(0, 4), st.integers(1, 6),
        st.integers(13, 16))
@@ -447,13 +461,7 @@ def test_the_run_layout_of_the_float_col2im_drops_what_read_padding_inf_and_nan_
     gather-and-sum, bit for bit, with chunks of 2 samples and with ±inf and NaN in the product
     (a NaN in a column that read padding must not reach dx)."""
     from refnet.layers import windows
-    left = min(left, dw * (kw - 1))
-    try:
-        win = windows.Windows((h, w), (kh, kw), (1, 1), (dh, dw),
-                              (top, bottom, left, dw * (kw - 1) - left), "test")
-    except ValueError:
-        assume(False)
-    assert win.out_hw[1] == w and win.runs is not None
+    win = _same_width_windows(kh, kw, dh, dw, top, bottom, left, h, w)
     rng = np.random.default_rng(h * 100 + w)
     a = rng.standard_normal((1, 3 * win.K, 2))
     b = rng.standard_normal((5, 1, 2, win.L))
@@ -483,13 +491,7 @@ def test_the_run_layout_of_the_float_im2col_equals_the_generic_indexed_gather(
     the generic indexed gather's values exactly, for conv's 0 and max-pool's −inf, a few
     samples at a time (chunks of 2 of 5) or all at once."""
     from refnet.layers import windows
-    left = min(left, dw * (kw - 1))
-    try:
-        win = windows.Windows((h, w), (kh, kw), (1, 1), (dh, dw),
-                              (top, bottom, left, dw * (kw - 1) - left), "test")
-    except ValueError:
-        assume(False)
-    assert win.out_hw[1] == w and win.runs is not None
+    win = _same_width_windows(kh, kw, dh, dw, top, bottom, left, h, w)
     x = np.random.default_rng(h * 100 + w).standard_normal((5, 3, h, w))
     generic = win.gather(FLOAT64, x.view(_NotPlain), fill=fill)
     old = windows.GATHER_CHUNK_BYTES
