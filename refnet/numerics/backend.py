@@ -215,9 +215,8 @@ class NumpyBackend:
                 or a.size < FUSED_MIN_SIZE):
             return self.sum(a * b, axis=axis)
         axes = _axis_tuple(axis, a.ndim)
-        letters = "abcdefghijklmnopqrstuvwxyz"[:a.ndim]
-        kept = "".join(letter for k, letter in enumerate(letters) if k not in axes)
-        return np.einsum(f"{letters},{letters}->{kept}", a, b)
+        operand, kept = _einsum_axes(axes, a.ndim)
+        return np.einsum(f"{operand},{operand}->{kept}", a, b)
 
     def sample_shaped(self, v, shape):
         """v (broadcastable to ``shape``, constant along its axis 0: a per-channel statistic)
@@ -290,10 +289,17 @@ def _strided(axis, ndim) -> bool:
     return 1 < len(axes) < ndim and axes != tuple(range(ndim - len(axes), ndim))
 
 
+def _einsum_axes(axes, ndim):
+    """einsum's subscripts for a reduction over ``axes`` of an ndim array: (the operand's, the
+    kept ones')."""
+    letters = "abcdefghijklmnopqrstuvwxyz"[:ndim]
+    return letters, "".join(letter for k, letter in enumerate(letters) if k not in axes)
+
+
 def _einsum_sum(a, axis, keepdims):
     axes = _axis_tuple(axis, a.ndim)
-    letters = "abcdefghijklmnopqrstuvwxyz"[:a.ndim]
-    total = np.einsum(f"{letters}->" + "".join(c for k, c in enumerate(letters) if k not in axes), a)
+    operand, kept = _einsum_axes(axes, a.ndim)
+    total = np.einsum(f"{operand}->{kept}", a)
     if keepdims:
         total = total.reshape(tuple(1 if k in axes else n for k, n in enumerate(a.shape)))
     return total
