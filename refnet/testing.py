@@ -125,10 +125,14 @@ def gradient_matches(grads: Dict[str, object], model: Model, params, x, y,
             ratio = np.where(err == 0, 0.0, err / allowed)
         ratio = np.where(np.isfinite(got) & ~np.isnan(ratio), ratio, np.inf)
         i = np.unravel_index(int(np.argmax(ratio)), ratio.shape) if ratio.size else ()
+        # In ulps at the exact value: where that is 0 (a bias right before a batchnorm: its
+        # exact gradient is 0), its ulp is the least subnormal, and the count may pass the
+        # largest float — reported as inf, not raised under the caller's errstate.
+        with np.errstate(over="ignore"):
+            in_ulps = float(err[i] / ulp[i]), float(allowed[i] / ulp[i])
         results.append(TensorMatch(name, int(want.size), int(np.sum(ratio > 1)),
                                    tuple(int(j) for j in i), float(got[i]), float(want[i]),
-                                   float(err[i] / ulp[i]), float(allowed[i] / ulp[i]),
-                                   float(ratio[i])))
+                                   *in_ulps, float(ratio[i])))
     return results
 
 

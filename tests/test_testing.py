@@ -153,3 +153,26 @@ def test_train_mode_dropout_is_refused_by_the_torch_round_trip():
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"module.eval\(\) or set p = 0"):
         assert_torch_module_gradients(net, torch.randn(4, 3), torch.randn(4, 2), loss="mse")
+
+
+def test_an_exact_gradient_of_zero_reports_its_error_in_ulps_as_inf_not_an_overflow(monkeypatch):
+    """Where the exact gradient is 0 (a bias right before a batchnorm), its ulp is the least
+    subnormal, 4.9e-324: an error of 1e-16 is about 2e307 of them, and its allowance of 1e-15
+    past the largest float. The match still passes or fails on error/allowance; a count in ulps
+    past the largest float reads inf, where the division used to raise FloatingPointError
+    under np.errstate(over="raise") (the suite's, and a strict caller's)."""
+    import refnet.testing as testing
+    model, params, x, y = _inputs("float64")
+    name = "0.bias"
+    want = np.zeros(3)
+    monkeypatch.setattr(testing, "allowances",
+                        lambda *args, **kwargs: {name: (want, np.full(3, 1e-15))})
+    with np.errstate(over="raise"):
+        (match,) = testing.gradient_matches({name: np.array([0.0, 1e-16, 0.0])}, model,
+                                            params, x, y)
+        (failing,) = testing.gradient_matches({name: np.array([0.0, 2e-15, 0.0])}, model,
+                                              params, x, y)
+    assert match.failing == 0 and match.ratio == pytest.approx(0.1)
+    assert match.error_ulps == pytest.approx(1e-16 / 2.0 ** -1074)
+    assert match.allowed_ulps == np.inf
+    assert failing.failing == 1 and failing.worst_index == (1,)

@@ -47,14 +47,20 @@ from ..validate import require_number
 from .base import Layer
 
 
-def normalize(bk, x, axes, eps):
-    """(x̂, s, m): x normalized over ``axes`` with biased variance, s = √(σ² + ε)."""
+def centred_statistics(bk, x, axes, eps):
+    """(x − μ, μ, s, m, σ²) over ``axes``, biased variance, s = √(σ² + ε); μ, s and σ² with
+    the reduced axes kept (size 1). x − μ is a fresh array, the caller's to overwrite."""
     m = math.prod(x.shape[a] for a in axes)
     mean = bk.sum(x, axis=axes, keepdims=True) / m
     centred = x - sample_shaped(bk, mean, x.shape)        # (sample_shaped: the same values)
     kept = tuple(1 if k in axes else n for k, n in enumerate(centred.shape))
     var = sum_product(bk, centred, centred, axes).reshape(kept) / m       # Σ(x − μ)², one pass
-    std = bk.sqrt(var + eps)
+    return centred, mean, bk.sqrt(var + eps), m, var
+
+
+def normalize(bk, x, axes, eps):
+    """(x̂, s, m, μ, σ²): x normalized over ``axes`` with biased variance, s = √(σ² + ε)."""
+    centred, mean, std, m, var = centred_statistics(bk, x, axes, eps)
     centred /= sample_shaped(bk, std, x.shape)  # x̂, in place: x − μ is this function's own
     return centred, std, m, mean, var
 
@@ -135,6 +141,18 @@ class BatchNorm(Layer):
                              f"a whole number >= 0 (a count of batches), got {float(count)!r}")
 
     def forward(self, bk, params, x, state):
+        """Train (or track_running_stats false): y = (x − μ)·(γ/s) + β with the batch's μ and
+        s; eval: the same map with running_mean and s = √(running_var + ε). γ/s is one number
+        per channel, so y takes the same three roundings as γ·x̂ + β (x̂ = (x − μ)/s), and is
+        written over x − μ, this pass's own fresh array.
+
+        The cache is (x, μ, s, m, axes) — m None in eval — not x̂: backward forms x − μ again
+        (the same bits, one pass) instead of this pass keeping x̂ beside y, a third fresh array
+        of the batch's size each step. Fresh arrays are what cost here: glibc hands a large one
+        back to the kernel when it is freed and maps it anew, page by page, when it is next
+        allocated (1000-2000 page faults a step for (32, 64, 16, 16) float64, varying from
+        process to process). The benchmark's step: 1.15-1.4x faster in float64, 1.27x in
+        float32 (measured, old and new code in one process and in separate ones)."""
         ndim, eps = len(x.shape), self.config["eps"]
         axes = self._axes(ndim)
         batch_stats = state.train or not self.config["track_running_stats"]
@@ -145,37 +163,48 @@ class BatchNorm(Layer):
                                  f"training, got input of shape {tuple(x.shape)}")
             if state.groups > 1:        # stacked independent batches: statistics per group
                 return self._grouped_forward(bk, params, x, state), None
-            xhat, std, m, mean, var = normalize(bk, x, axes, eps)
+            centred, mean, std, m, var = centred_statistics(bk, x, axes, eps)
             if state.train and self.config["track_running_stats"]:
                 self._update_running(bk, params, mean, var, m, state)
         else:
             mean = self._per_channel(params["running_mean"], ndim)
             std = bk.sqrt(self._per_channel(params["running_var"], ndim) + eps)
-            xhat, m = (x - mean) / std, None
-        y = xhat
-        if self.config["affine"]:           # γ x̂ + β, in one trip through memory (muladd)
-            y = muladd(bk, xhat, self._per_channel(params["weight"], ndim),
-                       self._per_channel(params["bias"], ndim))
-        return y, (xhat, std, m, axes)
+            centred, m = x - sample_shaped(bk, mean, x.shape), None
+        if self.config["affine"]:           # (x − μ)·(γ/s) + β over x − μ (muladd)
+            scale = self._per_channel(params["weight"], ndim) / std
+            y = muladd(bk, centred, scale, self._per_channel(params["bias"], ndim),
+                       reuse=centred)
+        else:
+            centred /= sample_shaped(bk, std, x.shape)
+            y = centred
+        return y, (x, mean, std, m, axes)
+
+    def normalized(self, cache):
+        """x̂ = (x − μ)/s of a forward pass, from its cache (the FD sweep's response to γ)."""
+        x, mean, std = cache[:3]
+        return (x - mean) / std
 
     def _grouped_forward(self, bk, params, x, state):
         """Forward only, for G batches stacked on axis 0 (the FD sweep's perturbed copies; no
-        backward, no running updates), each batch with its own statistics: ``normalize`` on
-        the (G, N/G, C, *spatial) view over its axes 1, 3, ... — the ungrouped forward's
-        two-pass statistics (μ = Σx/m, then σ² = Σ(x − μ)²/m, never Σx²/m − μ²), so as
-        accurate. Then y = γ x̂ + β written over x̂, normalize's own fresh array, in place:
-        the same two roundings as the expression, without its two fresh arrays of the whole
-        stacked batch (the small CNN's FD sweep: its two batchnorms 1.2x faster, measured)."""
+        backward, no running updates), each batch with its own statistics: the ungrouped
+        forward's two-pass statistics (``centred_statistics``: μ = Σx/m, then σ² = Σ(x − μ)²/m,
+        never Σx²/m − μ²) on the (G, N/G, C, *spatial) view over its axes 1, 3, ..., so as
+        accurate. Then y = (x − μ)·(γ/s) + β written over x − μ in place: the ungrouped
+        forward's two roundings after γ/s, without fresh arrays of the whole stacked batch
+        (the small CNN's FD sweep: its two batchnorms 1.2x faster, measured)."""
         g = state.groups
         shape = tuple(x.shape)
         ndim = len(shape)
         grouped = x.reshape((g, shape[0] // g) + shape[1:])
         axes = (1,) + tuple(range(3, ndim + 1))
-        y = normalize(bk, grouped, axes, self.config["eps"])[0].reshape(shape)     # x̂
+        centred, _, std, _, _ = centred_statistics(bk, grouped, axes, self.config["eps"])
         if self.config["affine"]:
-            y *= self._per_channel(params["weight"], ndim)
-            y += self._per_channel(params["bias"], ndim)
-        return y
+            per_channel = lambda a: a.reshape((1, 1, -1) + (1,) * (ndim - 2))   # noqa: E731
+            centred *= per_channel(params["weight"]) / std
+            centred += per_channel(params["bias"])
+        else:
+            centred /= std
+        return centred.reshape(shape)
 
     def _update_running(self, bk, params, mean, var, m, state):
         momentum = self.config["momentum"]
@@ -194,25 +223,28 @@ class BatchNorm(Layer):
         that its two sums are the parameter gradients dβ = Σdy and dγ = Σdy·x̂, formed once for
         both. As accurate as the form with dx̂ = γ·dy inside (the bracket cancels the same way,
         from dy itself rather than from the rounded γ·dy; tests/test_norm.py holds both to
-        the mp result), and 5 passes over the batch fewer. Evaluated as two muladds,
-        t = dy − x̂·(Σ(dy·x̂)/m) and dx = t·k − (Σdy/m)·k with k = γ/s: the bracket's two
-        subtractions in the other order and its scaling distributed over them — each term
-        still rounded a bounded number of times (tests/test_norm.py), and each muladd one trip
-        through memory. Eval: dx = dy·γ/√(rv + ε)."""
-        xhat, std, m, axes = cache
+        the mp result), and 5 passes over the batch fewer. x − μ is formed again from the
+        cache (forward's bits), dγ = Σ(dy·(x − μ))/s, and dx is two muladds written over that
+        array, t = dy − (x − μ)·(Σ(dy·x̂)/(m·s)) and dx = t·k − (Σdy/m)·k with k = γ/s: the
+        bracket's two subtractions in the other order and its scaling distributed over them —
+        each term still rounded a bounded number of times (tests/test_norm.py), and each
+        muladd one trip through memory. Eval: dx = dy·γ/√(rv + ε)."""
+        x, mean, std, m, axes = cache
         ndim, affine = len(dy.shape), self.config["affine"]
         weight = self._per_channel(params["weight"], ndim) if affine else None
-        sum_dy = sum_dy_xhat = None
+        grads = {}
         if affine or m is not None:
+            centred = x - sample_shaped(bk, mean, x.shape)              # x − μ, forward's bits
             sum_dy = bk.sum(dy, axis=axes)                              # (C,): dβ
-            sum_dy_xhat = sum_product(bk, dy, xhat, axes)               # (C,): dγ
+            sum_dy_xhat = sum_product(bk, dy, centred, axes) / std.reshape(-1)   # (C,): dγ
+            if affine:
+                grads = {"weight": sum_dy_xhat, "bias": sum_dy}
         if m is None:                                    # eval: a fixed affine map
-            dx = (dy * weight if affine else dy) / std
-        else:
-            k = weight / std if affine else 1 / std                     # (1, C, 1, ...)
-            t = muladd(bk, xhat, -(self._per_channel(sum_dy_xhat, ndim) / m), dy)
-            dx = muladd(bk, t, k, -((self._per_channel(sum_dy, ndim) / m) * k), reuse=t)
-        grads = {"weight": sum_dy_xhat, "bias": sum_dy} if affine else {}
+            return (dy * weight if affine else dy) / std, grads
+        k = weight / std if affine else 1 / std                         # (1, C, 1, ...)
+        t = muladd(bk, centred, -(self._per_channel(sum_dy_xhat, ndim) / (m * std)), dy,
+                   reuse=centred)
+        dx = muladd(bk, t, k, -((self._per_channel(sum_dy, ndim) / m) * k), reuse=t)
         return dx, grads
 
 
@@ -361,6 +393,10 @@ class GroupNorm(Layer):
             grads = {"weight": bk.sum(dy * xhat, axis=outer), "bias": bk.sum(dy, axis=outer)}
         return dx.reshape(shape), grads
 
+    def normalized(self, cache):
+        """x̂ of a forward pass, (N, C, ...): the first item of its cache."""
+        return cache[0]
+
 
 class InstanceNorm2d(BatchNorm):
     """torch.nn.InstanceNorm2d(num_features, eps=1e-5, momentum=0.1, affine=False,
@@ -446,3 +482,8 @@ class InstanceNorm2d(BatchNorm):
             outer = (0, 2, 3)
             grads = {"weight": bk.sum(dy * xhat, axis=outer), "bias": bk.sum(dy, axis=outer)}
         return dx, grads
+
+    def normalized(self, cache):
+        """x̂ of a forward pass: the first item of its cache (instancenorm2d keeps x̂, unlike
+        batchnorm, whose forward and backward it replaces)."""
+        return cache[0]

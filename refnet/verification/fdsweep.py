@@ -59,7 +59,7 @@ U64 = 2.0 ** -53
 CHUNK = 256
 CHUNK_BYTES = 1 << 20
 LINEAR_IN_PARAMS = ("dense", "conv2d", "batchnorm")
-# γ x̂ + β per channel with x̂ (N, C, ...) first in the cache, as batchnorm's: the same response.
+# γ x̂ + β per channel, x̂ (N, C, ...) from the layer's ``normalized(cache)``: the same response.
 LINEAR_IN_PARAMS += ("groupnorm", "instancenorm2d")
 # First layers whose output is linear in their input: the input sweep starts above them.
 LINEAR_IN_INPUT = ("dense", "conv2d")
@@ -135,7 +135,8 @@ def _param_copies(layer, name: str, index, h_in, cache, z, step):
         _add_response(stacked, (slice(None), o), moved(z[:, o], 1), step, r)
     else:                                          # batchnorm, groupnorm, instancenorm2d: γ x̂ + β
         c = index[0]
-        r = moved(cache[0][:, c], 1) if name == "weight" else np.ones((k, z.shape[0]) + z.shape[2:])
+        r = (moved(layer.normalized(cache)[:, c], 1) if name == "weight"
+             else np.ones((k, z.shape[0]) + z.shape[2:]))
         _add_response(stacked, (slice(None), c), moved(z[:, c], 1), step, r)
     return stacked
 
