@@ -7,7 +7,8 @@ Benchmarks are paired by group: ``impl=refnet`` against ``impl=torch`` of the sa
 ``--json`` the output is an object mapping each group to its refnet/torch ratio (mean times;
 ``--stat median`` or ``min`` compares those instead, robust to rounds slowed by other work).
 The text output adds, where the refnet benchmark measured them, the same ratios from
-interleaved pairs (``paired_ratio_to_torch``, ``paired_refnet_over_floor``): the median of
+interleaved pairs (``paired_ratio_to_torch``, ``paired_refnet_over_floor``,
+``paired_ratio_to_float32``): the median of
 pairs of blocks run back to back, which the VM's drift between two groups' runs cannot move.
 A ``gemm-floor-G`` group (the bare numpy GEMMs of group G's refnet step) maps to refnet/floor,
 refnet's time in G over the floor's; the text output adds floor/torch, what numpy's BLAS does
@@ -25,7 +26,8 @@ import sys
 FLOOR = "gemm-floor-"
 # The ratios a group's refnet benchmark also measures in interleaved pairs (test_bench.py's
 # paired_ratio: both sides in the same machine state), by the name printed beside them.
-PAIRED = {"paired_ratio_to_torch": "refnet/torch", "paired_refnet_over_floor": "refnet/floor"}
+PAIRED = {"paired_ratio_to_torch": "refnet/torch", "paired_refnet_over_floor": "refnet/floor",
+          "paired_ratio_to_float32": "emulated/float32"}
 
 
 def ratios(run: dict, stat: str = "mean") -> dict:

@@ -68,15 +68,18 @@ def test_compare_stat_median_compares_the_medians_not_the_means(tmp_path):
 
 
 def test_compare_prints_the_paired_ratios_beside_the_ratio_of_means(tmp_path):
-    """A refnet benchmark's paired_ratio_to_torch (and a floor's paired_refnet_over_floor) is
-    printed on its group's line, named as the ratio it is; --json keeps the ratios of means."""
+    """A refnet benchmark's paired_ratio_to_torch (a floor's paired_refnet_over_floor, an
+    emulation's paired_ratio_to_float32) is printed on its group's line, named as the ratio it
+    is; --json keeps the ratios of means."""
     import json
     run = {"benchmarks": [
         {"group": "mlp", "params": {"impl": "refnet"}, "stats": {"mean": 3.0},
          "extra_info": {"paired_ratio_to_torch": 1.1}},
         {"group": "mlp", "params": {"impl": "torch"}, "stats": {"mean": 2.0}, "extra_info": {}},
         {"group": "gemm-floor-mlp", "params": {}, "stats": {"mean": 2.4},
-         "extra_info": {"paired_refnet_over_floor": 1.05}}]}
+         "extra_info": {"paired_refnet_over_floor": 1.05}},
+        {"group": "emulation-fp16-autocast-mlp", "params": {}, "stats": {"mean": 9.0},
+         "extra_info": {"ratio_to_float32": 3.2, "paired_ratio_to_float32": 2.1}}]}
     path = tmp_path / "run.json"
     path.write_text(json.dumps(run))
     compare = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), str(path)]
@@ -85,8 +88,11 @@ def test_compare_prints_the_paired_ratios_beside_the_ratio_of_means(tmp_path):
     floor = next(line for line in lines if line.startswith("gemm-floor-mlp "))
     assert "1.5  (refnet/torch); refnet/torch 1.1 in interleaved pairs" in mlp
     assert "refnet/floor 1.05 in interleaved pairs" in floor
+    emulated = next(line for line in lines if line.startswith("emulation-"))
+    assert "3.2  (emulated/float32); emulated/float32 2.1 in interleaved pairs" in emulated
     out = subprocess.run(compare + ["--json"], capture_output=True, text=True)
-    assert json.loads(out.stdout) == {"gemm-floor-mlp": 1.25, "mlp": 1.5}
+    assert json.loads(out.stdout) == {"emulation-fp16-autocast-mlp": 3.2, "gemm-floor-mlp": 1.25,
+                                      "mlp": 1.5}
 
 
 def test_paired_ratio_is_the_median_of_per_pair_ratios_with_alternating_order(monkeypatch):

@@ -142,6 +142,20 @@ def test_float32_rounding_to_the_storage_grid_is_rne_at_every_tie_and_edge(fmt):
     assert np.array_equal(np.signbit(got), np.signbit(want))
 
 
+@pytest.mark.parametrize("largest, want", [(65519.99, 65504.0), (65520.0, np.inf),
+                                            (-65520.0, -np.inf), (32767.99, 32768.0),
+                                            (np.nan, np.nan), (-np.inf, -np.inf)])
+def test_fp16_rounding_finds_an_overflow_that_is_the_arrays_only_large_value(largest, want):
+    """round_float32 looks for values that may overflow only when the array's largest exponent
+    reaches 2¹⁵ (one reduction, not a mask of the array): an array of small values and one
+    edge — 65520, the least float32 that rounds to inf, with exponent 2¹⁵ exactly; 65519.99,
+    the largest that stays finite — rounds that edge as round_to does, and the rest too."""
+    x = np.array([1.0, -3e-8, largest, 0.1], dtype=np.float32)
+    got = round_float32(x, "fp16").astype(np.float64)
+    np.testing.assert_array_equal(got, round_to(x.astype(np.float64), "fp16"))
+    np.testing.assert_array_equal(got[2], want)
+
+
 @given(st.lists(st.integers(0, 2 ** 32 - 1), min_size=1, max_size=200))
 def test_float32_rounding_agrees_with_round_to_on_random_bit_patterns(bits):
     x = np.array(bits, dtype=np.uint64).astype(np.uint32).view(np.float32)

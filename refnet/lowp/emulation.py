@@ -144,15 +144,21 @@ def round_float32(x, fmt: str) -> np.ndarray:
         return round_float32(x.reshape(1), fmt).reshape(())
     with np.errstate(all="ignore"):
         if fmt == "fp16":
-            q = (x.view(np.uint32) & np.uint32(0x7F800000)).view(np.float32)
-            np.multiply(q, np.float32(2.0 ** -10), out=q)
-            np.maximum(q, np.float32(2.0 ** -24), out=q)
-            np.multiply(q, np.float32(12582912.0), out=q)          # M = 1.5·2²³·q
-            r = x + q
-            r -= q
+            # 2^e, x's exponent alone (0 for ±0 and subnormals, inf for inf and NaN), then
+            # M = 1.5·2²³·max(2^e·2⁻¹⁰, 2⁻²⁴) = max(2^e·12288, 0.75): every product exact, so
+            # one multiply for the two. Its largest element says whether any |x| ≥ 2¹⁵ (the
+            # only values that may overflow) or inf or NaN is present at all: one reduction
+            # instead of a mask of the whole array, in the common case where none is (the
+            # fp16-autocast MLP's step 1.2x faster, measured).
+            m = (x.view(np.uint32) & np.uint32(0x7F800000)).view(np.float32)
+            large = not (m.max() < np.float32(2.0 ** 15))
+            np.multiply(m, np.float32(12288.0), out=m)
+            np.maximum(m, np.float32(0.75), out=m)
+            r = x + m
+            r -= m
             np.copysign(r, x, out=r)           # −0 and negatives that round to 0 keep the sign
-            over = ~(np.abs(x) < _FP16_OVERFLOW)                   # also true for NaN
-            if over.any():
+            if large:
+                over = ~(np.abs(x) < _FP16_OVERFLOW)               # also true for NaN
                 r[over] = np.where(np.isnan(x[over]), x[over],
                                    np.copysign(np.float32(np.inf), x[over]))
             return r
