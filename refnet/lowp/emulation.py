@@ -149,7 +149,7 @@ def round_float32(x, fmt: str) -> np.ndarray:
             # one multiply for the two. Its largest element says whether any |x| ≥ 2¹⁵ (the
             # only values that may overflow) or inf or NaN is present at all: one reduction
             # instead of a mask of the whole array, in the common case where none is (the
-            # fp16-autocast MLP's step 1.2x faster, measured).
+            # fp16-autocast MLP's step 1.17x faster: the median of 7 interleaved pairs).
             m = (x.view(np.uint32) & np.uint32(0x7F800000)).view(np.float32)
             large = not (m.max() < np.float32(2.0 ** 15))
             np.multiply(m, np.float32(12288.0), out=m)
