@@ -5,9 +5,10 @@ W_hh × init, judges each through time, counts fp16's lost steps, spot-checks ev
 trains an exploding RNN with and without clipping (spec/study.md, "The recurrent study")."""
 
 import json
+import multiprocessing
 import struct
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -317,8 +318,16 @@ def test_the_full_recurrent_grid_is_judged_and_spot_checked():
     errors") 3 exceeded 8σ by ≤ 12 %: through 100–200 steps of one W_hh the rounding errors are
     not independent. Now the worst use of the bound is 0.63 (an lstm at T = 200: 5.1σ, whose h/c
     cross-covariance is still taken as 0), the worst rnn or gru 0.23 (1.9σ); a different BLAS
-    rounds differently, but not by the 1.6× that would take 5.1σ past 8σ."""
-    rows, _ = run_recurrent_study(quick=False, clipping=False)
+    rounds differently, but not by the 1.6× that would take 5.1σ past 8σ.
+
+    The 200 configurations run on two worker processes (``executor=``; the rows come back in
+    the grid's order, the same as in this process — test_an_executor_gives_the_rows_of_a_run_
+    in_this_process): the suite's slowest test, 150-190 s in one process on the 2-core machine
+    (74 s on two), and run twice in CI. Spawned, not forked: a fork of a process whose BLAS
+    threads are running can deadlock."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=context) as pool:
+        rows, _ = run_recurrent_study(quick=False, clipping=False, executor=pool)
     f64 = [r for r in rows if r.precision == "float64"]
     fp16 = [r for r in rows if r.precision == "fp16"]
     assert len(f64) == len(fp16) == 200
