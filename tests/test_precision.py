@@ -156,6 +156,15 @@ def test_fp16_rounding_finds_an_overflow_that_is_the_arrays_only_large_value(lar
     np.testing.assert_array_equal(got[2], want)
 
 
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_rounding_an_empty_array_gives_an_empty_array(fmt):
+    """A tensor with no elements (a zero-size batch, an empty slice) rounds to itself, shape
+    kept: round_float32's overflow check reduces over the array, and a maximum of nothing has
+    no value."""
+    got = round_float32(np.zeros((0, 3), dtype=np.float32), fmt)
+    assert got.shape == (0, 3) and got.dtype == np.float32
+
+
 @given(st.lists(st.integers(0, 2 ** 32 - 1), min_size=1, max_size=200))
 def test_float32_rounding_agrees_with_round_to_on_random_bit_patterns(bits):
     x = np.array(bits, dtype=np.uint64).astype(np.uint32).view(np.float32)
