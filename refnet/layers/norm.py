@@ -47,20 +47,28 @@ from ..validate import require_number
 from .base import Layer
 
 
+def centre(bk, x, mean):
+    """x − μ, μ broadcast over x (sample_shaped: the same values, repeated for numpy's inner
+    loop): a fresh array. One expression wherever x − μ is formed, so that batchnorm's
+    backward, forming it again, gets the forward's bits."""
+    return x - sample_shaped(bk, mean, x.shape)
+
+
 def centred_statistics(bk, x, axes, eps):
-    """(x − μ, μ, s, m, σ²) over ``axes``, biased variance, s = √(σ² + ε); μ, s and σ² with
-    the reduced axes kept (size 1). x − μ is a fresh array, the caller's to overwrite."""
+    """(x − μ, s, m, μ, σ²) over ``axes`` — normalize's order, x − μ for x̂ — biased variance,
+    s = √(σ² + ε); μ, s and σ² with the reduced axes kept (size 1). x − μ is a fresh array,
+    the caller's to overwrite."""
     m = math.prod(x.shape[a] for a in axes)
     mean = bk.sum(x, axis=axes, keepdims=True) / m
-    centred = x - sample_shaped(bk, mean, x.shape)        # (sample_shaped: the same values)
+    centred = centre(bk, x, mean)
     kept = tuple(1 if k in axes else n for k, n in enumerate(centred.shape))
     var = sum_product(bk, centred, centred, axes).reshape(kept) / m       # Σ(x − μ)², one pass
-    return centred, mean, bk.sqrt(var + eps), m, var
+    return centred, bk.sqrt(var + eps), m, mean, var
 
 
 def normalize(bk, x, axes, eps):
     """(x̂, s, m, μ, σ²): x normalized over ``axes`` with biased variance, s = √(σ² + ε)."""
-    centred, mean, std, m, var = centred_statistics(bk, x, axes, eps)
+    centred, std, m, mean, var = centred_statistics(bk, x, axes, eps)
     centred /= sample_shaped(bk, std, x.shape)  # x̂, in place: x − μ is this function's own
     return centred, std, m, mean, var
 
@@ -163,13 +171,13 @@ class BatchNorm(Layer):
                                  f"training, got input of shape {tuple(x.shape)}")
             if state.groups > 1:        # stacked independent batches: statistics per group
                 return self._grouped_forward(bk, params, x, state), None
-            centred, mean, std, m, var = centred_statistics(bk, x, axes, eps)
+            centred, std, m, mean, var = centred_statistics(bk, x, axes, eps)
             if state.train and self.config["track_running_stats"]:
                 self._update_running(bk, params, mean, var, m, state)
         else:
             mean = self._per_channel(params["running_mean"], ndim)
             std = bk.sqrt(self._per_channel(params["running_var"], ndim) + eps)
-            centred, m = x - sample_shaped(bk, mean, x.shape), None
+            centred, m = centre(bk, x, mean), None
         if self.config["affine"]:           # (x − μ)·(γ/s) + β over x − μ (muladd)
             scale = self._per_channel(params["weight"], ndim) / std
             y = muladd(bk, centred, scale, self._per_channel(params["bias"], ndim),
@@ -197,11 +205,10 @@ class BatchNorm(Layer):
         ndim = len(shape)
         grouped = x.reshape((g, shape[0] // g) + shape[1:])
         axes = (1,) + tuple(range(3, ndim + 1))
-        centred, _, std, _, _ = centred_statistics(bk, grouped, axes, self.config["eps"])
-        if self.config["affine"]:
-            per_channel = lambda a: a.reshape((1, 1, -1) + (1,) * (ndim - 2))   # noqa: E731
-            centred *= per_channel(params["weight"]) / std
-            centred += per_channel(params["bias"])
+        centred, std, _, _, _ = centred_statistics(bk, grouped, axes, self.config["eps"])
+        if self.config["affine"]:                           # γ, β as (1, 1, C, 1, ...)
+            centred *= self._per_channel(params["weight"], ndim)[None] / std
+            centred += self._per_channel(params["bias"], ndim)[None]
         else:
             centred /= std
         return centred.reshape(shape)
@@ -234,7 +241,7 @@ class BatchNorm(Layer):
         weight = self._per_channel(params["weight"], ndim) if affine else None
         grads = {}
         if affine or m is not None:
-            centred = x - sample_shaped(bk, mean, x.shape)              # x − μ, forward's bits
+            centred = centre(bk, x, mean)                               # x − μ, forward's bits
             sum_dy = bk.sum(dy, axis=axes)                              # (C,): dβ
             sum_dy_xhat = sum_product(bk, dy, centred, axes) / std.reshape(-1)   # (C,): dγ
             if affine:
